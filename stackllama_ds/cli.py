@@ -1,0 +1,218 @@
+"""The ``stackllama-ds`` command.
+
+    stackllama-ds validate configs/tiny.yaml --world-size 2 --set sft.max_steps=10
+    stackllama-ds prepare --posts Posts.xml --out runs/x/data [--votes Votes.xml] [--workers 2]
+    stackllama-ds make-tiny --data runs/x/data --out runs/x/tiny
+    stackllama-ds sft|rm|ppo|eval configs/tiny.yaml [--set a.b=v ...]
+    stackllama-ds pipeline configs/tiny.yaml
+    stackllama-ds export runs/x/sft/checkpoints/step-N --out DIR
+
+A training command started without RANK/WORLD_SIZE validates the config, then spawns its ranks
+(launch.nproc_per_node of them); started by torchrun, the deepspeed launcher or srun it is the
+per-rank entry point. Exit codes: 0 done, 2 bad config or input, 75 stopped for resume, 1 failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from stackllama_ds.config import ConfigError, RunConfig, load_config
+
+STAGES = ("sft", "rm", "ppo", "eval")
+
+
+def _load(args, world_size: int | None = None) -> RunConfig:
+    return load_config(args.config, args.set, world_size=world_size)
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _stage_fn(stage: str):
+    if stage == "sft":
+        from stackllama_ds.stages.sft import train
+    elif stage == "rm":
+        from stackllama_ds.stages.rm import train
+    elif stage == "ppo":
+        from stackllama_ds.stages.ppo import train
+    elif stage == "eval":
+        from stackllama_ds.stages.eval import run as train
+    else:  # pragma: no cover
+        raise ValueError(stage)
+    return train
+
+
+def run_stage(stage: str, config: str, overrides: list[str] | None) -> int:
+    """Validate, then either run this rank (under a launcher) or spawn the node's ranks."""
+    if _under_launcher():
+        cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
+        from stackllama_ds.runtime import run_entry
+
+        return run_entry(_stage_fn(stage), cfg)
+    cfg = load_config(config, overrides)
+    from stackllama_ds.launcher.spawn import spawn
+
+    argv = [stage, config]
+    for o in overrides or []:
+        argv += ["--set", o]
+    return spawn(argv, cfg.launch.nproc_per_node)
+
+
+def cmd_validate(args) -> int:
+    cfg = _load(args, args.world_size)
+    ws = args.world_size or cfg.world_size
+    print(f"{args.config}: OK (world size {ws})")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from stackllama_ds.data.prepare import prepare
+
+    cfg = load_config(args.config, args.set, check_files=False) if args.config else RunConfig()
+    report = prepare(
+        args.posts,
+        args.out,
+        votes=args.votes,
+        cfg=cfg.data,
+        seed=cfg.seed,
+        workers=args.workers or cfg.data.workers,
+        skip_bad_rows=args.skip_bad_rows or cfg.data.skip_bad_rows,
+        site=cfg.data.site,
+    )
+    print(f"prepared {args.out}: {report.get('questions')} questions, {report.get('pairs')} pairs")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from stackllama_ds.models.tiny import make_tiny
+
+    cfg = load_config(args.config, args.set, check_files=False) if args.config else RunConfig()
+    out = make_tiny(args.data, args.out, seed=args.seed, cfg=cfg.model.tiny)
+    print(f"tiny model and tokenizer in {out}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    return run_stage(args.command, args.config, args.set)
+
+
+def cmd_pipeline(args) -> int:
+    from stackllama_ds.pipeline import run_pipeline
+
+    cfg = _load(args)
+    return run_pipeline(cfg, args.config, args.set or [])
+
+
+def cmd_export(args) -> int:
+    from stackllama_ds.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from stackllama_ds.report import redraw
+
+    for p in redraw(Path(args.run_root)):
+        print(p)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from stackllama_ds.plan import main as plan_main
+
+    cfg = _load(args)
+    return plan_main(cfg, args.gpus_per_node, args.gpu_mem)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="stackllama-ds", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+        if required:
+            p.add_argument("config")
+        p.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a config field")
+
+    p = sub.add_parser("validate", help="validate a config; exit 0, or print the errors and exit 2")
+    with_config(p)
+    p.add_argument("--world-size", type=int, default=None)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("prepare", help="Stack Exchange dump (or paired file) -> datasets")
+    p.add_argument("--posts", required=True)
+    p.add_argument("--votes", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--skip-bad-rows", action="store_true")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("make-tiny", help="train a tokenizer and build a tiny Llama")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[])
+    p.set_defaults(fn=cmd_make_tiny)
+
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        with_config(p)
+        p.set_defaults(fn=cmd_stage)
+
+    p = sub.add_parser("pipeline", help="every stage in order, skipping finished ones")
+    with_config(p)
+    p.set_defaults(fn=cmd_pipeline)
+
+    p = sub.add_parser("export", help="a saved checkpoint -> Hugging Face folder")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("report", help="redraw the plots of a run from its metrics.jsonl files")
+    p.add_argument("run_root")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("plan", help="estimate per-GPU memory of every engine before a launch")
+    with_config(p)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80.0)
+    p.set_defaults(fn=cmd_plan)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        for line in e.lines:
+            print(line, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # input errors (data, checkpoints) get one line, not a traceback
+        from stackllama_ds.checkpoint import CheckpointError
+
+        known = (CheckpointError, FileNotFoundError, ValueError)
+        try:
+            from stackllama_ds.data.posts import DataError
+
+            known = known + (DataError,)
+        except ImportError:
+            pass
+        if isinstance(e, known):
+            print(f"stackllama-ds {args.command}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Build the StackLLaMA datasets from a Stack Exchange dump (or a published paired file).
+
+    python -c "from stackllama_ds.data.prepare import prepare; prepare('data/beer.stackexchange.com/Posts.xml', 'runs/data', workers=2)"
+
+Steps: (1) parse Posts.xml in byte ranges (workers), bodies HTML -> Markdown; (2) store rows in a
+temporary sqlite file; (3) optionally count up-votes from Votes.xml; (4) read each question with its
+answers, score answers, pair them, assign the question to a split; (5) write a ``DatasetDict`` with
+``save_to_disk`` into a temporary folder next to ``out`` and swap it into place.
+
+Every split has the same columns, one row per preference pair:
+
+    qid int, site str, question str ("{title}\\n\\n{body markdown}"), date str (question CreationDate),
+    metadata list[str] (tag names in order, then "license:<ContentLicense>" when the row has one),
+    response_j str (preferred answer), response_k str, score_j int, score_k int (answer scores, see
+    pairs.answer_score; null for the paired input format)
+
+``out/report.json`` holds the counts (questions, answers, pairs, per split, skipped rows by reason).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from stackllama_ds.config import DataConfig
+from stackllama_ds.data.markdown import converter_name
+from stackllama_ds.data.paired import is_paired, iter_paired
+from stackllama_ds.data.pairs import SPLITS, answer_score, make_pairs, pair_key, split_of
+from stackllama_ds.data.posts import SKIP_REASONS, DataError, iter_parsed, iter_upvotes, site_of
+from stackllama_ds.data.store import PostStore
+from stackllama_ds.data.template import format_qa
+
+__all__ = ["DataError", "load_prepared", "prepare", "sft_texts"]
+
+REPORT = "report.json"
+ORPHAN_NOTE = (
+    "orphan_answer counts answers whose ParentId is no question in the file (common in partial dumps); "
+    "they are always skipped, with or without skip_bad_rows"
+)
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    s = Value("string")
+    return Features({
+        "qid": Value("int64"), "site": s, "question": s, "date": s, "metadata": List(s),
+        "response_j": s, "response_k": s, "score_j": Value("int64"), "score_k": Value("int64"),
+    })
+
+
+class _SplitWriter:
+    """Buffers rows of one split and appends them to an Arrow stream file in batches."""
+
+    def __init__(self, path: Path, schema, batch_rows: int = 1000):
+        import pyarrow as pa
+
+        self.pa, self.path, self.schema, self.batch_rows = pa, path, schema, batch_rows
+        self.sink = pa.OSFile(str(path), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, schema)
+        self.cols: dict[str, list] = {n: [] for n in schema.names}
+        self.rows = 0
+
+    def add(self, qid, site, question, date, metadata, response_j, response_k, score_j, score_k) -> None:
+        c = self.cols
+        c["qid"].append(qid)
+        c["site"].append(site)
+        c["question"].append(question)
+        c["date"].append(date)
+        c["metadata"].append(metadata)
+        c["response_j"].append(response_j)
+        c["response_k"].append(response_k)
+        c["score_j"].append(score_j)
+        c["score_k"].append(score_k)
+        self.rows += 1
+        if len(c["qid"]) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.cols["qid"]:
+            self.writer.write_batch(self.pa.RecordBatch.from_pydict(self.cols, schema=self.schema))
+            self.cols = {n: [] for n in self.schema.names}
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        self.sink.close()
+
+
+# ----------------------------------------------------------------------------------- builders
+def _from_posts(posts: Path, votes: Path | None, cfg: DataConfig, seed: int, workers: int,
+                skip_bad_rows: bool, site: str, work: Path, writers: dict[str, _SplitWriter],
+                log) -> dict[str, Any]:
+    skipped: Counter = Counter()
+    other_types: Counter = Counter()
+    store = PostStore(work / "posts.sqlite")
+    try:
+        # step 1-2. parse ranges (in workers), store rows in sqlite.
+        total = os.path.getsize(posts)
+        done, next_log = 0, 0.1
+        for res in iter_parsed(posts, workers=workers, skip_bad_rows=skip_bad_rows, log=log):
+            store.add(res.questions, res.answers)
+            skipped.update(res.skipped)
+            other_types.update(res.other_types)
+            done += res.nbytes
+            if total >= 64 << 20 and done >= next_log * total:
+                log(f"prepare: parsed {done / 1e6:.0f} / {total / 1e6:.0f} MB")
+                next_log += 0.1
+        # step 3. up-votes per post from Votes.xml.
+        if votes is not None:
+            for batch in iter_upvotes(votes, skip_bad_rows=skip_bad_rows, skipped=skipped):
+                store.add_upvotes(batch)
+        store.finish(str(posts), skip_bad_rows, skipped)
+        n_questions, n_answers = store.counts()
+        # step 4. score, pair, split; one question at a time in qid order.
+        skipped["orphan_answer"] += 0
+        with_pairs = 0
+        for th in store.threads(skipped):
+            scores = [
+                answer_score(a.score, a.score if a.upvotes is None else a.upvotes, a.aid == th.accepted)
+                for a in th.answers
+            ]
+            pairs = make_pairs(scores, cfg.max_pairs_per_question, pair_key(seed, site, th.qid))
+            if not pairs:
+                continue
+            with_pairs += 1
+            question = f"{th.title}\n\n{th.body}"
+            w = writers[split_of(seed, site, th.qid, cfg.splits)]
+            for j, k in pairs:
+                w.add(th.qid, site, question, th.date, th.metadata, th.answers[j].body, th.answers[k].body,
+                      scores[j], scores[k])
+    finally:
+        store.close()
+    return {
+        "format": "posts_xml",
+        "questions": n_questions,
+        "answers": n_answers,
+        "questions_with_pairs": with_pairs,
+        "skipped": skipped,
+        "ignored_post_types": {str(k): v for k, v in sorted(other_types.items())},
+    }
+
+
+def _from_paired(posts: Path, cfg: DataConfig, seed: int, site: str,
+                 writers: dict[str, _SplitWriter]) -> dict[str, Any]:
+    for row in iter_paired(posts):
+        w = writers[split_of(seed, site, row["qid"], cfg.splits)]
+        w.add(row["qid"], site, row["question"], row["date"], row["metadata"], row["response_j"],
+              row["response_k"], None, None)
+    return {"format": "paired", "questions": None, "answers": None, "questions_with_pairs": None,
+            "skipped": Counter(), "ignored_post_types": {}}
+
+
+# ------------------------------------------------------------------------------ the entry point
+def prepare(
+    posts: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    votes: str | os.PathLike[str] | None = None,
+    cfg: DataConfig | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    skip_bad_rows: bool = False,
+    site: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Build the five splits from ``posts`` into ``out`` (atomically) and return the report.
+
+    ``cfg`` supplies ``max_pairs_per_question`` and ``splits``; the paths, ``workers``,
+    ``skip_bad_rows`` and ``site`` come from the arguments (callers pass ``cfg``'s values).
+    ``site`` defaults to the dump's folder name. On any error nothing is left at ``out`` (an existing
+    complete ``out`` stays as it was) and no temporary files remain.
+    """
+    cfg = cfg or DataConfig()
+    posts, out = Path(posts), Path(out)
+    votes = Path(votes) if votes is not None else None
+    site = site or site_of(posts)
+    _check_replaceable(out)
+    if not posts.exists():
+        raise DataError("file not found", posts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; it becomes out
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    try:
+        from datasets import Dataset, DatasetDict
+
+        features = _features()
+        writers = {n: _SplitWriter(work / f"{n}.arrow", features.arrow_schema) for n in SPLITS}
+        try:
+            if is_paired(posts):
+                report = _from_paired(posts, cfg, seed, site, writers)
+            else:
+                report = _from_posts(posts, votes, cfg, seed, workers, skip_bad_rows, site, work, writers,
+                                     log)
+        finally:
+            for w in writers.values():
+                w.close()
+        # step 5. save the DatasetDict next to out, then swap it in.
+        dsd = DatasetDict({n: Dataset.from_file(str(w.path)) for n, w in writers.items()})
+        _quiet_save(dsd, tmp)
+        splits = {n: {"questions": len(set(dsd[n].unique("qid"))), "pairs": dsd[n].num_rows} for n in SPLITS}
+        del dsd
+        skipped = report.pop("skipped")
+        full_skipped = {r: skipped.get(r, 0) for r in SKIP_REASONS}
+        full_skipped.update({r: n for r, n in sorted(skipped.items()) if r not in full_skipped})
+        if report["questions"] is None:
+            report["questions"] = report["questions_with_pairs"] = sum(s["questions"] for s in splits.values())
+        seconds = time.perf_counter() - t0
+        nbytes = posts.stat().st_size
+        report = {
+            "source": str(posts), "votes": str(votes) if votes else None, "site": site, "seed": seed,
+            **report,
+            "pairs": sum(s["pairs"] for s in splits.values()),
+            "splits": splits,
+            "skipped": full_skipped,
+            "notes": [ORPHAN_NOTE],
+            "max_pairs_per_question": cfg.max_pairs_per_question,
+            "split_shares": cfg.splits.model_dump(),
+            "converter": converter_name() if report["format"] == "posts_xml" else None,
+            "workers": workers,
+            "input_bytes": nbytes,
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds > 0 else None,
+        }
+        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(
+        f"prepare: {report['questions']} questions, {report['pairs']} pairs "
+        + " ".join(f"{n}={s['pairs']}" for n, s in report["splits"].items())
+        + f" -> {out} ({report['seconds']:.1f} s, {report['mb_per_s']} MB/s)"
+    )
+    return report
+
+
+def _quiet_save(dsd, path: Path) -> None:
+    """save_to_disk without its per-split progress bars (restoring the caller's setting)."""
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        dsd.save_to_disk(str(path))
+    finally:
+        if was:
+            ds_logging.enable_progress_bar()
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only an empty folder or an earlier prepare output may be replaced."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError("output exists and is not a folder", out)
+    ours = (out / REPORT).exists() or (out / "dataset_dict.json").exists()
+    if not ours and any(out.iterdir()):
+        raise DataError("output folder is not empty and holds no prepared data; refusing to replace it", out)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if _exchange(tmp, out):  # out is the new data in one step; tmp now holds the old
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = out.parent / f"{tmp.name}.old"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ readers
+def load_prepared(path: str | os.PathLike[str]):
+    """``load_from_disk`` for a ``prepare`` output, with an error naming the folder when it is not one."""
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError("prepared data folder not found (run prepare first)", p)
+    missing = [n for n in ("dataset_dict.json", REPORT) if not (p / n).exists()]
+    missing += [n for n in SPLITS if not (p / n / "state.json").exists()]
+    if missing:
+        raise DataError(f"incomplete prepared data folder, missing {', '.join(missing)} (run prepare again)", p)
+    from datasets import load_from_disk
+
+    return load_from_disk(str(p))
+
+
+def sft_texts(split) -> list[str]:
+    """Distinct (question, response_j) of a split, formatted with format_qa, in first-seen row order."""
+    seen: dict[tuple[str, str], None] = {}
+    for batch in split.select_columns(["question", "response_j"]).iter(batch_size=1024):
+        seen.update(dict.fromkeys(zip(batch["question"], batch["response_j"])))
+    return [format_qa(q, a) for q, a in seen]

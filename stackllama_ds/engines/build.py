@@ -1,0 +1,84 @@
+"""Build DeepSpeed engines: trainable (optimizer + schedule) and frozen (inference only)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import deepspeed
+import torch
+
+from stackllama_ds.config import EngineConfig, OptimConfig
+from stackllama_ds.engines import dist
+from stackllama_ds.engines.ds_config import ds_config
+
+
+def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over ``warmup_steps``, then cosine/linear decay to 0, or constant."""
+
+    def fn(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if scheduler == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        if scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases and norm weights (1-D) are not decayed (as in HF Trainer)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_train_engine(
+    model: torch.nn.Module,
+    eng: EngineConfig,
+    optim: OptimConfig,
+    *,
+    total_steps: int,
+    grad_accum: int,
+) -> deepspeed.DeepSpeedEngine:
+    """A trainable engine: AdamW over the parameters that require grad, warmup + schedule."""
+    if eng.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=grad_accum, optim=optim, on_cuda=dist.cuda_available())
+    fn = lr_lambda(optim.scheduler, optim.warmup_steps, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, optim.weight_decay),
+        config=cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn),
+    )
+    return engine
+
+
+def build_eval_engine(model: torch.nn.Module, eng: EngineConfig) -> deepspeed.DeepSpeedEngine:
+    """A frozen engine (reference, reward): no optimizer state, its own ZeRO stage and dtype."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=1, optim=None, on_cuda=dist.cuda_available())
+    if eng.zero_stage in (1, 2):
+        # ZeRO-1/2 partition optimizer state and gradients only: a frozen model gains nothing.
+        cfg["zero_optimization"] = {"stage": 0}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

@@ -1,0 +1,38 @@
+"""``stackllama-ds export CHECKPOINT --out DIR``: any saved checkpoint -> Hugging Face folder.
+
+Stages end by calling this on their last checkpoint, so a stage's ``model/`` and a later manual
+export are made by the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stackllama_ds.checkpoint import CheckpointError, verify_checkpoint
+from stackllama_ds.config import LoraConfig, ModelConfig
+from stackllama_ds.engines.export import consolidated_state_dict
+from stackllama_ds.models.export import export_hf
+
+# Which engine of a checkpoint holds the exported model, per kind.
+ENGINE_OF = {"causal_lm": "model", "reward": "model", "actor": "actor"}
+
+
+def export_checkpoint(ckpt: Path, out: Path) -> Path:
+    ckpt = Path(ckpt)
+    if not (ckpt / "manifest.json").exists():
+        raise CheckpointError(f"{ckpt}: not a complete checkpoint (no manifest.json)")
+    verify_checkpoint(ckpt)
+    client = torch.load(ckpt / "state.pt", weights_only=False)["client"]
+    kind = client["kind"]
+    sd = consolidated_state_dict(ckpt / ENGINE_OF[kind])
+    return export_hf(
+        kind,
+        sd,
+        client["base"],
+        out,
+        ModelConfig(**client["model"]),
+        LoraConfig(**client["lora"]) if client.get("lora") else None,
+        client.get("dtype", "bf16"),
+    )

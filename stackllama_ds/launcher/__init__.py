@@ -1,0 +1,1 @@
+"""Starting ranks: the local supervisor (``spawn``) and cluster helpers (``slurm``)."""

@@ -1,0 +1,145 @@
+"""Load models and tokenizers with ``from_pretrained(path)``: LoRA (peft), 8-/4-bit bases, heads.
+
+The same code loads the tiny test model and a real LLaMA folder on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stackllama_ds.config import LoraConfig, ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_tokenizer(path: str | os.PathLike[str], padding_side: str = "left"):
+    """A fast tokenizer with a pad token (LLaMA has none: fall back to EOS, as StackLLaMA did)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _quant_kwargs(mcfg: ModelConfig, dtype: torch.dtype) -> dict:
+    if mcfg.quantization == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if mcfg.quantization == "8bit":
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    dev = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": q, "device_map": {"": dev}}
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str, quantized: bool) -> nn.Module:
+    """Wrap ``model`` in peft LoRA adapters; for SEQ_CLS peft also trains (and saves) the score head."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    pc = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task_type,
+        bias="none",
+    )
+    return get_peft_model(model, pc)
+
+
+def load_causal_lm(
+    path: str | os.PathLike[str],
+    mcfg: ModelConfig,
+    *,
+    dtype: str = "fp32",
+    lora: LoraConfig | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """AutoModelForCausalLM from a local folder, optionally quantised and wrapped in LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    td = DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=td, attn_implementation=mcfg.attn_implementation, **_quant_kwargs(mcfg, td)
+    )
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora, "CAUSAL_LM", mcfg.quantization != "none")
+    elif not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def load_reward_model(
+    path: str | os.PathLike[str],
+    mcfg: ModelConfig,
+    *,
+    pad_token_id: int,
+    dtype: str = "fp32",
+    lora: LoraConfig | None = None,
+) -> nn.Module:
+    """AutoModelForSequenceClassification with one output; the score is read at the last non-pad token."""
+    from transformers import AutoModelForSequenceClassification
+
+    td = DTYPES[dtype]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path),
+        num_labels=1,
+        dtype=td,
+        attn_implementation=mcfg.attn_implementation,
+        **_quant_kwargs(mcfg, td),
+    )
+    model.config.pad_token_id = pad_token_id
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora, "SEQ_CLS", mcfg.quantization != "none")
+    return model
+
+
+def hf_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(causal LM, decoder body, lm head) of a plain or peft-wrapped HF causal LM."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(lm, lm.base_model_prefix)
+    return lm, body, lm.get_output_embeddings()
+
+
+class ActorWithValueHead(nn.Module):
+    """Policy plus a scalar value per token on the last hidden state (StackLLaMA's value head).
+
+    ``forward`` returns (logits (B, T, V), values (B, T)). The policy may be peft-wrapped; then
+    ``with actor.policy.disable_adapter():`` runs the frozen base, i.e. the reference policy.
+    """
+
+    def __init__(self, policy: nn.Module, dropout: float = 0.1):
+        super().__init__()
+        self.policy = policy
+        _, _, head = hf_parts(policy)
+        hidden = head.weight.shape[1] if hasattr(head, "weight") else policy.config.hidden_size
+        self.v_dropout = nn.Dropout(dropout)
+        self.v_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.v_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.v_head.bias)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+        _, body, head = hf_parts(self.policy)
+        h = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = h.last_hidden_state  # (B, T, H)
+        logits = head(hidden)  # (B, T, V)
+        values = self.v_head(self.v_dropout(hidden)).squeeze(-1).float()  # (B, T)
+        return logits, values
+
+
+def value_head_path(model_dir: str | os.PathLike[str]) -> Path:
+    return Path(model_dir) / "value_head.safetensors"

@@ -1,0 +1,81 @@
+"""``stackllama-ds pipeline CONFIG``: prepare -> make-tiny -> SFT -> RM -> PPO -> eval, one root.
+
+A stage whose folder holds its DONE marker is skipped; an interrupted stage resumes from its own
+checkpoint, so rerunning the command after a kill finishes the job without redoing done stages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+from stackllama_ds.config import RunConfig, resolve_path
+from stackllama_ds.runtime import DONE, data_dir, tiny_dir
+
+TRAIN_STAGES = ("sft", "rm", "ppo", "eval")
+RESULTS = {
+    "data": "data/report.json",
+    "tiny": "tiny/",
+    "sft": "sft/model/",
+    "rm": "rm/model/ and rm/accuracy.json",
+    "ppo": "ppo/model/",
+    "eval": "eval/report.md, eval/eval.json, eval/*.png",
+}
+
+
+def available_stages() -> list[str]:
+    mods = {"eval": "stackllama_ds.stages.eval"}
+    return [s for s in TRAIN_STAGES if importlib.util.find_spec(mods.get(s, f"stackllama_ds.stages.{s}"))]
+
+
+def _mark(d: Path, info: str) -> None:
+    (d / DONE).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {info}\n")
+
+
+def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str]) -> int:
+    from stackllama_ds.cli import run_stage
+
+    root = cfg.root()
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base = Path(config_path).resolve().parent
+    dd = data_dir(cfg)
+    if (dd / DONE).exists():
+        print(f"[pipeline] data: done, skipped ({dd})", flush=True)
+    else:
+        from stackllama_ds.data.prepare import prepare
+
+        print(f"[pipeline] data: preparing {cfg.data.posts}", flush=True)
+        votes = resolve_path(cfg.data.votes, base) if cfg.data.votes else None
+        prepare(resolve_path(cfg.data.posts, base), dd, votes=votes, cfg=cfg.data, seed=cfg.seed,
+                workers=cfg.data.workers, skip_bad_rows=cfg.data.skip_bad_rows, site=cfg.data.site)
+        _mark(dd, "prepare")
+    if cfg.model.name_or_path == "tiny":
+        td = tiny_dir(cfg)
+        if (td / DONE).exists():
+            print(f"[pipeline] tiny: done, skipped ({td})", flush=True)
+        else:
+            from stackllama_ds.models.tiny import make_tiny
+
+            print("[pipeline] tiny: training tokenizer, building tiny Llama", flush=True)
+            make_tiny(dd, td, seed=cfg.seed, cfg=cfg.model.tiny)
+            _mark(td, "make-tiny")
+    for stage in available_stages():
+        sd = cfg.stage_dir(stage)
+        if (sd / DONE).exists():
+            print(f"[pipeline] {stage}: done, skipped ({sd})", flush=True)
+            continue
+        ts = time.time()
+        print(f"[pipeline] {stage}: starting on {cfg.launch.nproc_per_node} rank(s)", flush=True)
+        code = run_stage(stage, config_path, overrides)
+        if code != 0:
+            print(f"[pipeline] {stage}: exited {code}; rerun the same command to resume", flush=True)
+            return code
+        print(f"[pipeline] {stage}: done in {time.time() - ts:.0f}s", flush=True)
+    print(f"[pipeline] finished in {time.time() - t0:.0f}s; results under {root}/:")
+    for name in ["data", "tiny", *available_stages()]:
+        if name == "tiny" and cfg.model.name_or_path != "tiny":
+            continue
+        print(f"  {name:5s} {root / RESULTS[name]}")
+    return 0

@@ -1,0 +1,132 @@
+"""What every stage shares: run layout, process setup, resume, exit codes, DONE markers."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stackllama_ds.checkpoint import (
+    EXIT_RESUME,
+    CheckpointError,
+    TrainState,
+    cleanup_partial,
+    latest_checkpoint,
+    load_checkpoint,
+)
+from stackllama_ds.config import RunConfig, resolve_path
+from stackllama_ds.engines import dist
+
+DONE = "DONE"
+
+
+class StopForResume(Exception):
+    """Raised after a checkpoint taken on SIGTERM/SIGUSR1: exit 75 so the job gets requeued."""
+
+
+class TrainingError(RuntimeError):
+    """A failure with a message for the user (NaN at step N, empty data, ...)."""
+
+
+def data_dir(cfg: RunConfig) -> Path:
+    return cfg.root() / "data"
+
+
+def tiny_dir(cfg: RunConfig) -> Path:
+    return cfg.root() / "tiny"
+
+
+def base_model_path(cfg: RunConfig) -> Path:
+    """The pretrained model SFT starts from: the tiny kit's output or a local HF folder."""
+    if cfg.model.name_or_path == "tiny":
+        return tiny_dir(cfg)
+    base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
+    return resolve_path(cfg.model.name_or_path, base)
+
+
+def sft_model_path(cfg: RunConfig) -> Path:
+    return cfg.stage_dir("sft") / "model"
+
+
+def rm_model_path(cfg: RunConfig) -> Path:
+    return cfg.stage_dir("rm") / "model"
+
+
+def is_done(stage_dir: Path) -> bool:
+    return (Path(stage_dir) / DONE).exists()
+
+
+def mark_done(stage_dir: Path, info: str = "") -> None:
+    if dist.is_main():
+        p = Path(stage_dir) / DONE
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {info}\n")
+        os.replace(tmp, p)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def setup(cfg: RunConfig) -> None:
+    """Join the process group; seed each rank differently (same seed -> same run)."""
+    dist.init(cfg.launch.backend, cfg.launch.timeout_s)
+    if not dist.cuda_available():
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    seed_all(cfg.seed + dist.rank())
+
+
+def resume(engines: dict, ckpt_root: Path, log: Callable[[str], None] = print) -> tuple[TrainState, dict]:
+    """Load the newest complete checkpoint, if any; half-written ones are ignored and removed."""
+    cleanup_partial(ckpt_root)
+    dist.barrier()
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is None:
+        return TrainState(), {}
+    state, client = load_checkpoint(engines, ckpt)
+    if dist.is_main():
+        log(f"resumed from {ckpt} (step {state.step})")
+    return state, client
+
+
+def check_finite(step: int, **values: float) -> None:
+    """Stop with the step named when a loss or reward is NaN/inf (before any checkpoint of it)."""
+    bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+    if bad:
+        raise TrainingError(
+            f"non-finite value at step {step}: "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + "; the last good checkpoint is kept"
+        )
+
+
+def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
+    """Run a stage on this rank and map the outcome to an exit code: 0 done, 75 resume me, 1 failed."""
+    try:
+        fn(cfg)
+        code = 0
+    except StopForResume as e:
+        if dist.is_main():
+            print(f"stopped for resume: {e} (exit {EXIT_RESUME})", file=sys.stderr, flush=True)
+        code = EXIT_RESUME
+    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except Exception:
+        traceback.print_exc()
+        print(f"error on rank {dist.rank()}: unexpected failure (traceback above)", file=sys.stderr, flush=True)
+        code = 1
+    try:
+        dist.destroy()
+    except Exception:
+        pass
+    return code

@@ -1,0 +1,90 @@
+"""Shared fixtures: the embedded beer dump prepared once, the tiny model built once, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+BEER = REPO / "data" / "beer.stackexchange.com" / "Posts.xml"
+TINY_YAML = REPO / "configs" / "tiny.yaml"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = REPO):
+    """Run ``python -m stackllama_ds.cli ARGS``; returns the CompletedProcess (text, captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "stackllama_ds.cli", *map(str, args)],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_config(path: Path, root: Path, **sections) -> Path:
+    """tiny.yaml with output_root=root and some sections replaced/merged (dict merge, one level deep)."""
+    import yaml
+
+    cfg = yaml.safe_load(TINY_YAML.read_text())
+    cfg["output_root"] = str(root)
+    cfg["data"]["posts"] = str(BEER)
+    cfg["logging"] = {"progress": False}
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            merged = dict(cfg[k])
+            for kk, vv in v.items():
+                if isinstance(vv, dict) and isinstance(merged.get(kk), dict):
+                    merged[kk] = {**merged[kk], **vv}
+                else:
+                    merged[kk] = vv
+            cfg[k] = merged
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_root(tmp_path_factory) -> Path:
+    """A run root holding ``data/`` (the embedded beer dump, prepared) and ``tiny/`` (tokenizer + model)."""
+    from stackllama_ds.config import load_config
+    from stackllama_ds.data.prepare import prepare
+    from stackllama_ds.models.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = load_config(TINY_YAML, check_files=False)
+    prepare(BEER, root / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
+    (root / "data" / "DONE").write_text("prepare\n")
+    make_tiny(root / "data", root / "tiny", seed=0, cfg=cfg.model.tiny)
+    (root / "tiny" / "DONE").write_text("make-tiny\n")
+    return root
+
+
+def fresh_root(prepared_root: Path, dest: Path, stages: tuple[str, ...] = ()) -> Path:
+    """A new run root sharing the prepared data and tiny model (and copies of finished stages)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "tiny", *stages):
+        src = prepared_root / name
+        if name in ("data", "tiny"):
+            if not (dest / name).exists():
+                (dest / name).symlink_to(src)
+        else:
+            shutil.copytree(src, dest / name, symlinks=True)
+    return dest
