@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from stackllama_ds.data.template import format_prompt, format_qa
 
 
@@ -12,4 +14,6 @@ def test_data_package_import_is_light():
     import sys
 
     code = "import sys, stackllama_ds.data; print(any(m in sys.modules for m in ('datasets', 'lxml', 'torch')))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,0 +1,1 @@
+"""Model loading, heads, export and the tiny-model kit (transformers, peft, bitsandbytes)."""
