@@ -88,3 +88,28 @@ def fresh_root(prepared_root: Path, dest: Path, stages: tuple[str, ...] = ()) ->
         else:
             shutil.copytree(src, dest / name, symlinks=True)
     return dest
+
+
+# Short stage settings shared by the session fixtures below (2 ranks, a few steps each).
+FAST_SFT = {"max_steps": 12, "eval_every": 6, "save_every": 6, "seq_length": 128}
+FAST_RM = {"max_steps": 12, "eval_every": 6, "save_every": 6, "max_length": 128}
+
+
+@pytest.fixture(scope="session")
+def sft_root(prepared_root, tmp_path_factory) -> Path:
+    """A run root with a finished 2-rank SFT stage (``sft/model``, ``sft/DONE``)."""
+    root = fresh_root(prepared_root, tmp_path_factory.mktemp("sftrun"))
+    cfg = write_config(root / "cfg.yaml", root, sft=FAST_SFT, rm=FAST_RM)
+    r = run_cli("sft", cfg)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return root
+
+
+@pytest.fixture(scope="session")
+def rm_root(sft_root, tmp_path_factory) -> Path:
+    """A run root with finished SFT and RM stages (``rm/model`` is the reward model)."""
+    root = fresh_root(sft_root, tmp_path_factory.mktemp("rmrun"), stages=("sft",))
+    cfg = write_config(root / "cfg.yaml", root, sft=FAST_SFT, rm=FAST_RM)
+    r = run_cli("rm", cfg)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return root
