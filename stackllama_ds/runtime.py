@@ -78,11 +78,19 @@ def seed_all(seed: int) -> None:
 
 
 def setup(cfg: RunConfig) -> None:
-    """Join the process group; seed each rank differently (same seed -> same run)."""
+    """Join the process group; seed every rank alike so fresh heads/adapters start identical.
+
+    Call ``seed_ranks`` once the models are built, before anything samples.
+    """
     dist.init(cfg.launch.backend, cfg.launch.timeout_s)
     if not dist.cuda_available():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    seed_all(cfg.seed + dist.rank())
+    seed_all(cfg.seed)
+
+
+def seed_ranks(cfg: RunConfig) -> None:
+    """Give each rank its own random stream (sampling, dropout); same seed -> same run."""
+    seed_all(cfg.seed * 1000 + dist.rank() + 1)
 
 
 def resume(engines: dict, ckpt_root: Path, log: Callable[[str], None] = print) -> tuple[TrainState, dict]:

@@ -143,3 +143,25 @@ class ActorWithValueHead(nn.Module):
 
 def value_head_path(model_dir: str | os.PathLike[str]) -> Path:
     return Path(model_dir) / "value_head.safetensors"
+
+
+class TokenValueModel(nn.Module):
+    """A separate critic (DeepSpeed-Chat style): a sequence classifier's score head on every token.
+
+    Initialised from the reward model (its trained ``score`` head) or from SFT weights (a fresh
+    head). ``forward`` returns values (B, T).
+    """
+
+    def __init__(self, seq_cls: nn.Module):
+        super().__init__()
+        self.model = seq_cls
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        body = getattr(lm, lm.base_model_prefix)
+        h = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return lm.score(h.last_hidden_state).squeeze(-1).float()  # (B, T)

@@ -19,7 +19,14 @@ from .core import (
 )
 from .degenerate import DEGENERATE_SUBSTRINGS, degenerate_fraction, is_degenerate, repeated_ngram_share
 from .gae import gae
-from .kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty, per_token_rewards
+from .kl import (
+    KL_KINDS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_penalty,
+    per_token_rewards,
+    rewards_from_kl,
+)
 from .losses import policy_loss, value_loss
 from .moments import RunningMoments
 from .types import PPOStats, Rollout
@@ -47,5 +54,6 @@ __all__ = [
     "per_token_rewards",
     "policy_loss",
     "repeated_ngram_share",
+    "rewards_from_kl",
     "value_loss",
 ]

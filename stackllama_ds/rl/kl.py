@@ -104,8 +104,20 @@ def per_token_rewards(
     Returns:
         (rewards, kl_rewards), both (B, T), zero where `mask` is 0.
     """
-    valid = _valid(mask)  # (B, T)
     kl = kl_penalty(logprobs, ref_logprobs, kind, logits=logits, ref_logits=ref_logits)  # (B, T)
+    return rewards_from_kl(scores, kl, mask, kl_coef)
+
+
+def rewards_from_kl(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_token_rewards` from a precomputed per-token KL estimate (B, T).
+
+    Formula: rewards_t = -kl_coef * KL_t * m_t + score * [t == last unmasked t'].
+    Used when the KL is computed chunk by chunk (kind="full" needs both full distributions).
+    Returns (rewards, kl_rewards), both (B, T).
+    """
+    valid = _valid(mask)  # (B, T)
     kl_rewards = torch.where(valid, -kl_coef * kl, torch.zeros_like(kl))  # -beta * KL_t * m_t
     positions = torch.arange(valid.shape[1], device=valid.device)  # (T,)
     last = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)  # (B, 1); -1 for empty rows

@@ -59,6 +59,7 @@ def train(cfg: RunConfig) -> None:
 
     model = load_causal_lm(base, cfg.model, dtype="fp32", lora=sc.lora)
     engine = build_train_engine(model, sc.engine, sc.optim, total_steps=sc.max_steps, grad_accum=gas)
+    runtime.seed_ranks(cfg)
     state, _ = runtime.resume({"model": engine}, stage_dir / "checkpoints")
     log = MetricsLogger(stage_dir, "sft", cfg.logging, sc.max_steps, state.step, cfg.output_root, cfg.model_dump())
     if rank == 0:

@@ -1,0 +1,388 @@
+"""PPO against the reward model: StackLLaMA's RL step as one loop on DeepSpeed engines.
+
+    stackllama-ds ppo configs/tiny.yaml
+    torchrun --nproc_per_node 2 -m stackllama_ds.cli ppo configs/tiny.yaml
+
+Engines: actor (policy + value head, trained on policy_loss + vf_coef * value_loss), optional
+critic, reference (frozen SFT policy; with LoRA the actor's base with the adapter disabled) and
+reward (frozen reward model). One step: rollout -> score -> KL-penalised rewards -> GAE and
+whitening over all ranks -> PPO epochs of minibatch updates -> KL-coefficient update -> log ->
+checkpoint. Semantics follow classic TRL PPOTrainer (the StackLLaMA run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+
+import torch
+
+from stackllama_ds import rl, runtime
+from stackllama_ds.checkpoint import StopSignal, latest_checkpoint, save_checkpoint
+from stackllama_ds.config import PPOConfig, RunConfig
+from stackllama_ds.data.prepare import load_prepared
+from stackllama_ds.data.template import format_prompt, format_qa
+from stackllama_ds.engines import dist
+from stackllama_ds.engines.build import build_eval_engine, build_train_engine
+from stackllama_ds.engines.generate import GenerationCopy, is_partitioned, position_ids_from_mask, sample
+from stackllama_ds.export import export_checkpoint
+from stackllama_ds.metrics import MetricsLogger
+from stackllama_ds.models.export import load_value_head
+from stackllama_ds.models.load import (
+    ActorWithValueHead,
+    TokenValueModel,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+)
+
+NEG_KL_CAUSES = (
+    "forced or suppressed tokens during generation (min_length, eos suppression, bad_words), "
+    "padding or tokens after EOS counted in the KL, or a sampling setting other than plain sampling"
+)
+
+
+# ----------------------------------------------------------------------------------- prompts
+def load_prompts(cfg: RunConfig, tok) -> tuple[list[str], list[list[int]], int]:
+    """Distinct questions of rl_train as (questions, prompt token ids); too-long prompts counted."""
+    split = load_prepared(runtime.data_dir(cfg))["rl_train"]
+    seen, questions = set(), []
+    for row in split:
+        key = (row["site"], row["qid"])
+        if key not in seen:
+            seen.add(key)
+            questions.append(row["question"])
+    ids = tok([format_prompt(q) for q in questions], add_special_tokens=True)["input_ids"]
+    keep = [i for i, x in enumerate(ids) if len(x) <= cfg.ppo.max_prompt_length]
+    if not keep:
+        raise runtime.TrainingError(
+            f"no rl_train prompt fits ppo.max_prompt_length={cfg.ppo.max_prompt_length} tokens "
+            f"({len(ids)} prompts, shortest {min((len(x) for x in ids), default=0)} tokens)"
+        )
+    return [questions[i] for i in keep], [ids[i] for i in keep], len(ids) - len(keep)
+
+
+def prompt_batch(n: int, start: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
+    """This rank's prompt indices for the rollout that starts at global prompt ``start``."""
+    out = []
+    for g in range(start + rank * batch, start + (rank + 1) * batch):
+        epoch, i = divmod(g, n)
+        order = list(range(n))
+        random.Random(f"{seed}-prompts-{epoch}").shuffle(order)
+        out.append(order[i])
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s) :] = torch.tensor(s)
+        mask[i, P - len(s) :] = 1
+    return ids, mask
+
+
+def cut_at_eos(resp: torch.Tensor, eos: int) -> torch.Tensor:
+    """(B, T) mask: 1 up to and including the first EOS, 0 after it."""
+    is_eos = (resp == eos).long()
+    after = is_eos.cumsum(-1) - is_eos  # count of EOS strictly before t
+    return (after == 0).long()
+
+
+# ----------------------------------------------------------------------------------- forwards
+def policy_forward(module, ids, mask, P: int, with_values: bool = True, disable_adapter: bool = False):
+    """Log-probs, entropy and values of the response positions; module is ActorWithValueHead.
+
+    Token t of the response (absolute position P+t) is predicted at position P+t-1; its value is
+    the value of that same state (TRL's alignment).
+    """
+    pos = position_ids_from_mask(mask)
+    ctx = module.policy.disable_adapter() if disable_adapter else contextlib.nullcontext()
+    with ctx:
+        logits, values = module(ids, mask, pos)  # (B, P+T, V), (B, P+T)
+    logits = logits[:, P - 1 : -1]  # (B, T, V)
+    lp = rl.logprobs_from_logits(logits, ids[:, P:])
+    return lp, values[:, P - 1 : -1], logits
+
+
+def lm_logprobs(lm, ids, mask, P: int):
+    """Log-probs (and logits) of the response tokens under a plain causal LM (the reference engine)."""
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    logits = out.logits[:, P - 1 : -1]
+    return rl.logprobs_from_logits(logits, ids[:, P:]), logits
+
+
+def rule_scores(resp: torch.Tensor, rmask: torch.Tensor, token_id: int, scale: float) -> torch.Tensor:
+    """Reward rule for tests: share of response tokens equal to ``token_id`` (times ``scale``)."""
+    return scale * rl.masked_mean((resp == token_id).float(), rmask.float(), dim=1)
+
+
+# ------------------------------------------------------------------------------------ engines
+def build_engines(cfg: RunConfig, tok, n_updates: int):
+    """actor (+critic), reference (None in LoRA mode), reward (None with a rule reward), gen copy."""
+    p = cfg.ppo
+    sft = runtime.sft_model_path(cfg)
+    policy = load_causal_lm(sft, cfg.model, dtype="fp32", lora=p.lora)
+    actor_mod = ActorWithValueHead(policy)
+    load_value_head(actor_mod, sft)
+    if p.separate_critic:
+        actor_mod.v_head.requires_grad_(False)  # the critic engine owns the values
+    gen_copy = None
+    if p.actor.zero_stage == 3 and p.gather_generation:
+        gen_copy = GenerationCopy(load_causal_lm(sft, cfg.model, dtype=p.actor.dtype, lora=p.lora))
+    actor = build_train_engine(actor_mod, p.actor, p.optim, total_steps=n_updates, grad_accum=p.gradient_accumulation_steps)
+    critic = None
+    if p.separate_critic:
+        src = runtime.rm_model_path(cfg) if p.critic_init_from == "reward" else sft
+        vm = TokenValueModel(load_reward_model(src, cfg.model, pad_token_id=tok.pad_token_id, dtype="fp32"))
+        critic = build_train_engine(vm, p.critic, p.critic_optim, total_steps=n_updates,
+                                    grad_accum=p.gradient_accumulation_steps)
+    ref = None
+    if not p.lora.enabled:
+        ref = build_eval_engine(load_causal_lm(sft, cfg.model, dtype=p.reference.dtype, trainable=False), p.reference)
+    reward = None
+    if p.rule_reward is None:
+        rm = load_reward_model(runtime.rm_model_path(cfg), cfg.model, pad_token_id=tok.pad_token_id, dtype=p.reward.dtype)
+        reward = build_eval_engine(rm, p.reward)
+    return actor, critic, ref, reward, gen_copy
+
+
+@torch.no_grad()
+def reward_scores(reward, tok, questions: list[str], responses: list[str], device) -> torch.Tensor:
+    """Raw reward-model logits for question + response in the one template (right padding)."""
+    texts = [format_qa(q, r) for q, r in zip(questions, responses)]
+    enc = tok(texts, add_special_tokens=True)["input_ids"]
+    T = max(len(e) for e in enc)
+    ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = reward(input_ids=ids, attention_mask=mask)
+    # HF reads the score at the last non-pad token; with right padding that is the last real one.
+    return out.logits[:, 0].float().cpu()
+
+
+def process_scores(raw: torch.Tensor, p: PPOConfig, moments: rl.RunningMoments, degenerate: torch.Tensor) -> torch.Tensor:
+    """score = raw - baseline (- degenerate penalty), then optional running normalisation and clip."""
+    s = raw - p.reward_baseline - p.degenerate_penalty * degenerate
+    if p.reward_normalize:
+        tot = dist.all_reduce_sum(torch.tensor([s.sum().item(), (s * s).sum().item(), float(s.numel())]))
+        moments.update(tot[0], tot[1], tot[2])
+        s = (s - moments.mean) / max(moments.std, 1e-6)
+    if p.reward_clip is not None:
+        s = s.clamp(-p.reward_clip, p.reward_clip)
+    return s
+
+
+# --------------------------------------------------------------------------------------- loop
+def train(cfg: RunConfig) -> None:
+    p = cfg.ppo
+    stage_dir, ckpt_root = cfg.stage_dir("ppo"), cfg.stage_dir("ppo") / "checkpoints"
+    runtime.setup(cfg)
+    rank, world = dist.rank(), dist.world_size()
+    tok = load_tokenizer(runtime.sft_model_path(cfg))
+    questions, prompt_ids, n_long = load_prompts(cfg, tok)
+    updates_per_step = p.ppo_epochs * p.batch_size // (p.mini_batch_size * p.gradient_accumulation_steps)
+    actor, critic, ref, reward, gen_copy = build_engines(cfg, tok, p.steps * updates_per_step)
+    runtime.seed_ranks(cfg)
+    dev = actor.device
+    engines = {"actor": actor} | ({"critic": critic} if critic is not None else {})
+    kl_ctl = rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl \
+        else rl.FixedKLController(p.init_kl_coef)
+    moments = rl.RunningMoments()
+    state, client = runtime.resume(engines, ckpt_root)
+    if client:
+        kl_ctl.load_state_dict(client["kl_ctl"])
+        moments.load_state_dict(client["moments"])
+    neg_kl_streak = client.get("neg_kl_streak", 0) if client else 0
+    log = MetricsLogger(stage_dir, "ppo", cfg.logging, p.steps, state.step, cfg.output_root, cfg.model_dump(),
+                        bar_keys=("reward_mean", "kl", "kl_coef"))
+    if rank == 0:
+        log.text(f"ppo: {len(questions)} prompts ({n_long} longer than {p.max_prompt_length} tokens filtered), "
+                 f"world {world}, batch {p.batch_size}/rank, minibatch {p.mini_batch_size} x accum "
+                 f"{p.gradient_accumulation_steps}, {p.ppo_epochs} epochs, "
+                 f"reference={'adapter disabled' if ref is None else 'engine'}, critic={'engine' if critic else 'value head'}")
+    stop = StopSignal()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    t_start = time.time() - state.elapsed_s
+
+    def checkpoint() -> None:
+        client = {"kind": "actor", "base": str(runtime.sft_model_path(cfg)), "model": cfg.model.model_dump(),
+                  "lora": p.lora.model_dump(), "dtype": p.actor.dtype, "kl_ctl": kl_ctl.state_dict(),
+                  "moments": moments.state_dict(), "neg_kl_streak": neg_kl_streak}
+        save_checkpoint(engines, ckpt_root, state, cfg.checkpoint.keep_last, client)
+
+    while state.step < p.steps:
+        # step 1. rollout: this rank's prompts, plain sampling to a length drawn per batch
+        t0 = time.time()
+        idx = prompt_batch(len(questions), state.samples, p.batch_size, rank, world, cfg.seed)
+        q_ids, q_mask = left_pad([prompt_ids[i] for i in idx], pad)
+        q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
+        P = q_ids.shape[1]
+        new_tokens = random.Random(f"{cfg.seed}-len-{state.step}").randint(p.response_min_length, p.response_max_length)
+        if gen_copy is not None:
+            resp = sample(gen_copy.refresh(actor), q_ids, q_mask, new_tokens, pad)
+        else:
+            # ZeRO-3 without a copy: every rank must enter generate() or the all-gathers hang.
+            resp = sample(actor.module.policy, q_ids, q_mask, new_tokens, pad, synced_gpus=is_partitioned(actor))
+        r_mask = cut_at_eos(resp, eos)  # (B, T); tokens after the first EOS are masked everywhere
+        ids = torch.cat([q_ids, resp], 1)
+        mask = torch.cat([q_mask, r_mask], 1)
+        texts = tok.batch_decode(resp.masked_fill(r_mask == 0, pad), skip_special_tokens=True)
+        t_generate = time.time() - t0
+
+        # step 2. score: reward engine (or a rule) on question + response
+        t0 = time.time()
+        batch_q = [questions[i] for i in idx]
+        degenerate = torch.tensor([float(rl.is_degenerate(t)) for t in texts])
+        if p.rule_reward is not None:
+            raw = rule_scores(resp.cpu(), r_mask.cpu(), p.rule_reward.token_id, p.rule_reward.scale)
+        else:
+            raw = reward_scores(reward, tok, batch_q, texts, dev)
+        scores = process_scores(raw, p, moments, degenerate)
+        t_score = time.time() - t0
+
+        # step 3. log-probs under actor and reference, values; KL-penalised per-token rewards
+        t0 = time.time()
+        actor.eval()
+        with torch.no_grad():
+            lp_chunks, v_chunks, ref_chunks, ent_chunks, kl_chunks = [], [], [], [], []
+            for s in range(0, p.batch_size, p.mini_batch_size):
+                sl = slice(s, s + p.mini_batch_size)
+                lp, v, logits = policy_forward(actor.module, ids[sl], mask[sl], P)
+                ent_chunks.append(rl.entropy_from_logits(logits))
+                lp_chunks.append(lp)
+                v_chunks.append(v)
+                if ref is None:
+                    ref_lp, _, ref_logits = policy_forward(actor.module, ids[sl], mask[sl], P, disable_adapter=True)
+                else:
+                    ref_lp, ref_logits = lm_logprobs(ref, ids[sl], mask[sl], P)
+                ref_chunks.append(ref_lp)
+                # Per-token KL estimate; "full" needs both distributions, so it is taken chunk by chunk.
+                kl_chunks.append(rl.kl_penalty(lp, ref_lp, p.kl_penalty, logits=logits, ref_logits=ref_logits))
+                if critic is not None:
+                    v_chunks[-1] = critic(ids[sl], mask[sl], position_ids_from_mask(mask[sl]))[:, P - 1 : -1]
+        actor.train()
+        logprobs, values, ref_logprobs = torch.cat(lp_chunks), torch.cat(v_chunks), torch.cat(ref_chunks)
+        m = r_mask.float()
+        # rewards_t = -kl_coef * KL_t, plus the score at each response's last real token
+        rewards, _ = rl.rewards_from_kl(scores.to(dev), torch.cat(kl_chunks), m, kl_ctl.value)
+        t_logprobs = time.time() - t0
+
+        # step 4. GAE, then whiten advantages with mean/var over every rank's response tokens
+        advantages, returns = rl.gae(values, rewards, m, p.gamma, p.lam)
+        s1, s2, n = rl.masked_moments(advantages, m)
+        tot = dist.all_reduce_sum(torch.stack([s1, s2, n]).cpu())
+        g_mean, g_var = rl.moments_to_mean_var(tot[0], tot[1], tot[2])
+        advantages = rl.masked_whiten(advantages, m, mean=g_mean.to(dev), var=g_var.to(dev))
+        roll = rl.Rollout(q_ids, q_mask, resp, r_mask, logprobs, ref_logprobs, values, scores.to(dev),
+                          rewards, advantages, returns)
+
+        # step 5. PPO epochs over shuffled minibatches; early stop on policy KL (all ranks agree)
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step * world + rank)
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac",
+                                                         "approx_kl", "policy_kl", "skipped")}
+        window_kl: list[float] = []
+        early = False
+        for _ in range(p.ppo_epochs):
+            for mb_idx in torch.randperm(p.batch_size, generator=gen).split(p.mini_batch_size):
+                mb = roll.index_select(mb_idx)
+                mb_ids = torch.cat([mb.query_ids, mb.response_ids], 1)
+                mb_mask = torch.cat([mb.query_mask, mb.response_mask], 1)
+                mm = mb.response_mask.float()
+                lp, v, _ = policy_forward(actor, mb_ids, mb_mask, P)
+                if critic is not None:
+                    v = critic(mb_ids, mb_mask, position_ids_from_mask(mb_mask))[:, P - 1 : -1]
+                pg, pst = rl.policy_loss(lp, mb.logprobs, mb.advantages, mm, p.cliprange)
+                vf, vst = rl.value_loss(v, mb.values, mb.returns, mm, p.cliprange_value)
+                # A minibatch whose mean ratio explodes is skipped: zero loss keeps the collectives in step.
+                skip = float(pst["ratio_mean"]) > p.ratio_threshold
+                scale = 0.0 if skip else 1.0
+                if critic is None:
+                    actor.backward(scale * (pg + p.vf_coef * vf))
+                else:
+                    actor.backward(scale * pg)
+                    critic.backward(scale * vf)
+                    critic.step()
+                boundary = actor.is_gradient_accumulation_boundary()
+                actor.step()
+                runtime.check_finite(state.step + 1, policy_loss=pg.item(), value_loss=vf.item())
+                for k, val in (("policy_loss", pg.item()), ("value_loss", vf.item()), ("clipfrac", pst["clipfrac"]),
+                               ("vf_clipfrac", vst["clipfrac"]), ("approx_kl", pst["approx_kl"]),
+                               ("policy_kl", pst["policy_kl"]), ("skipped", float(skip))):
+                    stats[k].append(float(val))
+                window_kl.append(float(pst["policy_kl"]))
+                if boundary and p.early_stop_kl is not None:
+                    kl_now = dist.all_reduce_sum(torch.tensor([sum(window_kl) / len(window_kl)])).item() / world
+                    window_kl = []
+                    if kl_now > 1.5 * p.early_stop_kl:
+                        early = True
+                        break
+            if early:
+                break
+        t_train = time.time() - t0
+
+        # step 6. adaptive KL coefficient from the sequence-level KL of this rollout (all ranks)
+        seq_kl = ((logprobs - ref_logprobs) * m).sum(1)  # (B,)
+        ent = rl.masked_mean(torch.cat(ent_chunks), m)
+        red = dist.all_reduce_sum(torch.tensor([
+            seq_kl.sum().item(), float(len(seq_kl)), scores.sum().item(), (scores ** 2).sum().item(),
+            raw.sum().item(), m.sum().item(), degenerate.sum().item(), ent.item(),
+            rl.masked_mean(returns, m).item(), rl.masked_mean(advantages, m).item(),
+        ]))
+        n_seq = red[1].item()
+        kl_mean = red[0].item() / n_seq
+        kl_coef_used = kl_ctl.value
+        kl_ctl.update(kl_mean, int(n_seq))
+        state.step += 1
+        state.samples += p.batch_size * world
+        state.tokens += int(red[5].item())
+
+        # step 7. log (samples come from the rollout every rank computed: no rank-0-only forward)
+        reward_mean = red[2].item() / n_seq
+        runtime.check_finite(state.step, reward_mean=reward_mean, kl=kl_mean)
+        step_time = t_generate + t_score + t_logprobs + t_train
+        row = {
+            "step": state.step, "reward_mean": reward_mean,
+            "reward_std": max(red[3].item() / n_seq - reward_mean ** 2, 0.0) ** 0.5,
+            "score_mean": red[4].item() / n_seq, "kl": kl_mean, "kl_coef": kl_coef_used,
+            "entropy": red[7].item() / world, **{k: sum(v) / len(v) for k, v in stats.items() if v},
+            "returns_mean": red[8].item() / world, "advantages_mean": red[9].item() / world,
+            "response_len": red[5].item() / n_seq, "tokens_per_s": red[5].item() / step_time,
+            "degenerate_frac": red[6].item() / n_seq, "early_stop": early,
+            "t_generate": t_generate, "t_score": t_score, "t_logprobs": t_logprobs, "t_train": t_train,
+            "elapsed_s": time.time() - t_start,
+        }
+        neg_kl_streak = neg_kl_streak + 1 if kl_mean < p.negative_kl_bound else 0
+        row["negative_kl_flag"] = neg_kl_streak > 0
+        log.log(row)
+        if p.log_samples and state.step % p.log_samples_every == 0 and rank == 0:
+            for q, t, s in list(zip(batch_q, texts, scores.tolist()))[: p.log_samples]:
+                log.text(f"[sample step {state.step}] reward {s:+.3f}\n  Q: {q[:200]!r}\n  A: {t[:300]!r}")
+        if neg_kl_streak >= p.negative_kl_patience:
+            raise runtime.TrainingError(
+                f"mean KL below {p.negative_kl_bound} for {neg_kl_streak} steps (step {state.step}, kl={kl_mean:.3f}); "
+                f"usual causes: {NEG_KL_CAUSES}"
+            )
+        state.elapsed_s = time.time() - t_start
+
+        # step 8. checkpoint every save_every, at the end, and on a stop signal (then exit 75)
+        stopping = stop.requested()
+        if state.step % p.save_every == 0 or state.step == p.steps or stopping:
+            checkpoint()
+        if stopping:
+            log.close()
+            raise runtime.StopForResume(f"ppo checkpointed at step {state.step}")
+
+    # step 9. export the policy as a HF causal-LM folder (LoRA merged; value head beside it)
+    log.close()
+    final = latest_checkpoint(ckpt_root)
+    assert final is not None
+    if rank == 0:
+        export_checkpoint(final, stage_dir / "model")
+    dist.barrier()
+    runtime.mark_done(stage_dir, f"step {state.step}")
