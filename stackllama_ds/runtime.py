@@ -117,6 +117,13 @@ def check_finite(step: int, **values: float) -> None:
         )
 
 
+def step_hook() -> None:
+    """Test hook: STACKLLAMA_TEST_STEP_SLEEP=seconds slows every step so a test can signal mid-run."""
+    delay = float(os.environ.get("STACKLLAMA_TEST_STEP_SLEEP", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
 def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
     """Run a stage on this rank and map the outcome to an exit code: 0 done, 75 resume me, 1 failed."""
     try:

@@ -69,6 +69,7 @@ def _pick() -> tuple[str, Callable[[str], str | None]]:
 
 
 _CONVERTER: tuple[str, Callable[[str], str | None]] | None = None
+_RETRY: Callable[[str], str | None] | None = None  # html-to-markdown's default routing, for a second try
 
 
 def converter_name() -> str:
@@ -89,7 +90,24 @@ def html_to_markdown(html: str) -> str:
     try:
         md = _CONVERTER[1](html)
     except Exception as e:  # the Rust side has its own error types (and panics)
-        raise ConversionFailed(f"{type(e).__name__}: {e}") from None
+        md = _retry(html, e)
     if md is None:
-        raise ConversionFailed("converter returned no content")
+        md = _retry(html, None)
     return md.strip()
+
+
+def _retry(html: str, first: Exception | None) -> str:
+    """One more try with html-to-markdown's default options before giving up on a body."""
+    global _RETRY
+    err = f"{type(first).__name__}: {first}" if first is not None else "converter returned no content"
+    if _CONVERTER is None or _CONVERTER[0] != "html-to-markdown/tier1":
+        raise ConversionFailed(err)
+    try:
+        if _RETRY is None:
+            _RETRY = _public()
+        md = _RETRY(html)
+    except Exception as e:  # same as above
+        raise ConversionFailed(f"{err}; default options: {type(e).__name__}: {e}") from None
+    if md is None:
+        raise ConversionFailed(err)
+    return md

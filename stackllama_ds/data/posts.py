@@ -229,19 +229,21 @@ def iter_parsed(path: str | os.PathLike[str], *, workers: int = 1, skip_bad_rows
     size = os.path.getsize(path)
     tasks = ((path, s, e, e >= size, skip_bad_rows) for s, e in byte_ranges(path, chunk_bytes))
     lines_before = 0
+    logged = 0  # skipped rows echoed to the log (the report has every count)
     saw_closed = False
     last_line_truncated = False
 
     def finish(res: ChunkResult) -> ChunkResult:
-        nonlocal lines_before, saw_closed, last_line_truncated
+        nonlocal lines_before, logged, saw_closed, last_line_truncated
         for p in res.problems:
             p.line += lines_before + 1
         if res.problems and not skip_bad_rows:
             p = res.problems[0]
             raise DataError(p.message, path, p.line, p.attribute, p.reason)
         if log is not None:
-            for p in res.problems:
+            for p in res.problems[: max(0, 50 - logged)]:
                 log(f"skipped {p.reason}: {path}:{p.line}: {p.attribute}: {p.message}")
+            logged += len(res.problems)
         res.questions = [(q[0], q[1] + lines_before + 1, *q[2:]) for q in res.questions]
         res.answers = [(a[0], a[1] + lines_before + 1, *a[2:]) for a in res.answers]
         lines_before += res.newlines

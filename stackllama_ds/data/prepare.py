@@ -42,7 +42,7 @@ __all__ = ["DataError", "load_prepared", "prepare", "sft_texts"]
 REPORT = "report.json"
 ORPHAN_NOTE = (
     "orphan_answer counts answers whose ParentId is no question in the file (common in partial dumps); "
-    "they are always skipped, with or without skip_bad_rows"
+    "they are always skipped, with or without skip_bad_rows, and included in 'answers'"
 )
 
 
@@ -57,7 +57,11 @@ def _features():
 
 
 class _SplitWriter:
-    """Buffers rows of one split and appends them to an Arrow stream file in batches."""
+    """Buffers rows of one split and appends them to an Arrow stream file in batches.
+
+    The file becomes the split's ``data-00000-of-00001.arrow`` as is: we never read the output back
+    (a memory-mapped copy through ``save_to_disk`` would add the whole output to our RSS).
+    """
 
     def __init__(self, path: Path, schema, batch_rows: int = 1000):
         import pyarrow as pa
@@ -67,6 +71,9 @@ class _SplitWriter:
         self.writer = pa.ipc.new_stream(self.sink, schema)
         self.cols: dict[str, list] = {n: [] for n in schema.names}
         self.rows = 0
+        self.runs = 0  # runs of equal qid = distinct questions when a question's rows are contiguous
+        self._last_qid: int | None = None
+        self._qid_chunks: list = []  # for distinct questions when they are not (paired input)
 
     def add(self, qid, site, question, date, metadata, response_j, response_k, score_j, score_k) -> None:
         c = self.cols
@@ -80,24 +87,35 @@ class _SplitWriter:
         c["score_j"].append(score_j)
         c["score_k"].append(score_k)
         self.rows += 1
+        if qid != self._last_qid:
+            self.runs += 1
+            self._last_qid = qid
         if len(c["qid"]) >= self.batch_rows:
             self.flush()
 
-    def flush(self) -> None:
-        if self.cols["qid"]:
+    def flush(self, force: bool = False) -> None:
+        if self.cols["qid"] or force:
+            self._qid_chunks.append(self.pa.array(self.cols["qid"], self.pa.int64()))
             self.writer.write_batch(self.pa.RecordBatch.from_pydict(self.cols, schema=self.schema))
             self.cols = {n: [] for n in self.schema.names}
 
     def close(self) -> None:
-        self.flush()
+        # An empty split still gets one (empty) batch: a stream without batches does not load.
+        self.flush(force=self.rows == 0)
         self.writer.close()
         self.sink.close()
+
+    def distinct_qids(self) -> int:
+        import pyarrow.compute as pc
+
+        return len(pc.unique(self.pa.chunked_array(self._qid_chunks, self.pa.int64())))
 
 
 # ----------------------------------------------------------------------------------- builders
 def _from_posts(posts: Path, votes: Path | None, cfg: DataConfig, seed: int, workers: int,
                 skip_bad_rows: bool, site: str, work: Path, writers: dict[str, _SplitWriter],
                 log) -> dict[str, Any]:
+    t_start = time.perf_counter()
     skipped: Counter = Counter()
     other_types: Counter = Counter()
     store = PostStore(work / "posts.sqlite")
@@ -117,8 +135,10 @@ def _from_posts(posts: Path, votes: Path | None, cfg: DataConfig, seed: int, wor
         if votes is not None:
             for batch in iter_upvotes(votes, skip_bad_rows=skip_bad_rows, skipped=skipped):
                 store.add_upvotes(batch)
+        t_parse = time.perf_counter()
         store.finish(str(posts), skip_bad_rows, skipped)
         n_questions, n_answers = store.counts()
+        t_index = time.perf_counter()
         # step 4. score, pair, split; one question at a time in qid order.
         skipped["orphan_answer"] += 0
         with_pairs = 0
@@ -136,8 +156,11 @@ def _from_posts(posts: Path, votes: Path | None, cfg: DataConfig, seed: int, wor
             for j, k in pairs:
                 w.add(th.qid, site, question, th.date, th.metadata, th.answers[j].body, th.answers[k].body,
                       scores[j], scores[k])
+        t_pairs = time.perf_counter()
     finally:
         store.close()
+    log(f"prepare: parse {t_parse - t_start:.1f} s, index {t_index - t_parse:.1f} s, "
+        f"pair {t_pairs - t_index:.1f} s")
     return {
         "format": "posts_xml",
         "questions": n_questions,
@@ -179,6 +202,7 @@ def prepare(
     complete ``out`` stays as it was) and no temporary files remain.
     """
     cfg = cfg or DataConfig()
+    workers = max(1, int(workers))
     posts, out = Path(posts), Path(out)
     votes = Path(votes) if votes is not None else None
     site = site or site_of(posts)
@@ -191,12 +215,12 @@ def prepare(
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; it becomes out
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
-        from datasets import Dataset, DatasetDict
-
         features = _features()
         writers = {n: _SplitWriter(work / f"{n}.arrow", features.arrow_schema) for n in SPLITS}
         try:
             if is_paired(posts):
+                if votes is not None:
+                    log(f"prepare: {posts} is a paired file; votes {votes} are not used")
                 report = _from_paired(posts, cfg, seed, site, writers)
             else:
                 report = _from_posts(posts, votes, cfg, seed, workers, skip_bad_rows, site, work, writers,
@@ -204,11 +228,13 @@ def prepare(
         finally:
             for w in writers.values():
                 w.close()
-        # step 5. save the DatasetDict next to out, then swap it in.
-        dsd = DatasetDict({n: Dataset.from_file(str(w.path)) for n, w in writers.items()})
-        _quiet_save(dsd, tmp)
-        splits = {n: {"questions": len(set(dsd[n].unique("qid"))), "pairs": dsd[n].num_rows} for n in SPLITS}
-        del dsd
+        # step 5. a DatasetDict folder next to out (our Arrow files as its data), then swap it in.
+        contiguous = report["format"] == "posts_xml"  # rows of one question are written together
+        splits = {
+            n: {"questions": w.runs if contiguous else w.distinct_qids(), "pairs": w.rows}
+            for n, w in writers.items()
+        }
+        _write_dataset_dict(tmp, writers, features, f"{posts}|{seed}|{site}|{posts.stat().st_mtime_ns}")
         skipped = report.pop("skipped")
         full_skipped = {r: skipped.get(r, 0) for r in SKIP_REASONS}
         full_skipped.update({r: n for r, n in sorted(skipped.items()) if r not in full_skipped})
@@ -246,17 +272,36 @@ def prepare(
     return report
 
 
-def _quiet_save(dsd, path: Path) -> None:
-    """save_to_disk without its per-split progress bars (restoring the caller's setting)."""
+def _write_dataset_dict(folder: Path, writers: dict[str, _SplitWriter], features, identity: str) -> None:
+    """What ``DatasetDict.save_to_disk`` writes, with our finished Arrow files as the split data.
+
+    datasets writes the metadata (dataset_dict.json, each split's dataset_info.json and state.json) for
+    empty splits; we move each split's file in and list it in state.json, with a fingerprint of its
+    content's identity so that ``.map()`` caches of different outputs never collide.
+    """
+    import hashlib
+
+    from datasets import Dataset, DatasetDict
     from datasets.utils import logging as ds_logging
 
+    empty = {c: [] for c in features}
+    skeleton = DatasetDict({n: Dataset.from_dict(empty, features=features) for n in writers})
     was = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
     try:
-        dsd.save_to_disk(str(path))
+        skeleton.save_to_disk(str(folder))
     finally:
         if was:
             ds_logging.enable_progress_bar()
+    for n, w in writers.items():
+        name = "data-00000-of-00001.arrow"
+        os.replace(w.path, folder / n / name)
+        state_path = folder / n / "state.json"
+        state = json.loads(state_path.read_text())
+        key = f"{identity}|{n}|{w.rows}|{(folder / n / name).stat().st_size}"
+        state["_data_files"] = [{"filename": name}]
+        state["_fingerprint"] = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def _check_replaceable(out: Path) -> None:

@@ -66,24 +66,22 @@ class PostStore:
 
     def finish(self, file: str, skip_bad_rows: bool, skipped: Counter) -> None:
         """Refuse (or drop and count) duplicate Ids, then index for the ordered read."""
+        # No UNIQUE index: a failing CREATE cannot be rolled back without a journal. Index, then look.
         for table, key in (("questions", "qid"), ("answers", "aid")):
-            try:
-                self.conn.execute(f"CREATE UNIQUE INDEX {table}_key ON {table} ({key})")
+            self.conn.execute(f"CREATE INDEX {table}_key ON {table} ({key})")
+            dup = self.conn.execute(
+                f"SELECT {key}, MIN(line), MAX(line) FROM {table} GROUP BY {key} HAVING COUNT(*) > 1 LIMIT 1"
+            ).fetchone()
+            if dup is None:
                 continue
-            except sqlite3.IntegrityError:
-                pass
             if not skip_bad_rows:
-                key_val, first, second = self.conn.execute(
-                    f"SELECT {key}, MIN(line), MAX(line) FROM {table} GROUP BY {key} HAVING COUNT(*) > 1 "
-                    "ORDER BY MIN(line) LIMIT 1"
-                ).fetchone()
-                raise DataError(f"duplicate post Id {key_val} (first on line {first})", file, second, "Id",
+                self.conn.execute("COMMIT")
+                raise DataError(f"duplicate post Id {dup[0]} (first on line {dup[1]})", file, dup[2], "Id",
                                 "duplicate_id")
             cur = self.conn.execute(
                 f"DELETE FROM {table} WHERE rowid NOT IN (SELECT MIN(rowid) FROM {table} GROUP BY {key})"
             )
             skipped["duplicate_id"] += cur.rowcount
-            self.conn.execute(f"CREATE UNIQUE INDEX {table}_key ON {table} ({key})")
         self.conn.execute("CREATE INDEX answers_parent ON answers (parent, aid)")
         self.conn.execute("COMMIT")
 

@@ -64,6 +64,9 @@ def build_train_engine(
         config=cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn),
     )
+    # from_pretrained returns a model in eval mode: without this, dropout stays off until the first
+    # evaluation switches it on (so a resumed run would train differently from an uninterrupted one).
+    engine.train()
     return engine
 
 

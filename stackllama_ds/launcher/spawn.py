@@ -63,18 +63,19 @@ def spawn(argv: list[str], nproc: int, poll_s: float = 0.2, grace_s: float = 5.0
     """Run ``python -m stackllama_ds.cli *argv`` on ``nproc`` local ranks and supervise them."""
     cuda = has_cuda()
     port = free_port()
-    procs = []
-    for r in range(nproc):
-        cmd = [sys.executable, "-m", "stackllama_ds.cli", *argv]
-        procs.append(subprocess.Popen(cmd, env=rank_env(nproc, r, port, cuda), start_new_session=True))
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Installed before the ranks start, so a signal in between is forwarded, not fatal to us.
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
+        for r in range(nproc):
+            cmd = [sys.executable, "-m", "stackllama_ds.cli", *argv]
+            procs.append(subprocess.Popen(cmd, env=rank_env(nproc, r, port, cuda), start_new_session=True))
         failed: tuple[int, int] | None = None
         while True:
             codes = [p.poll() for p in procs]

@@ -52,7 +52,9 @@ def export_hf(
     lora_on = lora is not None and lora.enabled
     # Export from a full-precision, unquantised copy of the base so the merge is exact.
     plain = mcfg.model_copy(update={"quantization": "none"})
-    tok = load_tokenizer(base_path)
+    # A reward folder is scored right-padded (real tokens keep their positions; the score is read at
+    # the last non-pad token), so its tokenizer is saved that way.
+    tok = load_tokenizer(base_path, padding_side="right" if kind == "reward" else "left")
     if kind == "reward":
         model = load_reward_model(base_path, plain, pad_token_id=tok.pad_token_id, dtype="fp32", lora=lora)
         sd = state_dict

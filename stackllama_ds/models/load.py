@@ -39,6 +39,21 @@ def _quant_kwargs(mcfg: ModelConfig, dtype: torch.dtype) -> dict:
     return {"quantization_config": q, "device_map": {"": dev}}
 
 
+def _no_cpu_repack(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPU (ZeRO-3 then corrupts them).
+
+    On a CPU with avx512_bf16, ``Linear4bit.forward`` in eval mode without grad rewrites
+    ``weight.data`` into a CPU layout and flags ``quant_state.packing_format_for_cpu``. ZeRO-3 keeps
+    the original bytes in its partitions and re-gathers those, while the flag stays set: every later
+    forward reads the weights in the wrong layout (losses diverge from ZeRO-2, or an assertion
+    "N must be divisible by block_n"). Without the repack ZeRO-2 and ZeRO-3 agree exactly.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str, quantized: bool) -> nn.Module:
     """Wrap ``model`` in peft LoRA adapters; for SEQ_CLS peft also trains (and saves) the score head."""
     from peft import LoraConfig as PeftLoraConfig
@@ -72,6 +87,8 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=td, attn_implementation=mcfg.attn_implementation, **_quant_kwargs(mcfg, td)
     )
+    if mcfg.quantization == "4bit":
+        _no_cpu_repack(model)
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora, "CAUSAL_LM", mcfg.quantization != "none")
     elif not trainable:
@@ -99,6 +116,8 @@ def load_reward_model(
         **_quant_kwargs(mcfg, td),
     )
     model.config.pad_token_id = pad_token_id
+    if mcfg.quantization == "4bit":
+        _no_cpu_repack(model)
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora, "SEQ_CLS", mcfg.quantization != "none")
     return model

@@ -371,6 +371,7 @@ def train(cfg: RunConfig) -> None:
         state.elapsed_s = time.time() - t_start
 
         # step 8. checkpoint every save_every, at the end, and on a stop signal (then exit 75)
+        runtime.step_hook()
         stopping = stop.requested()
         if state.step % p.save_every == 0 or state.step == p.steps or stopping:
             checkpoint()

@@ -45,6 +45,8 @@ def evaluate(engine, batches: list[dict[str, torch.Tensor]]) -> tuple[float, flo
 def train(cfg: RunConfig) -> None:
     sc = cfg.sft
     stage_dir = cfg.stage_dir("sft")
+    # First: a SIGUSR1/SIGTERM during the (slow) setup would otherwise kill the rank outright.
+    stop = StopSignal()
     runtime.setup(cfg)
     rank, world = dist.rank(), dist.world_size()
     base = runtime.base_model_path(cfg)
@@ -67,7 +69,6 @@ def train(cfg: RunConfig) -> None:
     make = packed_batches if sc.packing else padded_batches
     batches = make(texts, tok, sc.seq_length, mb, rank, world, cfg.seed, start=state.samples)
     evals = eval_batches(held_out, tok, sc.seq_length, mb, rank, world, sc.eval_batches)
-    stop = StopSignal()
     ckpt_root = stage_dir / "checkpoints"
 
     def checkpoint() -> None:
