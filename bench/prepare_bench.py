@@ -5,7 +5,8 @@
 For each size (MB) we write a Posts.xml by repeating the rows of a real dump (default: the beer dump
 shipped in data/) with fresh Ids, remapping ParentId and AcceptedAnswerId consistently, then run
 ``prepare`` in a fresh subprocess per case and report MB/s and peak RSS (the main process and the
-largest worker, from getrusage inside that subprocess). The baseline is the same pipeline with
+largest worker, from getrusage inside that subprocess) and MB per CPU-second (all processes; robust
+to other load on the machine). The baseline is the same pipeline with
 markdownify as the converter, one process. Files are cached in --workdir.
 """
 
@@ -62,9 +63,11 @@ if baseline:
 t = time.perf_counter()
 rep = prepare(posts, out, workers=workers, log=lambda *a: None)
 dt = time.perf_counter() - t
-me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"seconds": dt, "rss_main_mb": me / 1024, "rss_worker_mb": kids / 1024,
+me = resource.getrusage(resource.RUSAGE_SELF)
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+print(json.dumps({"seconds": dt, "cpu_s": cpu, "rss_main_mb": me.ru_maxrss / 1024,
+                  "rss_worker_mb": kids.ru_maxrss / 1024,
                   "pairs": rep["pairs"], "converter": rep["converter"]}))
 """
 
@@ -93,7 +96,8 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     rows = []
-    header = (f"{'size MB':>8} {'workers':>7} {'MB/s':>7} {'s':>7} {'RSS main MB':>11} {'RSS worker MB':>13} "
+    header = (f"{'size MB':>8} {'workers':>7} {'MB/s':>7} {'s':>7} {'MB/cpu-s':>8} {'RSS main MB':>11} "
+              f"{'RSS worker MB':>13} "
               f"{'base MB/s':>9} {'base RSS MB':>11} {'speedup':>7}")
     print(f"converter: html-to-markdown; baseline: markdownify, 1 process; cpus: {os.cpu_count()}", flush=True)
     for size in sizes:
@@ -115,7 +119,8 @@ def main() -> None:
     for mb, w, r, base in rows:
         bs = f"{mb / base['seconds']:9.1f} {max(base['rss_main_mb'], base['rss_worker_mb']):11.0f} " \
              f"{base['seconds'] / r['seconds']:6.1f}x" if base else f"{'-':>9} {'-':>11} {'-':>7}"
-        print(f"{mb:8.0f} {w:7d} {mb / r['seconds']:7.1f} {r['seconds']:7.1f} {r['rss_main_mb']:11.0f} "
+        print(f"{mb:8.0f} {w:7d} {mb / r['seconds']:7.1f} {r['seconds']:7.1f} {mb / r['cpu_s']:8.1f} "
+              f"{r['rss_main_mb']:11.0f} "
               f"{r['rss_worker_mb']:13.0f} {bs}")
 
 

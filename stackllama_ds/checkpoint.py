@@ -205,12 +205,45 @@ def save_checkpoint(
     return final
 
 
+def universal_checkpoint(path: Path, name: str) -> Path:
+    """Convert (once, on rank 0) an engine's folder to DeepSpeed's universal checkpoint. Collective."""
+    out = path / "universal" / name
+    if dist.is_main() and not (out / "latest_universal").exists():
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = path / "universal" / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(path / name / "ds"), output_folder=str(tmp / "ds"), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal(args)
+        (tmp / "latest_universal").write_text("ds")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
 def load_checkpoint(engines: dict[str, Any], path: Path, verify: bool = True) -> tuple[TrainState, dict]:
     """Restore engines, this rank's RNG (when the world size matches) and the loop state."""
     path = Path(path)
     manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
+    elastic = manifest.get("world_size") != dist.world_size()
     for name, engine in engines.items():
-        load_path, _ = engine.load_checkpoint(str(path / name), tag="ds", load_module_strict=False)
+        src = universal_checkpoint(path, name) if elastic else path / name
+        # A checkpoint from another world size loads through DeepSpeed's universal format, which
+        # re-partitions the fp32 weights and Adam moments for the new number of ranks.
+        engine._config.load_universal_checkpoint = elastic
+        try:
+            load_path, _ = engine.load_checkpoint(str(src), tag="ds", load_module_strict=False)
+        finally:
+            engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: engine '{name}' could not be loaded")
     rng_file = path / "rng" / f"rank-{dist.rank()}.pt"

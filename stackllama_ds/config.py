@@ -184,10 +184,12 @@ class PPOConfig(_Strict):
     vf_coef: float = Field(0.1, ge=0)
     adaptive_kl: bool = True
     init_kl_coef: float = Field(0.2, ge=0)
-    target_kl: float = Field(6.0, gt=0)  # the adaptive controller's target
-    kl_horizon: int = Field(10000, ge=1)
+    target: float = Field(6.0, gt=0)  # the adaptive controller's KL target (TRL's `target`)
+    horizon: int = Field(10000, ge=1)
     kl_penalty: Literal["kl", "abs", "mse", "full"] = "kl"
-    early_stop_kl: float | None = Field(0.1, gt=0)  # stop epochs when policy KL > 1.5 x this
+    # Stop a step's PPO epochs when the policy KL, averaged over ranks, exceeds 1.5 x target_kl.
+    early_stopping: bool = True
+    target_kl: float = Field(0.1, gt=0)
     ratio_threshold: float = Field(10.0, gt=1)
     response_min_length: int = Field(32, ge=1)
     response_max_length: int = Field(127, ge=1)  # inclusive: StackLLaMA's LengthSampler(32, 128)

@@ -124,6 +124,13 @@ def step_hook() -> None:
         time.sleep(delay)
 
 
+def fault_value(name: str, step: int, value):
+    """Fault injection for tests: STACKLLAMA_FAULT=nan_<name>@<step> turns ``value`` into NaN there."""
+    if os.environ.get("STACKLLAMA_FAULT") == f"nan_{name}@{step}":
+        return value * float("nan")
+    return value
+
+
 def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
     """Run a stage on this rank and map the outcome to an exit code: 0 done, 75 resume me, 1 failed."""
     try:

@@ -23,8 +23,9 @@ def test_defaults_are_stackllama():
     p = c.ppo
     assert (p.optim.lr, p.batch_size, p.mini_batch_size, p.gradient_accumulation_steps, p.ppo_epochs) == (1.4e-5, 8, 1, 8, 4)
     assert (p.gamma, p.lam, p.cliprange, p.cliprange_value, p.vf_coef) == (1.0, 0.95, 0.2, 0.2, 0.1)
-    assert (p.adaptive_kl, p.init_kl_coef, p.target_kl, p.kl_horizon, p.kl_penalty) == (True, 0.2, 6.0, 10000, "kl")
-    assert (p.early_stop_kl, p.ratio_threshold, p.response_min_length, p.response_max_length) == (0.1, 10.0, 32, 127)
+    assert (p.adaptive_kl, p.init_kl_coef, p.target, p.horizon, p.kl_penalty) == (True, 0.2, 6.0, 10000, "kl")
+    assert (p.early_stopping, p.target_kl, p.ratio_threshold, p.response_min_length, p.response_max_length) == (
+        True, 0.1, 10.0, 32, 127)
     assert (p.reward_baseline, p.max_prompt_length, p.lora.r, p.lora.alpha, p.lora.dropout) == (0.0, 512, 16, 32, 0.05)
 
 

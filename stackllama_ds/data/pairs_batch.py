@@ -14,12 +14,13 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from stackllama_ds.data.packing import epoch_order
 from stackllama_ds.data.template import format_qa
 
-Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
+Pair = tuple[Sequence[int], Sequence[int]]  # (chosen ids, rejected ids)
 
 
 class TokenizedPairs(NamedTuple):
@@ -35,6 +36,7 @@ def tokenize_pairs(split, tokenizer, max_length: int, overlength: str, batch_siz
 
     ``overlength`` is "filter" (drop a pair when either text exceeds ``max_length`` tokens, as
     StackLLaMA's reward_modeling.py did) or "truncate" (keep the first ``max_length`` tokens of each).
+    Ids are kept as int32 arrays (4 bytes a token, not a Python int's 28+).
     """
     if overlength not in ("filter", "truncate"):
         raise ValueError(f"overlength must be 'filter' or 'truncate', got {overlength!r}")
@@ -51,7 +53,7 @@ def tokenize_pairs(split, tokenizer, max_length: int, overlength: str, batch_siz
                 if overlength == "filter":
                     continue
                 j, k = j[:max_length], k[:max_length]
-            pairs.append((j, k))
+            pairs.append((np.asarray(j, dtype=np.int32), np.asarray(k, dtype=np.int32)))
     return TokenizedPairs(pairs, over, total)
 
 
@@ -62,7 +64,7 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[i, : len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     return {"input_ids": ids, "attention_mask": mask}
 

@@ -190,7 +190,7 @@ def train(cfg: RunConfig) -> None:
     runtime.seed_ranks(cfg)
     dev = actor.device
     engines = {"actor": actor} | ({"critic": critic} if critic is not None else {})
-    kl_ctl = rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl \
+    kl_ctl = rl.AdaptiveKLController(p.init_kl_coef, p.target, p.horizon) if p.adaptive_kl \
         else rl.FixedKLController(p.init_kl_coef)
     moments = rl.RunningMoments()
     state, client = runtime.resume(engines, ckpt_root)
@@ -242,6 +242,9 @@ def train(cfg: RunConfig) -> None:
             raw = rule_scores(resp.cpu(), r_mask.cpu(), p.rule_reward.token_id, p.rule_reward.scale)
         else:
             raw = reward_scores(reward, tok, batch_q, texts, dev)
+        raw = runtime.fault_value("reward", state.step + 1, raw)
+        if dist.any_rank(not bool(torch.isfinite(raw).all())):
+            raise runtime.TrainingError(f"non-finite reward at step {state.step + 1}; the last good checkpoint is kept")
         scores = process_scores(raw, p, moments, degenerate)
         t_score = time.time() - t0
 
@@ -300,6 +303,10 @@ def train(cfg: RunConfig) -> None:
                 pg, pst = rl.policy_loss(lp, mb.logprobs, mb.advantages, mm, p.cliprange)
                 vf, vst = rl.value_loss(v, mb.values, mb.returns, mm, p.cliprange_value)
                 # A minibatch whose mean ratio explodes is skipped: zero loss keeps the collectives in step.
+                # NaN/inf on any rank stops every rank before the update; the last checkpoint stays good.
+                if dist.any_rank(not (torch.isfinite(pg) and torch.isfinite(vf))):
+                    raise runtime.TrainingError(f"non-finite loss at step {state.step + 1} (policy {pg.item()}, "
+                                                f"value {vf.item()} on rank {rank}); the last good checkpoint is kept")
                 skip = float(pst["ratio_mean"]) > p.ratio_threshold
                 scale = 0.0 if skip else 1.0
                 if critic is None:
@@ -310,16 +317,15 @@ def train(cfg: RunConfig) -> None:
                     critic.step()
                 boundary = actor.is_gradient_accumulation_boundary()
                 actor.step()
-                runtime.check_finite(state.step + 1, policy_loss=pg.item(), value_loss=vf.item())
                 for k, val in (("policy_loss", pg.item()), ("value_loss", vf.item()), ("clipfrac", pst["clipfrac"]),
                                ("vf_clipfrac", vst["clipfrac"]), ("approx_kl", pst["approx_kl"]),
                                ("policy_kl", pst["policy_kl"]), ("skipped", float(skip))):
                     stats[k].append(float(val))
                 window_kl.append(float(pst["policy_kl"]))
-                if boundary and p.early_stop_kl is not None:
+                if boundary and p.early_stopping:
                     kl_now = dist.all_reduce_sum(torch.tensor([sum(window_kl) / len(window_kl)])).item() / world
                     window_kl = []
-                    if kl_now > 1.5 * p.early_stop_kl:
+                    if kl_now > 1.5 * p.target_kl:
                         early = True
                         break
             if early:

@@ -90,9 +90,10 @@ def train(cfg: RunConfig) -> None:
         for _ in range(gas):
             b = {k: v.to(engine.device) for k, v in next(batches).items()}
             out = engine(**b)
-            engine.backward(out.loss)
+            loss = runtime.fault_value("loss", state.step + 1, out.loss)
+            engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([out.loss.float().item(), (b["labels"][:, 1:] != -100).sum().item()])
+            loss_sum += torch.tensor([loss.float().item(), (b["labels"][:, 1:] != -100).sum().item()])
         state.step += 1
         state.samples += per_step
 
@@ -121,6 +122,7 @@ def train(cfg: RunConfig) -> None:
         log.log(row)
 
         # step 4. checkpoint every save_every, at the end, and on a stop signal
+        runtime.step_hook()
         stopping = stop.requested()
         if state.step % sc.save_every == 0 or state.step == sc.max_steps or stopping:
             checkpoint()
