@@ -239,11 +239,13 @@ def load_checkpoint(engines: dict[str, Any], path: Path, verify: bool = True) ->
         src = universal_checkpoint(path, name) if elastic else path / name
         # A checkpoint from another world size loads through DeepSpeed's universal format, which
         # re-partitions the fp32 weights and Adam moments for the new number of ranks.
-        engine._config.load_universal_checkpoint = elastic
+        if elastic:
+            engine._config.load_universal_checkpoint = True
         try:
             load_path, _ = engine.load_checkpoint(str(src), tag="ds", load_module_strict=False)
         finally:
-            engine._config.load_universal_checkpoint = False
+            if elastic:
+                engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: engine '{name}' could not be loaded")
     rng_file = path / "rng" / f"rank-{dist.rank()}.pt"

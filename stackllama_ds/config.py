@@ -240,6 +240,8 @@ class LaunchConfig(_Strict):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # Collective timeout: a dead rank ends the job after this, not after NCCL's default of 30+ min.
     timeout_s: int = Field(600, ge=10)
+    # No heartbeat from any rank for this long: name the stuck rank and phase, exit 86. 0 disables.
+    hang_timeout_s: float = Field(300.0, ge=0)
 
 
 class LoggingConfig(_Strict):

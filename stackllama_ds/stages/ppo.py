@@ -27,6 +27,7 @@ from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
 from stackllama_ds.engines.generate import GenerationCopy, is_partitioned, position_ids_from_mask, sample
 from stackllama_ds.export import export_checkpoint
+from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.export import load_value_head
 from stackllama_ds.models.load import (
@@ -181,6 +182,7 @@ def process_scores(raw: torch.Tensor, p: PPOConfig, moments: rl.RunningMoments, 
 def train(cfg: RunConfig) -> None:
     p = cfg.ppo
     stage_dir, ckpt_root = cfg.stage_dir("ppo"), cfg.stage_dir("ppo") / "checkpoints"
+    stop = StopSignal()  # first: a signal during the slow setup must not kill the rank outright
     runtime.setup(cfg)
     rank, world = dist.rank(), dist.world_size()
     tok = load_tokenizer(runtime.sft_model_path(cfg))
@@ -205,7 +207,7 @@ def train(cfg: RunConfig) -> None:
                  f"world {world}, batch {p.batch_size}/rank, minibatch {p.mini_batch_size} x accum "
                  f"{p.gradient_accumulation_steps}, {p.ppo_epochs} epochs, "
                  f"reference={'adapter disabled' if ref is None else 'engine'}, critic={'engine' if critic else 'value head'}")
-    stop = StopSignal()
+    hb = Heartbeat(stage_dir, rank, world, cfg.launch.hang_timeout_s)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     t_start = time.time() - state.elapsed_s
 
@@ -213,11 +215,13 @@ def train(cfg: RunConfig) -> None:
         client = {"kind": "actor", "base": str(runtime.sft_model_path(cfg)), "model": cfg.model.model_dump(),
                   "lora": p.lora.model_dump(), "dtype": p.actor.dtype, "kl_ctl": kl_ctl.state_dict(),
                   "moments": moments.state_dict(), "neg_kl_streak": neg_kl_streak}
+        hb.beat("checkpoint save", state.step)
         save_checkpoint(engines, ckpt_root, state, cfg.checkpoint.keep_last, client)
 
     while state.step < p.steps:
         # step 1. rollout: this rank's prompts, plain sampling to a length drawn per batch
         t0 = time.time()
+        hb.beat("actor generation", state.step + 1)
         idx = prompt_batch(len(questions), state.samples, p.batch_size, rank, world, cfg.seed)
         q_ids, q_mask = left_pad([prompt_ids[i] for i in idx], pad)
         q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
@@ -236,6 +240,7 @@ def train(cfg: RunConfig) -> None:
 
         # step 2. score: reward engine (or a rule) on question + response
         t0 = time.time()
+        hb.beat("reward forward", state.step + 1)
         batch_q = [questions[i] for i in idx]
         degenerate = torch.tensor([float(rl.is_degenerate(t)) for t in texts])
         if p.rule_reward is not None:
@@ -250,6 +255,7 @@ def train(cfg: RunConfig) -> None:
 
         # step 3. log-probs under actor and reference, values; KL-penalised per-token rewards
         t0 = time.time()
+        hb.beat("reference forward", state.step + 1)
         actor.eval()
         with torch.no_grad():
             lp_chunks, v_chunks, ref_chunks, ent_chunks, kl_chunks = [], [], [], [], []
@@ -286,6 +292,7 @@ def train(cfg: RunConfig) -> None:
 
         # step 5. PPO epochs over shuffled minibatches; early stop on policy KL (all ranks agree)
         t0 = time.time()
+        hb.beat("critic/actor training", state.step + 1)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step * world + rank)
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac",
                                                          "approx_kl", "policy_kl", "skipped")}

@@ -22,6 +22,7 @@ from stackllama_ds.data.prepare import load_prepared, sft_texts
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
 from stackllama_ds.export import export_checkpoint
+from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.load import load_causal_lm, load_tokenizer
 
@@ -70,6 +71,7 @@ def train(cfg: RunConfig) -> None:
     batches = make(texts, tok, sc.seq_length, mb, rank, world, cfg.seed, start=state.samples)
     evals = eval_batches(held_out, tok, sc.seq_length, mb, rank, world, sc.eval_batches)
     ckpt_root = stage_dir / "checkpoints"
+    hb = Heartbeat(stage_dir, rank, world, cfg.launch.hang_timeout_s)
 
     def checkpoint() -> None:
         client = {
@@ -79,12 +81,14 @@ def train(cfg: RunConfig) -> None:
             "lora": sc.lora.model_dump(),
             "dtype": sc.engine.dtype,
         }
+        hb.beat("checkpoint save", state.step)
         save_checkpoint({"model": engine}, ckpt_root, state, cfg.checkpoint.keep_last, client)
 
     t_start = time.time() - state.elapsed_s
     while state.step < sc.max_steps:
         # step 1. gas micro batches -> forward -> backward; engine.step() applies at the boundary
         t0 = time.time()
+        hb.beat("training", state.step + 1)
         lr = engine.get_lr()[0]  # the rate this step trains with
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, trained tokens)
         for _ in range(gas):
@@ -117,6 +121,7 @@ def train(cfg: RunConfig) -> None:
 
         # step 3. held-out loss and perplexity
         if state.step % sc.eval_every == 0 or state.step == sc.max_steps:
+            hb.beat("evaluation", state.step)
             row["eval_loss"], row["eval_ppl"] = evaluate(engine, evals)
         state.elapsed_s = time.time() - t_start
         log.log(row)
