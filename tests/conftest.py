@@ -92,7 +92,7 @@ def fresh_root(prepared_root: Path, dest: Path, stages: tuple[str, ...] = ()) ->
 
 # Short stage settings shared by the session fixtures below (2 ranks, a few steps each).
 FAST_SFT = {"max_steps": 30, "eval_every": 10, "save_every": 10, "seq_length": 128, "optim": {"lr": 3e-3, "warmup_steps": 2}}
-FAST_RM = {"max_steps": 12, "eval_every": 6, "save_every": 6, "max_length": 128}
+FAST_RM = {"max_steps": 12, "eval_every": 6, "save_every": 6, "max_length": 128, "overlength": "truncate"}
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
 from stackllama_ds.export import export_checkpoint
+from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.load import load_reward_model, load_tokenizer
 
@@ -112,6 +113,7 @@ def train(cfg: RunConfig) -> None:
     rc = cfg.rm
     stage_dir = cfg.stage_dir("rm")
     init = init_path(cfg)
+    stop = StopSignal()  # first: a signal during the slow setup must not kill the rank outright
     runtime.setup(cfg)
     rank, world = dist.rank(), dist.world_size()
     tok = load_tokenizer(init, padding_side="right")
@@ -155,7 +157,7 @@ def train(cfg: RunConfig) -> None:
         )
     batches = pair_batches(tr.pairs, tok.pad_token_id, mb, rank, world, cfg.seed, start=state.samples)
     evals = eval_pair_batches(ev.pairs, tok.pad_token_id, mb, rank, world)
-    stop = StopSignal()
+    hb = Heartbeat(stage_dir, rank, world, cfg.launch.hang_timeout_s)
 
     def checkpoint() -> None:
         client = {
@@ -165,6 +167,7 @@ def train(cfg: RunConfig) -> None:
             "lora": rc.lora.model_dump(),
             "dtype": rc.engine.dtype,
         }
+        hb.beat("checkpoint save", state.step)
         save_checkpoint({"model": engine}, ckpt_root, state, cfg.checkpoint.keep_last, client)
 
     last_eval: dict | None = None
@@ -173,10 +176,12 @@ def train(cfg: RunConfig) -> None:
     while state.step < max_steps:
         # step 1. gas micro batches -> one forward each over [chosen..., rejected...] -> backward
         t0 = time.time()
+        hb.beat("training", state.step + 1)
         lr = engine.get_lr()[0]  # the rate this step trains with
         sums = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, correct pairs)
         for _ in range(gas):
             loss, st = pairwise_loss(*scores(engine, next(batches)), rc.margin)
+            loss = runtime.fault_value("loss", state.step + 1, loss)
             engine.backward(loss)
             engine.step()
             sums += torch.tensor([loss.item(), st.correct.sum().item()], dtype=torch.float64)
@@ -205,12 +210,14 @@ def train(cfg: RunConfig) -> None:
 
         # step 3. held-out accuracy, margin and loss (every rank runs the same number of forwards)
         if evals and (state.step % rc.eval_every == 0 or state.step == max_steps):
+            hb.beat("evaluation", state.step)
             last_eval = {**evaluate(engine, evals, rc.margin), "step": state.step}
             row.update({f"eval_{k}": last_eval[k] for k in ("accuracy", "margin", "loss")})
         state.elapsed_s = time.time() - t_start
         log.log(row)
 
         # step 4. checkpoint every save_every, at the end, and on a stop signal
+        runtime.step_hook()
         stopping = stop.requested()
         if state.step % rc.save_every == 0 or state.step == max_steps or stopping:
             checkpoint()
