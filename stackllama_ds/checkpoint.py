@@ -9,6 +9,7 @@ complete. A folder without a valid manifest is ignored and cleaned up.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -127,10 +128,30 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-# Fault injection for tests: STACKLLAMA_FAULT=ckpt_between_files kills the process mid-save.
-def _fault(point: str) -> None:
-    if os.environ.get("STACKLLAMA_FAULT") == point and dist.is_main():
+# Fault injection for tests: STACKLLAMA_FAULT=ckpt_between_files kills rank 0 mid-save;
+# STACKLLAMA_FAULT=enospc_save[:RANK] makes that rank's write fail with ENOSPC (default rank 0).
+def _fault(point: str, where: Path | None = None) -> None:
+    fault = os.environ.get("STACKLLAMA_FAULT", "")
+    if fault == point == "ckpt_between_files" and dist.is_main():
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "enospc_save" and fault.split(":")[0] == point:
+        victim = int(fault.split(":")[1]) if ":" in fault else 0
+        if dist.rank() == victim:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+
+
+def _write_error(e: BaseException, tmp: Path) -> str:
+    """One line for a failed write. torch.save reports a full disk as a RuntimeError, not ENOSPC."""
+    if isinstance(e, OSError):
+        return f"rank {dist.rank()}: {e.strerror or e} while writing {getattr(e, 'filename', '') or tmp}"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < (16 << 20):
+        return f"rank {dist.rank()}: {os.strerror(errno.ENOSPC)} ({free} bytes free) while writing {tmp} ({first})"
+    return f"rank {dist.rank()}: write failed while writing {tmp}: {first}"
 
 
 def save_checkpoint(
@@ -146,16 +167,23 @@ def save_checkpoint(
         tmp.mkdir()
     dist.barrier()
     error = ""
-    try:
-        for name, engine in engines.items():
+    # Every rank calls every engine's save (each is a collective), even after a failed write.
+    for name, engine in engines.items():
+        try:
             engine.save_checkpoint(str(tmp / name), tag="ds", save_latest=False)
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank-{dist.rank()}.pt")
-        if dist.is_main():
-            torch.save({"state": asdict(state), "client": client or {}}, tmp / "state.pt")
-        _fault("ckpt_between_files")
-    except OSError as e:
-        error = f"rank {dist.rank()}: {e.strerror or e} while writing {getattr(e, 'filename', '') or tmp}"
+        except (OSError, RuntimeError) as e:
+            error = error or _write_error(e, tmp)
+            dist.barrier()  # the other ranks wait in the barrier that ends DeepSpeed's save_checkpoint
+    try:
+        if not error:
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(rng_state(), tmp / "rng" / f"rank-{dist.rank()}.pt")
+            if dist.is_main():
+                torch.save({"state": asdict(state), "client": client or {}}, tmp / "state.pt")
+            _fault("ckpt_between_files")
+            _fault("enospc_save", tmp / "rng" / f"rank-{dist.rank()}.pt")
+    except (OSError, RuntimeError) as e:
+        error = _write_error(e, tmp)
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:
         if dist.is_main():

@@ -6,6 +6,11 @@ A watchdog thread on rank 0 reads every rank's file; when no rank has made progr
 phase (the one with the oldest heartbeat: the others wait for it in the next collective), writes
 ``<stage>/hang_report.json``, and ends the process with exit code 86 so the launcher stops the rest.
 The files live on the run's (shared) filesystem, so this works across nodes and needs no collective.
+
+Ranks that wait for the stuck one sit in the same phase and step, so the oldest heartbeat alone
+can name the wrong rank. While a rank is silent, a sampler thread records where its main thread
+is (``rank-R.where.json``: innermost package frame, and whether it is inside a torch.distributed /
+deepspeed.comm call); the watchdog names a rank that is *not* waiting in a collective.
 """
 
 from __future__ import annotations
@@ -20,6 +25,30 @@ from pathlib import Path
 EXIT_HANG = 86
 
 
+_COLLECTIVE_DIRS = (os.path.join("torch", "distributed", ""), os.path.join("deepspeed", "comm", ""))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def main_thread_where() -> dict:
+    """Where the main thread is: innermost stackllama_ds frame (outside this file), and whether
+    any frame of its stack is inside torch.distributed or deepspeed.comm (waiting for a peer)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    in_collective, where = False, "?"
+    while frame is not None:
+        fn = frame.f_code.co_filename
+        in_collective = in_collective or any(d in fn for d in _COLLECTIVE_DIRS)
+        if where == "?" and fn.startswith(_PACKAGE_DIR) and fn != os.path.abspath(__file__):
+            where = f"{os.path.relpath(fn, os.path.dirname(_PACKAGE_DIR))}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return {"in_collective": in_collective, "where": where}
+
+
+def pick_stuck(beats: list[dict], where: dict[int, dict]) -> dict:
+    """The rank to blame: the oldest (step, time) heartbeat among ranks not known to wait in a collective."""
+    free = [b for b in beats if not where.get(b["rank"], {}).get("in_collective")]
+    return min(free or beats, key=lambda b: (b["step"], b["time"]))
+
+
 class Heartbeat:
     def __init__(self, stage_dir: Path, rank: int, world: int, hang_timeout_s: float, poll_s: float = 1.0):
         self.dir = Path(stage_dir) / "heartbeat"
@@ -28,7 +57,10 @@ class Heartbeat:
         self.timeout = hang_timeout_s
         self.poll_s = poll_s
         self.on_hang = None  # callable run before exiting (flush logs)
+        self._last_beat = 0.0
         self.beat("start", 0)
+        if hang_timeout_s > 0:
+            threading.Thread(target=self._sample, name="hang-sampler", daemon=True).start()
         if rank == 0 and hang_timeout_s > 0:
             threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
 
@@ -40,6 +72,7 @@ class Heartbeat:
                                    "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
                                    "pid": os.getpid()}))
         os.replace(tmp, p)
+        self._last_beat = time.time()
         # Fault injection for tests: STACKLLAMA_FAULT=sleep:<phase>:<rank> parks that rank in that phase.
         if os.environ.get("STACKLLAMA_FAULT") == f"sleep:{phase}:{self.rank}":
             time.sleep(3600)
@@ -53,6 +86,33 @@ class Heartbeat:
                 out.append({"rank": r, "phase": "not started", "step": -1, "time": 0.0, "host": "?"})
         return out
 
+    def _sample(self) -> None:
+        """While this rank is silent (half the timeout), record where its main thread is."""
+        p = self.dir / f"rank-{self.rank}.where.json"
+        while True:
+            time.sleep(self.poll_s)
+            if time.time() - self._last_beat < self.timeout / 2:
+                continue
+            rec = {"time": time.time(), **main_thread_where()}
+            tmp = p.with_suffix(f".tmp{os.getpid()}w")
+            try:
+                tmp.write_text(json.dumps(rec))
+                os.replace(tmp, p)
+            except OSError:
+                pass
+
+    def read_where(self, since: float) -> dict[int, dict]:
+        """Each rank's sampled location, if taken after ``since`` (the newest heartbeat)."""
+        out = {}
+        for r in range(self.world):
+            try:
+                rec = json.loads((self.dir / f"rank-{r}.where.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if rec.get("time", 0.0) >= since:
+                out[r] = rec
+        return out
+
     def _watch(self) -> None:
         while True:
             time.sleep(self.poll_s)
@@ -61,16 +121,19 @@ class Heartbeat:
             newest = max(b["time"] for b in beats)
             if now - newest < self.timeout:
                 continue
-            stuck = min(beats, key=lambda b: (b["step"], b["time"]))
+            where = self.read_where(newest)
+            stuck = pick_stuck(beats, where)
+            at = f" at {where[stuck['rank']]['where']}" if stuck["rank"] in where else ""
+            waiting = {r: " (waiting in a collective)" if w.get("in_collective") else "" for r, w in where.items()}
             msg = (f"hang: no progress on any rank for {now - newest:.0f}s (hang_timeout_s={self.timeout:g}); "
                    f"rank {stuck['rank']} on {stuck['host']} is stuck in phase '{stuck['phase']}' at step "
-                   f"{stuck['step']}; " + "; ".join(f"rank {b['rank']}: '{b['phase']}' step {b['step']}"
-                                                    for b in beats))
+                   f"{stuck['step']}{at}; " + "; ".join(f"rank {b['rank']}: '{b['phase']}' step {b['step']}{waiting.get(b['rank'], '')}"
+                                                       for b in beats))
             print(msg, file=sys.stderr, flush=True)
             try:
                 (self.dir.parent / "hang_report.json").write_text(json.dumps(
                     {"message": msg, "stuck_rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
-                     "ranks": beats}, indent=1))
+                     "where": where.get(stuck["rank"], {}).get("where"), "ranks": beats}, indent=1))
                 if self.on_hang is not None:
                     self.on_hang()
             finally:

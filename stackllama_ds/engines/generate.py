@@ -46,12 +46,6 @@ class GenerationCopy:
         return self.model
 
 
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding (as HF generate computes them): cumsum(mask) - 1, >= 0."""
-    pos = mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)
-
-
 @torch.no_grad()
 def sample(
     policy: nn.Module,

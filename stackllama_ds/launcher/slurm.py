@@ -277,15 +277,21 @@ def resolve_outcome(
     where = host_of_rank or (lambda r: "?")
     failed = sorted((r, c, h) for r, (c, h) in statuses.items() if c not in (0, EXIT_RESUME))
     missing = [r for r in range(world_size) if r not in statuses]
+    parts = []
+    if missing:  # listed first: a killed rank or lost node is the usual root cause of peers' errors
+        shown = ", ".join(f"rank {r} on {where(r)}" for r in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        parts.append(f"no exit status from {shown}{more} (killed, or its node died)")
     if failed:
         r, c, h = failed[0]
         more = f" (+{len(failed) - 1} more failed)" if len(failed) > 1 else ""
-        return Outcome(c if 0 < c < 256 else 1, f"rank {r} on {h} exited with code {c}{more}")
-    if missing:
-        shown = ", ".join(f"rank {r} on {where(r)}" for r in missing[:8])
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        code = step_rc if step_rc not in (0, EXIT_RESUME) else 1
-        return Outcome(code, f"no exit status from {shown}{more} (killed, or its node died); step exit {step_rc}")
+        parts.append(f"rank {r} on {h} exited with code {c}{more}")
+    if parts:
+        if failed and 0 < failed[0][1] < 256:
+            code = failed[0][1]
+        else:
+            code = step_rc if step_rc not in (0, EXIT_RESUME) and 0 < step_rc < 256 else 1
+        return Outcome(code, "; ".join(parts) + f"; step exit {step_rc}")
     codes = {c for c, _ in statuses.values()}
     if codes == {0}:
         return Outcome(0, f"all {world_size} ranks finished")

@@ -16,6 +16,13 @@ from stackllama_ds.config import LoraConfig, ModelConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _quiet() -> None:
+    """No per-model "Loading weights" bars: stages load several models and log their own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str | os.PathLike[str], padding_side: str = "left"):
     """A fast tokenizer with a pad token (LLaMA has none: fall back to EOS, as StackLLaMA did)."""
     from transformers import AutoTokenizer
@@ -83,6 +90,7 @@ def load_causal_lm(
     """AutoModelForCausalLM from a local folder, optionally quantised and wrapped in LoRA."""
     from transformers import AutoModelForCausalLM
 
+    _quiet()
     td = DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=td, attn_implementation=mcfg.attn_implementation, **_quant_kwargs(mcfg, td)
@@ -107,6 +115,7 @@ def load_reward_model(
     """AutoModelForSequenceClassification with one output; the score is read at the last non-pad token."""
     from transformers import AutoModelForSequenceClassification
 
+    _quiet()
     td = DTYPES[dtype]
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path),

@@ -22,10 +22,10 @@ from stackllama_ds import rl, runtime
 from stackllama_ds.checkpoint import StopSignal, latest_checkpoint, save_checkpoint
 from stackllama_ds.config import PPOConfig, RunConfig
 from stackllama_ds.data.prepare import load_prepared
-from stackllama_ds.data.template import format_prompt, format_qa
+from stackllama_ds.data.template import format_prompt
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
-from stackllama_ds.engines.generate import GenerationCopy, is_partitioned, position_ids_from_mask, sample
+from stackllama_ds.engines.generate import GenerationCopy, is_partitioned, sample
 from stackllama_ds.export import export_checkpoint
 from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
@@ -36,6 +36,13 @@ from stackllama_ds.models.load import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+)
+from stackllama_ds.models.rollout import (
+    cut_at_eos,
+    left_pad,
+    position_ids_from_mask,
+    response_logprobs,
+    reward_scores,
 )
 
 NEG_KL_CAUSES = (
@@ -75,23 +82,6 @@ def prompt_batch(n: int, start: int, batch: int, rank: int, world: int, seed: in
     return out
 
 
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s) :] = torch.tensor(s)
-        mask[i, P - len(s) :] = 1
-    return ids, mask
-
-
-def cut_at_eos(resp: torch.Tensor, eos: int) -> torch.Tensor:
-    """(B, T) mask: 1 up to and including the first EOS, 0 after it."""
-    is_eos = (resp == eos).long()
-    after = is_eos.cumsum(-1) - is_eos  # count of EOS strictly before t
-    return (after == 0).long()
-
-
 # ----------------------------------------------------------------------------------- forwards
 def policy_forward(module, ids, mask, P: int, with_values: bool = True, disable_adapter: bool = False):
     """Log-probs, entropy and values of the response positions; module is ActorWithValueHead.
@@ -106,13 +96,6 @@ def policy_forward(module, ids, mask, P: int, with_values: bool = True, disable_
     logits = logits[:, P - 1 : -1]  # (B, T, V)
     lp = rl.logprobs_from_logits(logits, ids[:, P:])
     return lp, values[:, P - 1 : -1], logits
-
-
-def lm_logprobs(lm, ids, mask, P: int):
-    """Log-probs (and logits) of the response tokens under a plain causal LM (the reference engine)."""
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-    logits = out.logits[:, P - 1 : -1]
-    return rl.logprobs_from_logits(logits, ids[:, P:]), logits
 
 
 def rule_scores(resp: torch.Tensor, rmask: torch.Tensor, token_id: int, scale: float) -> torch.Tensor:
@@ -148,22 +131,6 @@ def build_engines(cfg: RunConfig, tok, n_updates: int):
         rm = load_reward_model(runtime.rm_model_path(cfg), cfg.model, pad_token_id=tok.pad_token_id, dtype=p.reward.dtype)
         reward = build_eval_engine(rm, p.reward)
     return actor, critic, ref, reward, gen_copy
-
-
-@torch.no_grad()
-def reward_scores(reward, tok, questions: list[str], responses: list[str], device) -> torch.Tensor:
-    """Raw reward-model logits for question + response in the one template (right padding)."""
-    texts = [format_qa(q, r) for q, r in zip(questions, responses)]
-    enc = tok(texts, add_special_tokens=True)["input_ids"]
-    T = max(len(e) for e in enc)
-    ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
-    ids, mask = ids.to(device), mask.to(device)
-    out = reward(input_ids=ids, attention_mask=mask)
-    # HF reads the score at the last non-pad token; with right padding that is the last real one.
-    return out.logits[:, 0].float().cpu()
 
 
 def process_scores(raw: torch.Tensor, p: PPOConfig, moments: rl.RunningMoments, degenerate: torch.Tensor) -> torch.Tensor:
@@ -268,7 +235,7 @@ def train(cfg: RunConfig) -> None:
                 if ref is None:
                     ref_lp, _, ref_logits = policy_forward(actor.module, ids[sl], mask[sl], P, disable_adapter=True)
                 else:
-                    ref_lp, ref_logits = lm_logprobs(ref, ids[sl], mask[sl], P)
+                    ref_lp, ref_logits = response_logprobs(ref, ids[sl], mask[sl], P)
                 ref_chunks.append(ref_lp)
                 # Per-token KL estimate; "full" needs both distributions, so it is taken chunk by chunk.
                 kl_chunks.append(rl.kl_penalty(lp, ref_lp, p.kl_penalty, logits=logits, ref_logits=ref_logits))

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from stackllama_ds.metrics import read_metrics
-from stackllama_ds.stages.ppo import cut_at_eos, prompt_batch, rule_scores
+from stackllama_ds.models.rollout import cut_at_eos
+from stackllama_ds.stages.ppo import prompt_batch, rule_scores
 from tests.conftest import FAST_RM, FAST_SFT, REPO, cli_env, fresh_root, run_cli, write_config
 
 PPO_FAST = {

@@ -1,0 +1,53 @@
+"""Tensor plumbing that PPO and evaluation share: padding, EOS cuts, response log-probs, RM scores."""
+
+from __future__ import annotations
+
+import torch
+
+from stackllama_ds.data.template import format_qa
+from stackllama_ds.rl import logprobs_from_logits
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (as HF generate computes them): cumsum(mask) - 1, >= 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to the longest: (ids (B, P), mask (B, P))."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s) :] = torch.tensor(s)
+        mask[i, P - len(s) :] = 1
+    return ids, mask
+
+
+def cut_at_eos(resp: torch.Tensor, eos: int) -> torch.Tensor:
+    """(B, T) mask: 1 up to and including the first EOS, 0 after it (StackLLaMA's cut)."""
+    is_eos = (resp == eos).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()  # no EOS strictly before t
+
+
+def response_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (B, T) and logits (B, T, V) of the response tokens ids[:, P:] under a causal LM.
+
+    Token t of the response (absolute position P+t) is predicted at position P+t-1.
+    """
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    logits = out.logits[:, P - 1 : -1]
+    return logprobs_from_logits(logits, ids[:, P:]), logits
+
+
+@torch.no_grad()
+def reward_scores(reward, tok, questions: list[str], responses: list[str], device) -> torch.Tensor:
+    """Raw reward-model logits (B,) for question + response in the one template, right-padded."""
+    enc = tok([format_qa(q, r) for q, r in zip(questions, responses)], add_special_tokens=True)["input_ids"]
+    ids = torch.full((len(enc), max(len(e) for e in enc)), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
+    # HF reads the score at the last non-pad token; with right padding that is the last real one.
+    out = reward(input_ids=ids.to(device), attention_mask=mask.to(device))
+    return out.logits[:, 0].float().cpu()

@@ -1,0 +1,104 @@
+"""``stackllama-ds eval`` end to end on the tiny beer run (SFT and RM done, no PPO yet).
+
+    python -m pytest tests/stages/test_eval.py -q -x
+
+Without ``ppo/model`` the stage compares SFT with the base tiny model. A second root whose
+``ppo/model`` is a copy of ``sft/model`` checks the pairing: with the same seeds both models draw
+the same responses, so every prompt is a tie (win rate exactly 0.5) and the KL is exactly 0; run
+on one rank, its SFT figures must equal those of the two-rank run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST_RM, FAST_SFT, fresh_root, run_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+N_PROMPTS, NEW_TOKENS = 8, 16
+EVAL = {"n_prompts": N_PROMPTS, "max_new_tokens": NEW_TOKENS, "batch_size": 4, "bootstrap_samples": 200}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _eval(root: Path, *overrides: str) -> dict:
+    cfg = write_config(root / "cfg.yaml", root, sft=FAST_SFT, rm=FAST_RM, eval=EVAL)
+    args = [a for o in overrides for a in ("--set", o)]
+    r = run_cli("eval", cfg, *args, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "eval: results in" in r.stdout
+    assert (root / "eval" / "DONE").exists()
+    return json.loads((root / "eval" / "eval.json").read_text())
+
+
+def _check_ci(x: dict, lo: float = -float("inf"), hi: float = float("inf")) -> None:
+    assert lo <= x["lo"] <= x["mean"] <= x["hi"] <= hi, x
+
+
+@pytest.fixture(scope="module")
+def first_eval(rm_root, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of rm_root evaluated once on two ranks (the default launch.nproc_per_node)."""
+    root = fresh_root(rm_root, tmp_path_factory.mktemp("evalrun"), stages=("sft", "rm"))
+    return root, _eval(root)
+
+
+def test_eval_sft_vs_base_and_rerun_identical(first_eval):
+    eval_root, res = first_eval
+    assert list(res["models"]) == ["base", "sft"]
+    assert res["models"]["base"]["path"] == "tiny" and res["models"]["sft"]["path"] == "sft/model"
+    assert res["n_prompts"] == min(N_PROMPTS, res["n_available"] - res["n_too_long"])
+    assert res["n_prompts"] >= 1 and len(res["samples"]) == res["n_prompts"]
+    assert [s["index"] for s in res["samples"]] == list(range(res["n_prompts"]))
+    for m in res["models"].values():
+        _check_ci(m["reward"])
+        assert 1 <= m["length_mean"] <= NEW_TOKENS
+        for k in ("eos_share", "degenerate_share", "empty_share"):
+            assert 0.0 <= m[k] <= 1.0
+    w = res["win_rates"]["sft_vs_base"]
+    _check_ci(w, 0.0, 1.0)
+    assert w["wins"] + w["ties"] + w["losses"] == res["n_prompts"]
+    assert w["mean"] == (w["wins"] + 0.5 * w["ties"]) / res["n_prompts"]
+    assert res["kl"] == {}
+    for s in res["samples"]:
+        for r in s["responses"].values():
+            assert 1 <= r["length"] <= NEW_TOKENS and (r["eos"] or r["length"] == NEW_TOKENS)
+
+    out = eval_root / "eval"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["rm_accuracy.png", "sft_loss.png"]  # no ppo/metrics.jsonl yet: that plot is skipped
+    import matplotlib.image as mpimg
+
+    for p in pngs:
+        assert (out / p).read_bytes()[:8] == PNG_MAGIC
+        assert mpimg.imread(out / p).ndim == 3
+    md = (out / "report.md").read_text()
+    assert "| model | path | mean reward [CI] |" in md and "| sft vs base |" in md
+    assert "![sft_loss.png](sft_loss.png)" in md and md.count("**Prompt ") == min(4, res["n_prompts"])
+
+    first = (out / "eval.json").read_bytes()
+    (out / "DONE").unlink()
+    _eval(eval_root)
+    assert (out / "eval.json").read_bytes() == first  # same seed -> byte-identical figures and samples
+
+
+def test_eval_identical_policy_ties_and_zero_kl(first_eval, tmp_path):
+    """ppo/model = sft/model: common random numbers give identical responses; KL(ppo||sft) = 0."""
+    eval_root, two_ranks = first_eval
+    root = fresh_root(eval_root, tmp_path / "same", stages=("sft", "rm"))
+    shutil.copytree(root / "sft" / "model", root / "ppo" / "model")
+    res = _eval(root, "launch.nproc_per_node=1")
+    assert list(res["models"]) == ["sft", "ppo"]
+    w = res["win_rates"]["ppo_vs_sft"]
+    assert (w["mean"], w["lo"], w["hi"], w["ties"]) == (0.5, 0.5, 0.5, res["n_prompts"])
+    kl = res["kl"]["ppo_vs_sft"]
+    assert (kl["policy"], kl["ref"]) == ("ppo", "sft")
+    assert kl["mean"] == kl["lo"] == kl["hi"] == 0.0
+    for s in res["samples"]:
+        assert s["responses"]["ppo"] == s["responses"]["sft"] and s["kl"]["ppo"] == 0.0
+    # one rank here, two in the first test: batches are seeded by index, not by rank
+    assert res["models"]["sft"] | {"path": None} == two_ranks["models"]["sft"] | {"path": None}
+    assert [s["responses"]["sft"] for s in res["samples"]] == [s["responses"]["sft"] for s in two_ranks["samples"]]
