@@ -7,6 +7,7 @@ import random
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def setup(cfg: RunConfig) -> None:
 
     Call ``seed_ranks`` once the models are built, before anything samples.
     """
+    # DeepSpeed still calls a c10d function that torch deprecates; one warning per rank per call is noise.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     dist.init(cfg.launch.backend, cfg.launch.timeout_s)
     if not dist.cuda_available():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
