@@ -1,0 +1,184 @@
+"""Pure launch functions: hostlists, GPU counts, ports, hostfiles, commands, outcomes (fast, no Slurm)."""
+
+from __future__ import annotations
+
+import pytest
+
+from stackllama_ds.launcher import slurm
+from stackllama_ds.launcher.slurm import EXIT_RESUME, SlurmEnvError, SlurmJob
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
+        ("a1,b[2-4,7]", ["a1", "b2", "b3", "b4", "b7"]),
+        ("n[1-2]", ["n1", "n2"]),
+        ("node-[001-003,010]", ["node-001", "node-002", "node-003", "node-010"]),
+        ("x", ["x"]),
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+        ("gpu[09-10]", ["gpu09", "gpu10"]),
+        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+        ("a,b,c[1,3]", ["a", "b", "c1", "c3"]),
+        ("ib-[1-2].cluster", ["ib-1.cluster", "ib-2.cluster"]),
+    ],
+)
+def test_expand_hostlist(nodelist, hosts):
+    assert slurm.expand_hostlist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["", "n[1-2", "n1-2]", "n[a-b]", "n[3-1]"])
+def test_expand_hostlist_rejects(bad):
+    with pytest.raises(SlurmEnvError):
+        slurm.expand_hostlist(bad)
+
+
+@pytest.mark.parametrize(
+    "env, n",
+    [
+        ({}, 8),
+        ({"GPUS_PER_NODE": "2"}, 2),
+        ({"GPUS_PER_NODE": "2", "SLURM_GPUS_ON_NODE": "8"}, 2),
+        ({"SLURM_GPUS_ON_NODE": "4"}, 4),
+        ({"SLURM_GPUS_PER_NODE": "gpu:8"}, 8),
+        ({"SLURM_GPUS_PER_NODE": "a100:4"}, 4),
+        ({"SLURM_GPUS_PER_NODE": "gpu:a100:4(IDX:0-3)"}, 4),
+        ({"SLURM_GPUS_PER_NODE": "a100:2,v100:2"}, 4),
+        ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "gpu"}, 8),
+    ],
+)
+def test_gpus_per_node(env, n):
+    assert slurm.gpus_per_node(env) == n
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-1"])
+def test_gpus_per_node_rejects(bad):
+    with pytest.raises(SlurmEnvError, match="GPUS_PER_NODE"):
+        slurm.gpus_per_node({"GPUS_PER_NODE": bad})
+
+
+def test_master_port_deterministic_and_in_range():
+    assert slurm.master_port(1) == 20001
+    assert slurm.master_port("20000") == 20000
+    assert slurm.master_port(123456) == 20000 + 123456 % 20000
+    assert all(20000 <= slurm.master_port(j) < 40000 for j in range(0, 100000, 997))
+
+
+def test_hostfile_text():
+    assert slurm.hostfile_text(["gpu01", "gpu02"], 8) == "gpu01 slots=8\ngpu02 slots=8\n"
+
+
+ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_NNODES": "3", "SLURM_NODEID": "1"}
+
+
+def test_job_from_env():
+    job = slurm.job_from_env(ENV)
+    assert job.hosts == ("gpu01", "gpu02", "gpu03")
+    assert (job.nnodes, job.node_id, job.gpus_per_node, job.world_size) == (3, 1, 8, 24)
+    assert (job.master_addr, job.master_port, job.restart_count) == ("gpu01", 24242, 0)
+    assert [job.host_of_rank(r) for r in (0, 7, 8, 23, 24)] == ["gpu01", "gpu01", "gpu02", "gpu03", "?"]
+    user = slurm.job_from_env({**ENV, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "SLURM_RESTART_COUNT": "2"})
+    assert (user.master_addr, user.master_port, user.restart_count) == ("10.0.0.1", 29500, 2)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID"),
+        ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST"),
+        ({"SLURM_NNODES": "2"}, "SLURM_NNODES"),
+        ({"SLURM_NODEID": "3"}, "SLURM_NODEID"),
+        ({"SLURM_JOB_ID": "abc"}, "SLURM_JOB_ID"),
+    ],
+)
+def test_job_from_env_names_the_bad_variable(change, field):
+    env = {k: v for k, v in {**ENV, **change}.items() if v is not None}
+    with pytest.raises(SlurmEnvError, match=field):
+        slurm.job_from_env(env)
+
+
+def test_choose_launcher():
+    assert slurm.choose_launcher({}) == "torchrun"
+    assert slurm.choose_launcher({"STACKLLAMA_LAUNCHER": "srun"}) == "srun"
+    with pytest.raises(SlurmEnvError, match="STACKLLAMA_LAUNCHER"):
+        slurm.choose_launcher({"STACKLLAMA_LAUNCHER": "mpirun"})
+
+
+def test_rank_env_from_slurm():
+    env = {**ENV, "SLURM_PROCID": "9", "SLURM_NTASKS": "24", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8"}
+    out = slurm.rank_env_from_slurm(env)
+    assert out == {"RANK": "9", "WORLD_SIZE": "24", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
+                   "MASTER_ADDR": "gpu01", "MASTER_PORT": "24242"}
+    # under torchrun the launcher's variables win
+    assert slurm.rank_env_from_slurm({**env, "RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                      "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == {}
+
+
+JOB = SlurmJob(job_id=7, hosts=("n1", "n2"), node_id=1, gpus_per_node=4, master_addr="n1", master_port=20007)
+
+
+def test_torchrun_cmd_static_rendezvous_in_node_order():
+    cmd = slurm.torchrun_cmd(JOB, ["python", "-m", "x"])
+    assert cmd[0] == "torchrun" and cmd[-3:] == ["python", "-m", "x"]
+    for opt in ("--nnodes=2", "--nproc-per-node=4", "--node-rank=1", "--master-addr=n1", "--master-port=20007",
+                "--no-python"):
+        assert opt in cmd
+
+
+def test_deepspeed_cmd():
+    ssh = slurm.deepspeed_cmd(JOB, "/h", ["e"], no_ssh=False)
+    assert ssh[:2] == ["deepspeed", "--hostfile=/h"] and "--no_ssh" not in ssh and ssh[-1] == "e"
+    nossh = slurm.deepspeed_cmd(JOB, "/h", ["e"], no_ssh=True)
+    assert "--no_ssh" in nossh and "--node_rank=1" in nossh and "--no_local_rank" in nossh
+
+
+@pytest.mark.parametrize("launcher, per_node", [("torchrun", 1), ("deepspeed", 1), ("srun", 4)])
+def test_srun_cmd(launcher, per_node):
+    cmd = slurm.srun_cmd(JOB, launcher, ["entry"])
+    assert cmd[0] == "srun" and "--kill-on-bad-exit=1" in cmd and cmd[-1] == "entry"
+    assert f"--ntasks={2 * per_node}" in cmd and f"--ntasks-per-node={per_node}" in cmd
+
+
+def _host(r):
+    return JOB.host_of_rank(r)
+
+
+def test_resolve_outcome():
+    done = {r: (0, _host(r)) for r in range(8)}
+    assert slurm.resolve_outcome(done, 8, 0).code == 0
+    # 75 survives a launcher that reported failure (torchrun after SIGTERM)
+    stopped = {r: (EXIT_RESUME, _host(r)) for r in range(8)}
+    assert slurm.resolve_outcome(stopped, 8, 1).code == EXIT_RESUME
+    mixed = {**done, 3: (EXIT_RESUME, "n1")}
+    assert slurm.resolve_outcome(mixed, 8, 0).code == EXIT_RESUME
+    # a failed rank wins over stopped ones, and is named with its host
+    failed = {**stopped, 5: (1, "n2")}
+    out = slurm.resolve_outcome(failed, 8, 1, _host)
+    assert out.code == 1 and "rank 5 on n2" in out.message
+    # a rank that never reported (SIGKILL, node lost) is a failure naming rank and host
+    lost = {r: v for r, v in stopped.items() if r != 6}
+    out = slurm.resolve_outcome(lost, 8, 137, _host)
+    assert out.code == 137 and "no exit status from rank 6 on n2" in out.message
+    both = slurm.resolve_outcome({**lost, 7: (1, "n2")}, 8, 1, _host)
+    assert both.code == 1 and both.message.index("rank 6 on n2") < both.message.index("rank 7 on n2")
+    assert slurm.resolve_outcome({}, 8, 0, _host).code == 1
+    assert slurm.resolve_outcome({0: (-9, "n1")}, 1, 0).code == 1
+
+
+def test_status_files_roundtrip(tmp_path):
+    from stackllama_ds.launcher.multinode import read_statuses, write_status
+
+    write_status(tmp_path / "s", 0, 75, "n1")
+    write_status(tmp_path / "s", 1, 0, "n2")
+    (tmp_path / "s" / "rank-x").write_text("garbage")
+    assert read_statuses(tmp_path / "s") == {0: (75, "n1"), 1: (0, "n2")}
+    assert read_statuses(tmp_path / "missing") == {}
+
+
+def test_launcher_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, stackllama_ds.launcher.slurm, stackllama_ds.launcher.multinode; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr
