@@ -324,17 +324,6 @@ def _cross_checks(cfg: RunConfig, world_size: int, base: Path) -> list[tuple[tup
         lc.enabled for lc in (cfg.sft.lora, cfg.rm.lora, cfg.ppo.lora)
     ):
         errs.append((("model", "quantization"), "an 8-/4-bit base can only be trained with LoRA enabled"))
-    if cfg.model.quantization == "4bit":
-        for stage, eng in (("sft", cfg.sft.engine), ("rm", cfg.rm.engine), ("ppo", cfg.ppo.actor)):
-            if eng.zero_stage == 3:
-                errs.append(
-                    (
-                        (stage, "actor" if stage == "ppo" else "engine", "zero_stage"),
-                        "a 4-bit base under ZeRO-3 is refused: bitsandbytes 4-bit weights are partitioned "
-                        "and re-gathered without their quantisation state (losses diverge from ZeRO-2); "
-                        "use zero_stage 2 or quantization 8bit",
-                    )
-                )
     # Files that must exist.
     posts = resolve_path(cfg.data.posts, base)
     if not posts.exists():
@@ -384,6 +373,24 @@ def _yaml_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str
     return out
 
 
+def _duplicate_keys(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], int, int]]:
+    """Keys given twice in one mapping (YAML keeps the last silently): (dotted key, line, first line)."""
+    out: list[tuple[tuple[str, ...], int, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            name, line = str(k.value), k.start_mark.line + 1
+            if isinstance(k, yaml.ScalarNode) and name != "<<":
+                if name in seen:
+                    out.append((prefix + (name,), line, seen[name]))
+                seen.setdefault(name, line)
+            out += _duplicate_keys(v, prefix + (name,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _duplicate_keys(v, prefix + (str(i),))
+    return out
+
+
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     cur = d
@@ -428,21 +435,33 @@ def load_config(
         p = Path(path)
         if not p.exists():
             raise ConfigError([f"{src}: config file not found"])
-        text = p.read_text(encoding="utf-8")
+        blob = p.read_bytes()
+        try:
+            text = blob.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = blob.count(b"\n", 0, e.start) + 1
+            raise ConfigError([f"{src}:{line}: not UTF-8 text "
+                               f"(byte {blob[e.start]:#04x} at offset {e.start})"]) from None
         try:
             node = yaml.compose(text)
             data = yaml.safe_load(text)
+            lines = _yaml_lines(node) if node is not None else {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{src}:{mark.line + 1}" if mark is not None else src
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+        except RecursionError:
+            raise ConfigError([f"{src}: invalid YAML: nested too deeply"]) from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError([f"{src}:1: top level must be a mapping of sections, got {type(data).__name__}"])
+        dups = _duplicate_keys(node)
+        if dups:
+            raise ConfigError([f"{src}:{line}: {'.'.join(key)}: duplicate key (first at line {first})"
+                               for key, line, first in dups])
         raw = data
-        lines = _yaml_lines(node) if node is not None else {}
     set_keys: dict[tuple[str, ...], str] = {}
     for k, v in parse_overrides(overrides):
         _set_dotted(raw, k, v)
@@ -459,6 +478,8 @@ def load_config(
 
     try:
         cfg = RunConfig.model_validate(raw)
+    except RecursionError:  # a recursive YAML alias (a: &x [*x])
+        raise ConfigError([f"{src}: invalid YAML: a value refers to itself (recursive alias)"]) from None
     except ValidationError as e:
         msgs = []
         for err in e.errors():

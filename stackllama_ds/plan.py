@@ -14,13 +14,15 @@ bf16/fp16 and 4 for fp32):
   a 4-bit (nf4) base at 0.5 B + a fp32 absmax per 64 weights; embeddings, norms and lm_head stay e.
   ZeRO-3 keeps P/W per GPU plus the gathered working set (about two layers, or the largest
   single module such as the embedding); offload_params moves the partition to host memory.
-- gradients: T x e in the module; with bf16/fp16 DeepSpeed also keeps fp32 gradients (4 B) for
-  the optimizer. ZeRO-0/1: the module's gradients are full size; ZeRO-2/3 partition them (/W)
-  plus one reduce bucket (5e7 elements). The fp32 gradients are partitioned from ZeRO-1 on.
-- optimizer (AdamW): two fp32 moments (8 B) and, in mixed precision, a fp32 master copy (4 B):
-  12 B per trainable parameter (8 B in fp32), /W from ZeRO-1 on; offload_optimizer moves them
-  (and the fp32 gradients) to host memory. Full fine-tuning in bf16 therefore costs 2 + 2 + 4 + 12
-  = 20 B/param... of which "weights 2 B + Adam 8 B" is the StackLLaMA post's 10 B/param.
+- gradients: T x e in the module; DeepSpeed's optimizer also keeps fp32 gradients (4 B) - in
+  mixed precision, and under ZeRO-1/2/3 in any precision (its flat fp32 partitions). ZeRO-0/1: the
+  module's gradients are full size; ZeRO-2/3 partition them (/W) plus one reduce bucket (5e7
+  elements, or the whole model if smaller). The fp32 gradients are partitioned from ZeRO-1 on.
+- optimizer (AdamW): two fp32 moments (8 B) and a fp32 master copy (4 B): 12 B per trainable
+  parameter; only plain fp32 ZeRO-0 (torch's optimizer on the module) has no master copy (8 B).
+  /W from ZeRO-1 on; offload_optimizer moves them (and the fp32 gradients) to host memory. Full
+  fine-tuning in bf16 therefore costs 2 + 2 + 4 + 12 = 20 B/param, of which "weights 2 B + Adam
+  8 B" is the StackLLaMA post's 10 B/param.
 - activations: per token and layer, with SDPA (no materialised attention matrix),
   e x (7h + 2 kv + 4i) + 8h bytes (norm inputs are upcast to fp32), plus the residual stream;
   the logits of a causal LM cost b x s x V x (e + 12) (fp32 upcast, log-softmax, its gradient).
@@ -30,8 +32,8 @@ bf16/fp16 and 4 for fp32):
   head_dim x e, plus, under ZeRO-3 with ``ppo.gather_generation``, a full unpartitioned copy of the
   policy to generate from.
 - overhead: a fixed runtime cost per process (CUDA context, NCCL buffers and kernels on a GPU;
-  the Python/torch/DeepSpeed runtime on CPU, ~1 GB RSS) plus 10% of the rest for allocator
-  fragmentation.
+  the Python/torch/DeepSpeed runtime on CPU, ~1 GB RSS) plus allocator slack on the rest: 10% on a
+  GPU, 25% on CPU (glibc keeps freed activation blocks; measured by bench/plan_check.py).
 
 The engines of one stage live in one process and run one after another, so a stage needs the sum
 of every engine's persistent state (weights, gradients, optimizer, generation copy) plus the
@@ -52,7 +54,9 @@ GiB = float(2**30)
 ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 REDUCE_BUCKET = 50_000_000  # elements; engines/ds_config.py's reduce_bucket_size
 FIXED_OVERHEAD = {"gpu": 1.5 * GiB, "cpu": 1.0 * GiB}
-FRAGMENTATION = 0.10
+# Allocator slack on top of the live bytes: PyTorch's CUDA caching allocator on a GPU; glibc's heap
+# on CPU, which keeps freed activation-sized blocks (set from bench/plan_check.py's measurements).
+FRAGMENTATION = {"gpu": 0.10, "cpu": 0.25}
 
 
 # ------------------------------------------------------------------------------ model shape
@@ -227,6 +231,7 @@ def engine_estimate(
     """Per-GPU bytes of one engine (see the module docstring for the accounting)."""
     e = ELEM[eng.dtype]
     mixed = eng.dtype != "fp32"
+    master = mixed or (trainable and eng.zero_stage >= 1)  # DeepSpeed's fp32 copy and fp32 gradients
     use_lora = lora is not None and lora.enabled
     quant = quant if use_lora else "none"
     p = shape.n_params(work.head) + extra_trainable
@@ -257,13 +262,13 @@ def engine_estimate(
     if t:
         # gradients: module copy at e (+ fp32 copy for the optimizer in mixed precision)
         module_g = t * e
-        fp32_g = t * 4 if mixed else 0.0
+        fp32_g = t * 4 if master else 0.0
         if z >= 2:
             module_g = module_g / W + min(REDUCE_BUCKET, t) * e
         if z >= 1:
             fp32_g /= W
         # optimizer: AdamW moments (8 B) + fp32 master (4 B) in mixed precision
-        opt = t * (12 if mixed else 8)
+        opt = t * (12 if master else 8)
         if z >= 1:
             opt /= W
         if eng.offload_optimizer:
@@ -274,6 +279,12 @@ def engine_estimate(
         est.optimizer = opt
 
     est.activations = activation_bytes(shape, work, e, eng.gradient_checkpointing and work.train)
+    if use_lora and work.train and t:
+        # Each adapted Linear saves its dropped-out input (e) and the dropout mask (1 B) per token,
+        # plus the r-wide adapter activation.
+        shapes = shape.linear_shapes()
+        per_tok = sum((e + 1) * shapes[m][0] + e * lora.r for m in lora.target_modules if m in shapes)
+        est.activations += work.micro_batch * work.seq_len * shape.num_hidden_layers * per_tok
     if work.gen_batch:
         est.kv_cache = work.gen_batch * work.seq_len * shape.num_hidden_layers * 2 * shape.kv_dim * e
         est.kv_cache += work.gen_batch * shape.vocab_size * 4 * 2  # per-step logits / probabilities
@@ -307,7 +318,7 @@ class StagePlan:
 
 
 def overhead_bytes(rest: float, device: str) -> float:
-    return FIXED_OVERHEAD[device] + FRAGMENTATION * rest
+    return FIXED_OVERHEAD[device] + FRAGMENTATION[device] * rest
 
 
 def _finish(stage: str, engines: list[Estimate], budget: float, device: str) -> StagePlan:

@@ -134,6 +134,10 @@ def fault_value(name: str, step: int, value):
     return value
 
 
+# gloo's errors in a collective whose peer process is gone.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
     """Run a stage on this rank and map the outcome to an exit code: 0 done, 75 resume me, 1 failed."""
     try:
@@ -146,9 +150,13 @@ def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
         code = 1
-    except Exception:
-        traceback.print_exc()
-        print(f"error on rank {dist.rank()}: unexpected failure (traceback above)", file=sys.stderr, flush=True)
+    except Exception as e:
+        if any(s in str(e) for s in _PEER_LOST):  # a consequence: the launcher names the rank that died
+            print(f"error on rank {dist.rank()}: lost the connection to another rank, which stopped first "
+                  f"({str(e).strip().splitlines()[0][:160]})", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+            print(f"error on rank {dist.rank()}: unexpected failure (traceback above)", file=sys.stderr, flush=True)
         code = 1
     try:
         dist.destroy()

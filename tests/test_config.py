@@ -69,8 +69,7 @@ BAD = [
     ("seed: 1\n", ["launch.nproc_per_nod=2"], ["--set launch.nproc_per_nod", "unknown key"]),
     ("sft: [1, 2\n", [], ["bad.yaml:2", "invalid YAML"]),
     ("- a\n- b\n", [], ["bad.yaml:1", "top level must be a mapping"]),
-    ("model:\n  quantization: 4bit\nsft:\n  lora:\n    enabled: true\n  engine:\n    zero_stage: 3\n", [],
-     ["sft.engine.zero_stage", "4-bit base under ZeRO-3 is refused"]),
+    ("model:\n  quantization: 8bit\n", [], ["model.quantization", "only be trained with LoRA enabled"]),
 ]
 
 

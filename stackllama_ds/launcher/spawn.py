@@ -79,11 +79,13 @@ def spawn(argv: list[str], nproc: int, poll_s: float = 0.2, grace_s: float = 5.0
         failed: tuple[int, int] | None = None
         while True:
             codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes):
-                break
+            # Checked before "all exited": the survivors of a killed rank often fail within one poll.
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, EXIT_RESUME)]
             if bad:
-                failed = bad[0]
+                # A rank killed by a signal is the cause; the others' "connection closed" errors follow.
+                failed = min(bad, key=lambda rc: (rc[1] > 0, rc[0]))
+                break
+            if all(c is not None for c in codes):
                 break
             time.sleep(poll_s)
         if failed is not None:
