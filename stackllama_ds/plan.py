@@ -53,6 +53,7 @@ from stackllama_ds.config import EngineConfig, LoraConfig, RunConfig, resolve_pa
 GiB = float(2**30)
 ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 REDUCE_BUCKET = 50_000_000  # elements; engines/ds_config.py's reduce_bucket_size
+PREFETCH_BUCKET = 50_000_000  # elements; stage3_prefetch_bucket_size
 FIXED_OVERHEAD = {"gpu": 1.5 * GiB, "cpu": 1.0 * GiB}
 # Allocator slack on top of the live bytes: PyTorch's CUDA caching allocator on a GPU; glibc's heap
 # on CPU, which keeps freed activation-sized blocks (set from bench/plan_check.py's measurements).
@@ -154,6 +155,8 @@ class Workload:
     gen_batch: int = 0  # > 0: the actor generates this many sequences of seq_len tokens
     gen_copy: bool = False  # ZeRO-3 gather_generation: a full copy of the policy
     attn: str = "sdpa"
+    padded: bool = False  # batches carry padding masks (RM pairs, PPO prompts); SFT packing has none
+    device: str = "gpu"
 
 
 @dataclass
@@ -202,7 +205,9 @@ def activation_bytes(shape: ModelShape, w: Workload, e: int, checkpointing: bool
     h, i, kv, L = shape.hidden_size, shape.intermediate_size, shape.kv_dim, shape.num_hidden_layers
     tokens = w.micro_batch * w.seq_len
     per_layer = e * (7 * h + 2 * kv + 4 * i) + 8 * h  # per token; see the module docstring
-    if w.attn == "eager":
+    if w.attn == "eager" or (w.padded and w.device == "cpu"):
+        # Scores and probabilities materialised: eager attention, or SDPA with a padding mask on CPU
+        # (its math fallback; GPU kernels take the mask without materialising).
         per_layer += 2 * shape.num_attention_heads * w.seq_len * e
     vocab = shape.vocab_size if w.head == "lm" else 1
     if not w.train:
@@ -248,7 +253,9 @@ def engine_estimate(
     full_w = weight_bytes(shape, work.head, e, quant) + (t * e if use_lora else extra_trainable * e)
     if z == 3:
         layer = shape.layer_params * e
-        working = max(2 * layer, shape.embed_params * e)
+        # Gathered while a forward runs: up to the prefetch bucket, at least two layers or the
+        # largest module, at most the whole model.
+        working = min(full_w, max(2 * layer, shape.embed_params * e, PREFETCH_BUCKET * e))
         part = full_w / W
         if eng.offload_params:
             est.host += part
@@ -264,7 +271,7 @@ def engine_estimate(
         module_g = t * e
         fp32_g = t * 4 if master else 0.0
         if z >= 2:
-            module_g = module_g / W + min(REDUCE_BUCKET, t) * e
+            module_g = module_g / W + REDUCE_BUCKET * e  # the contiguous bucket is allocated whole
         if z >= 1:
             fp32_g /= W
         # optimizer: AdamW moments (8 B) + fp32 master (4 B) in mixed precision
@@ -328,7 +335,8 @@ def _finish(stage: str, engines: list[Estimate], budget: float, device: str) -> 
 
 def plan_sft(cfg: RunConfig, shape: ModelShape, world: int, budget: float, device: str = "gpu") -> StagePlan:
     s = cfg.sft
-    w = Workload(s.engine.micro_batch_size, s.seq_length, "lm", attn=cfg.model.attn_implementation)
+    w = Workload(s.engine.micro_batch_size, s.seq_length, "lm", attn=cfg.model.attn_implementation,
+                 padded=not s.packing, device=device)
     est = engine_estimate("sft model", shape, s.engine, world, w, lora=s.lora, quant=cfg.model.quantization,
                           device=device)
     return _finish("sft", [est], budget, device)
@@ -337,7 +345,8 @@ def plan_sft(cfg: RunConfig, shape: ModelShape, world: int, budget: float, devic
 def plan_rm(cfg: RunConfig, shape: ModelShape, world: int, budget: float, device: str = "gpu") -> StagePlan:
     r = cfg.rm
     # One forward over [chosen..., rejected...]: 2 x micro batch sequences of up to max_length.
-    w = Workload(2 * r.engine.micro_batch_size, r.max_length, "score", attn=cfg.model.attn_implementation)
+    w = Workload(2 * r.engine.micro_batch_size, r.max_length, "score", attn=cfg.model.attn_implementation,
+                 padded=True, device=device)
     est = engine_estimate("reward model", shape, r.engine, world, w, lora=r.lora, quant=cfg.model.quantization,
                           device=device)
     return _finish("rm", [est], budget, device)
@@ -351,20 +360,23 @@ def plan_ppo(cfg: RunConfig, shape: ModelShape, world: int, budget: float, devic
     # Actor: policy + value head; trains minibatches, generates the rollout batch.
     actor = engine_estimate(
         "actor", shape, p.actor, world,
-        Workload(p.mini_batch_size, seq, "lm", gen_batch=p.batch_size, gen_copy=gen_copy, attn=attn),
+        Workload(p.mini_batch_size, seq, "lm", gen_batch=p.batch_size, gen_copy=gen_copy, attn=attn, padded=True,
+                 device=device),
         lora=p.lora, quant=q, extra_trainable=shape.hidden_size + 1, device=device)
     engines = [actor]
     if p.separate_critic:
         engines.append(engine_estimate("critic", shape, p.critic, world, Workload(p.mini_batch_size, seq, "score",
-                                       attn=attn), device=device))
+                                       attn=attn, padded=True, device=device), device=device))
     if not p.lora.enabled:
         engines.append(engine_estimate("reference", shape, p.reference, world,
-                                       Workload(p.mini_batch_size, seq, "lm", train=False, attn=attn),
+                                       Workload(p.mini_batch_size, seq, "lm", train=False, attn=attn, padded=True,
+                                                device=device),
                                        quant=q, trainable=False, device=device))
     if p.rule_reward is None:
         # The reward engine scores the whole rollout batch in one forward.
         engines.append(engine_estimate("reward", shape, p.reward, world,
-                                       Workload(p.batch_size, seq, "score", train=False, attn=attn),
+                                       Workload(p.batch_size, seq, "score", train=False, attn=attn, padded=True,
+                                                device=device),
                                        quant=q, trainable=False, device=device))
     return _finish("ppo", engines, budget, device)
 

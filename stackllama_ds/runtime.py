@@ -72,6 +72,19 @@ def mark_done(stage_dir: Path, info: str = "") -> None:
         os.replace(tmp, p)
 
 
+def export_and_finish(ckpt_root: Path, out: Path, stage_dir: Path, step: int) -> None:
+    """Rank 0 exports the last complete checkpoint as a HF folder; DONE once every rank is through."""
+    from stackllama_ds.export import export_checkpoint
+
+    final = latest_checkpoint(ckpt_root)
+    if final is None:
+        raise TrainingError(f"{ckpt_root}: no complete checkpoint to export")
+    if dist.is_main():
+        export_checkpoint(final, out)
+    dist.barrier()
+    mark_done(stage_dir, f"step {step}")
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

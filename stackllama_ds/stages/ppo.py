@@ -19,14 +19,13 @@ import time
 import torch
 
 from stackllama_ds import rl, runtime
-from stackllama_ds.checkpoint import StopSignal, latest_checkpoint, save_checkpoint
+from stackllama_ds.checkpoint import StopSignal, save_checkpoint
 from stackllama_ds.config import PPOConfig, RunConfig
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.data.template import format_prompt
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
 from stackllama_ds.engines.generate import GenerationCopy, is_partitioned, sample
-from stackllama_ds.export import export_checkpoint
 from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.export import load_value_head
@@ -361,9 +360,4 @@ def train(cfg: RunConfig) -> None:
 
     # step 9. export the policy as a HF causal-LM folder (LoRA merged; value head beside it)
     log.close()
-    final = latest_checkpoint(ckpt_root)
-    assert final is not None
-    if rank == 0:
-        export_checkpoint(final, stage_dir / "model")
-    dist.barrier()
-    runtime.mark_done(stage_dir, f"step {state.step}")
+    runtime.export_and_finish(ckpt_root, stage_dir / "model", stage_dir, state.step)

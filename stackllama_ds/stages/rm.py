@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from stackllama_ds import runtime
-from stackllama_ds.checkpoint import StopSignal, latest_checkpoint, save_checkpoint
+from stackllama_ds.checkpoint import StopSignal, save_checkpoint
 from stackllama_ds.config import RunConfig, resolve_grad_accum, resolve_path
 from stackllama_ds.data.pairs_batch import eval_pair_batches, pair_batches, tokenize_pairs
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
-from stackllama_ds.export import export_checkpoint
 from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.load import load_reward_model, load_tokenizer
@@ -237,10 +236,6 @@ def train(cfg: RunConfig) -> None:
                  f"on {last_eval['n_pairs']} pairs")
 
     # step 6. export the final checkpoint (LoRA merged, the trained score head kept), then DONE
-    final = latest_checkpoint(ckpt_root)
-    assert final is not None, "the loop always checkpoints its last step"
     if rank == 0:
-        export_checkpoint(final, runtime.rm_model_path(cfg))
         write_json(stage_dir / ACCURACY, {**last_eval, **counts})
-    dist.barrier()
-    runtime.mark_done(stage_dir, f"step {state.step}")
+    runtime.export_and_finish(ckpt_root, runtime.rm_model_path(cfg), stage_dir, state.step)

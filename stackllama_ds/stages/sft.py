@@ -15,13 +15,12 @@ import time
 import torch
 
 from stackllama_ds import runtime
-from stackllama_ds.checkpoint import StopSignal, latest_checkpoint, save_checkpoint
+from stackllama_ds.checkpoint import StopSignal, save_checkpoint
 from stackllama_ds.config import RunConfig, resolve_grad_accum
 from stackllama_ds.data.packing import eval_batches, packed_batches, padded_batches
 from stackllama_ds.data.prepare import load_prepared, sft_texts
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
-from stackllama_ds.export import export_checkpoint
 from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.load import load_causal_lm, load_tokenizer
@@ -70,6 +69,8 @@ def train(cfg: RunConfig) -> None:
     make = packed_batches if sc.packing else padded_batches
     batches = make(texts, tok, sc.seq_length, mb, rank, world, cfg.seed, start=state.samples)
     evals = eval_batches(held_out, tok, sc.seq_length, mb, rank, world, sc.eval_batches)
+    if not evals and rank == 0:
+        log.text("sft: the rm_eval split holds no texts: no held-out loss will be logged")
     ckpt_root = stage_dir / "checkpoints"
     hb = Heartbeat(stage_dir, rank, world, cfg.launch.hang_timeout_s)
 
@@ -120,7 +121,7 @@ def train(cfg: RunConfig) -> None:
         }
 
         # step 3. held-out loss and perplexity
-        if state.step % sc.eval_every == 0 or state.step == sc.max_steps:
+        if evals and (state.step % sc.eval_every == 0 or state.step == sc.max_steps):
             hb.beat("evaluation", state.step)
             row["eval_loss"], row["eval_ppl"] = evaluate(engine, evals)
         state.elapsed_s = time.time() - t_start
@@ -137,9 +138,4 @@ def train(cfg: RunConfig) -> None:
 
     # step 5. export the final checkpoint as a HF folder (full weights; LoRA merged, adapter kept)
     log.close()
-    final = latest_checkpoint(ckpt_root)
-    assert final is not None, 'the loop always checkpoints its last step'
-    if rank == 0:
-        export_checkpoint(final, runtime.sft_model_path(cfg))
-    dist.barrier()
-    runtime.mark_done(stage_dir, f"step {state.step}")
+    runtime.export_and_finish(ckpt_root, runtime.sft_model_path(cfg), stage_dir, state.step)

@@ -1,0 +1,103 @@
+"""Helpers for the fault suite: launch the CLI, find a rank's pid, time exits, collect a report table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import REPO, cli_env
+
+# One row per fault, printed at the end of the session (run pytest with -s to see it).
+REPORT: list[tuple[str, str, str, str]] = []
+
+
+def record(fault: str, happened: str, exit_s: float | None, lost: str) -> None:
+    row = (fault, happened, "-" if exit_s is None else f"{exit_s:.1f} s", lost)
+    REPORT.append(row)
+    print(f"\n[fault] {fault} | {happened} | time to exit {row[2]} | lost: {lost}", flush=True)
+
+
+def report_table() -> str:
+    lines = ["| fault | what happened | time to exit | lost |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in REPORT]
+    return "\n".join(lines)
+
+
+@dataclass
+class Run:
+    """A finished CLI launch: exit code, output and wall time."""
+
+    rc: int
+    out: str
+    err: str
+    wall_s: float
+    t_end: float
+
+
+def start(stage: str, cfg: Path, *args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg), *args],
+        cwd=REPO, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(p: subprocess.Popen, t0: float, timeout: float) -> Run:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"no exit within {timeout} s (a hang?):\n{err[-3000:]}") from None
+    t_end = time.time()
+    return Run(p.returncode, out, err, t_end - t0, t_end)
+
+
+def run(stage: str, cfg: Path, *args: str, timeout: float = 300, **env: str) -> Run:
+    t0 = time.time()
+    return finish(start(stage, cfg, *args, **env), t0, timeout)
+
+
+def rows_of(stage_dir: Path) -> list[dict]:
+    p = stage_dir / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = rows_of(stage_dir)
+        if rows and rows[-1].get("step", 0) >= step:
+            return rows[-1]["step"]
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n{err[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of a rank: a child of the launcher whose environment holds RANK=rank (a /proc scan)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(d.name)
+    raise AssertionError(f"rank {rank} of launcher {launcher} not found")
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback (most recent call last)" not in text, text[-3000:]
+
+
+def ckpt_names(ckpt_root: Path) -> set[str]:
+    return {p.name for p in ckpt_root.iterdir()} if ckpt_root.is_dir() else set()
