@@ -21,6 +21,18 @@ if ! "$PY" -m stackllama_ds.cli validate "$CONFIG" --world-size "$WORLD" "$@"; t
     exit 2
 fi
 
+# Memory plan before any rank starts: a GPU launch that cannot fit is refused (STACKLLAMA_FORCE=1 overrides).
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    GPU_MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{printf "%.1f", $1/1024}')
+    if ! "$PY" -m stackllama_ds.cli plan "$CONFIG" --gpus-per-node "$GPUS_PER_NODE" --gpu-mem "$GPU_MEM" "$@"; then
+        if [ "${STACKLLAMA_FORCE:-0}" != 1 ]; then
+            echo "[launch] the memory plan says this does not fit in ${GPU_MEM} GB per GPU; fix the config or set STACKLLAMA_FORCE=1" >&2
+            exit 3
+        fi
+        echo "[launch] STACKLLAMA_FORCE=1: launching although the plan does not fit" >&2
+    fi
+fi
+
 # A USR1 that arrives while Python starts is dropped, not fatal; the job process installs handlers.
 trap '' USR1
 exec "$PY" -m stackllama_ds.launcher.multinode job "$STAGE" "$CONFIG" "$@"

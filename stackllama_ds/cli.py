@@ -111,7 +111,7 @@ def cmd_pipeline(args) -> int:
     from stackllama_ds.pipeline import run_pipeline
 
     cfg = _load(args)
-    return run_pipeline(cfg, args.config, args.set or [])
+    return run_pipeline(cfg, args.config, args.set or [], force=args.force)
 
 
 def cmd_export(args) -> int:
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="every stage in order, skipping finished ones")
     with_config(p)
+    p.add_argument("--force", action="store_true", help="launch on GPUs even when the memory plan does not fit")
     p.set_defaults(fn=cmd_pipeline)
 
     p = sub.add_parser("export", help="a saved checkpoint -> Hugging Face folder")

@@ -7,6 +7,7 @@ checkpoint, so rerunning the command after a kill finishes the job without redoi
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -33,7 +34,30 @@ def _mark(d: Path, info: str) -> None:
     (d / DONE).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {info}\n")
 
 
-def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str]) -> int:
+def plan_gate(cfg: RunConfig, force: bool) -> bool:
+    """Run the memory planner before any stage; refuse a GPU launch that cannot fit unless forced."""
+    import torch
+
+    from stackllama_ds.plan import fits
+
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
+        ok, msg = fits(cfg, gpus, mem, "gpu")
+    else:
+        # CPU: plan against RAM per rank; informative only (the OS swaps or kills, nothing to refuse).
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        ok, msg = fits(cfg, cfg.launch.nproc_per_node, ram / cfg.launch.nproc_per_node, "cpu")
+        ok = True
+    print("[pipeline] memory plan:\n  " + msg.replace("\n", "\n  "), flush=True)
+    if not ok and not force:
+        print("[pipeline] refusing to launch: the plan does not fit (see `stackllama-ds plan`); pass --force to "
+              "launch anyway", flush=True)
+        return False
+    return True
+
+
+def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: bool = False) -> int:
     from stackllama_ds.cli import run_stage
 
     root = cfg.root()
@@ -61,6 +85,8 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str]) -> int:
             print("[pipeline] tiny: training tokenizer, building tiny Llama", flush=True)
             make_tiny(dd, td, seed=cfg.seed, cfg=cfg.model.tiny)
             _mark(td, "make-tiny")
+    if not plan_gate(cfg, force):
+        return 3
     for stage in available_stages():
         sd = cfg.stage_dir(stage)
         if (sd / DONE).exists():
