@@ -97,14 +97,9 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    code = run_stage(args.command, args.config, args.set)
-    if _under_launcher():
-        # The C++ teardown after torch.distributed/DeepSpeed takes 5-10 s, which would eat Slurm's
-        # 10 s between SIGTERM and SIGKILL on preemption; the stage has finished and flushed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    # Under Slurm the rank wrapper (launcher/multinode.py) records the exit code and then leaves
+    # with os._exit: the C++ teardown after torch.distributed takes 5-10 s, Slurm's SIGKILL window.
+    return run_stage(args.command, args.config, args.set)
 
 
 def cmd_pipeline(args) -> int:

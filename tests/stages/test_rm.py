@@ -202,7 +202,7 @@ def test_learns_synthetic_preference(synth_run):
     assert acc["accuracy"] >= 0.9
     rows = rows_of(synth_run)
     assert [r["step"] for r in rows] == list(range(1, 101))
-    assert rows[0]["train_pairs"] == 64 and rows[0]["train_filtered"] == 0
+    assert rows[0]["train_pairs"] == 64 and rows[0]["train_truncated"] == 0
     assert rows[-1]["pairs"] == 800 and rows[-1]["loss"] < rows[0]["loss"]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [50, 100]
     for k in ("step", "loss", "accuracy", "lr", "grad_norm", "pairs", "pairs_per_s", "elapsed_s"):
@@ -329,14 +329,15 @@ def test_beer_sample(rm_root):
     acc = json.loads((rm_root / "rm" / "accuracy.json").read_text())
     report = json.loads((rm_root / "data" / "report.json").read_text())
     print(f"beer sample held-out accuracy {acc['accuracy']} on {acc['n_pairs']} pairs (margin {acc['margin']}); "
-          f"train pairs {acc['train_pairs']}, filtered {acc['train_filtered']} over max_length {acc['max_length']}")
+          f"train pairs {acc['train_pairs']}, truncated {acc['train_truncated']} to max_length {acc['max_length']}")
+    assert acc["overlength"] == "truncate"  # FAST_RM: beer answers are long, every pair is kept
     assert 0.0 <= acc["accuracy"] <= 1.0 and math.isfinite(acc["loss"])
-    assert acc["train_pairs"] + acc["train_filtered"] == report["splits"]["rm_train"]["pairs"]
-    assert acc["eval_pairs"] + acc["eval_filtered"] == report["splits"]["rm_eval"]["pairs"] == acc["n_pairs"] + \
-        acc["eval_filtered"]
+    assert acc["train_pairs"] == report["splits"]["rm_train"]["pairs"]
+    assert acc["eval_pairs"] == report["splits"]["rm_eval"]["pairs"] == acc["n_pairs"]
+    assert 0 < acc["train_truncated"] <= acc["train_pairs"]
     rows = rows_of(rm_root)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert rows[0]["train_filtered"] == acc["train_filtered"]
+    assert rows[0]["train_truncated"] == acc["train_truncated"]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [6, 12]
     assert (rm_root / "rm" / "model" / "config.json").exists() and (rm_root / "rm" / "DONE").exists()
 
