@@ -1,0 +1,148 @@
+"""Validate the memory planner against measured peak RSS per rank on this CPU box.
+
+    python bench/plan_check.py                       # ~8 configurations, a few steps each, ~6 min
+    python bench/plan_check.py --only sft-z2-1rank,ppo-z2
+
+For each configuration: run the stage for a few steps on the benchmark model, take the peak RSS of
+the largest rank (getrusage of the children), subtract the runtime baseline (a process that imports
+the same stack, joins a 1-rank process group and loads the tokenizer and data: what a rank costs
+before any model exists), and compare with the planner's estimate without its fixed runtime
+overhead (``plan.FIXED_OVERHEAD["cpu"]``). Target: within 25%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import ppo_bench  # noqa: E402
+
+GiB = 2**30
+
+_BASELINE = r"""
+import os, resource
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+import torch, deepspeed, transformers  # noqa
+import stackllama_ds.stages.sft, stackllama_ds.stages.rm, stackllama_ds.stages.ppo  # noqa
+from stackllama_ds.engines import dist
+from stackllama_ds.data.prepare import load_prepared
+from stackllama_ds.models.load import load_tokenizer
+dist.init("gloo", 60)
+tok = load_tokenizer(os.environ["BENCH_MODEL"])
+d = load_prepared(os.environ["BENCH_DATA"])
+print("@@BASE", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+SFT = {"max_steps": 3, "eval_every": 10_000, "eval_batches": 1, "save_every": 10_000, "seq_length": 512,
+       "optim": {"warmup_steps": 0}}
+RM = {"init_from": None, "max_length": 512, "max_steps": 3, "eval_every": 10_000, "save_every": 10_000,
+      "lora": {"enabled": False}}
+
+
+def cases() -> dict[str, tuple[str, int, dict]]:
+    """name -> (stage, ranks, config sections)."""
+    e = {"dtype": "bf16", "micro_batch_size": 4, "gradient_accumulation_steps": 1}
+    return {
+        "sft-z0-1rank": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 0}}}),
+        "sft-z2-1rank": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2}}}),
+        "sft-z2-1rank-fp32": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2, "dtype": "fp32"}}}),
+        "sft-z2-1rank-ckpt": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2,
+                                                                    "gradient_checkpointing": True}}}),
+        "sft-z2-1rank-lora": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2},
+                                                 "lora": {"enabled": True, "r": 16}}}),
+        "sft-z2-2ranks": ("sft", 2, {"sft": {**SFT, "engine": {**e, "zero_stage": 2}}}),
+        "sft-z3-2ranks": ("sft", 2, {"sft": {**SFT, "engine": {**e, "zero_stage": 3,
+                                                               "stage3_param_persistence_threshold": 0}}}),
+        "rm-z2-1rank": ("rm", 1, {"rm": {**RM, "init_from": str(common.ROOT / "tiny"),
+                                         "engine": {**e, "zero_stage": 2}}}),
+        "ppo-z2-1rank": ("ppo", 1, {}),
+    }
+
+
+def baseline_mb() -> float:
+    r, _ = common.run_measured([sys.executable, "-c", _BASELINE],
+                               extra_env={"BENCH_MODEL": str(common.ROOT / "tiny"),
+                                          "BENCH_DATA": str(common.ROOT / "data")})
+    common.check(r, "baseline")
+    return float(next(x for x in r.stdout.splitlines() if x.startswith("@@BASE")).split()[1])
+
+
+def estimate(cfg_path: Path, stage: str, ranks: int) -> tuple[float, float]:
+    """(planner's stage peak in MB, the same without the fixed runtime overhead)."""
+    from stackllama_ds import plan
+    from stackllama_ds.config import load_config
+
+    cfg = load_config(cfg_path, world_size=ranks)
+    shape = plan.model_shape(cfg)
+    sp = plan.PLANNERS[stage](cfg, shape, ranks, 1e12, "cpu")
+    return sp.total / 2**20, (sp.total - plan.FIXED_OVERHEAD["cpu"]) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="")
+    ap.add_argument("--measured", type=Path, help="re-estimate from an earlier run's stderr log (no runs)")
+    ap.add_argument("--baseline", type=float, help="with --measured: the baseline MB that run printed")
+    a = ap.parse_args()
+    common.ensure_root()
+    logged: dict[str, float] = {}
+    if a.measured:
+        for line in a.measured.read_text().splitlines():
+            m = re.match(r"\s+(\S+): peak (\d+) MB", line)
+            if m:
+                logged[m.group(1)] = float(m.group(2))
+    base = a.baseline if a.measured else baseline_mb()
+    ppo_args = argparse.Namespace(steps=2, batch=8, mini_batch=2, epochs=1, response_len=32, max_prompt=256,
+                                  dtype="bf16", warmup=0)
+    print(f"# plan check: {common.machine()}; model {common.n_params() / 1e6:.1f}M params; runtime baseline "
+          f"{base:.0f} MB RSS per rank (imports, process group, tokenizer, data); SFT seq 512 x micro 4, "
+          f"RM 4 pairs x 512, PPO batch 8 / minibatch 2 / 32 new tokens / prompts <= 256; bf16 unless named")
+    rows = []
+    for name, (stage, ranks, sections) in cases().items():
+        if a.only and name not in a.only.split(",") or a.measured and name not in logged:
+            continue
+        if stage == "ppo":
+            cfg = ppo_bench.make_run(f"plan-{name}", ppo_args, ranks)
+        else:
+            run = common.OUT / f"plan-{name}"
+            import shutil
+
+            shutil.rmtree(run, ignore_errors=True)
+            cfg = common.write_config(run, launch={"nproc_per_node": ranks}, **sections)
+        note = ""
+        if a.measured:
+            r, rss = None, logged[name]
+        else:
+            r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)])
+        if r is not None and r.returncode:
+            # The training steps may have run (the peak is then valid) and a later phase failed.
+            metrics = cfg.parent / stage / "metrics.jsonl"
+            done = metrics.exists() and any('"step"' in x for x in metrics.read_text().splitlines())
+            last = [x for x in r.stderr.strip().splitlines() if x.strip()][-3:]
+            if not done:
+                common.check(r, name)
+            note = " (trained; then failed: " + " / ".join(last)[-160:] + ")"
+            common.log(f"  {name}: exit {r.returncode} after training{note}")
+        est_total, est_model = estimate(cfg, stage, ranks)
+        measured = rss - base
+        err = est_model / measured - 1
+        rows.append([name, rss, measured, est_model, est_total, f"{100 * err:+.0f}%",
+                     ("yes" if abs(err) <= 0.25 else "NO") + ("*" if note else "")])
+        common.log(f"  {name}: peak {rss:.0f} MB, above baseline {measured:.0f} MB, estimate {est_model:.0f} MB "
+                   f"({100 * err:+.0f}%)")
+        import shutil
+
+        shutil.rmtree(cfg.parent, ignore_errors=True)
+    print(common.table(["config", "peak RSS MB/rank", "above baseline MB", "planner (no runtime) MB",
+                        "planner total MB", "error", "within 25%"], rows, "planner vs measured"))
+    if any(str(r[-1]).endswith("*") for r in rows):
+        print("* the stage failed after its training steps (see stderr); the peak covers the steps it ran")
+
+
+if __name__ == "__main__":
+    main()

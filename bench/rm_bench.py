@@ -1,0 +1,121 @@
+"""Reward-model throughput: our loop vs TRL's RewardTrainer, same model, pairs, length and precision.
+
+    python bench/rm_bench.py                         # bf16 and fp32, 2 rounds, ~6 min on 2 cores
+    python bench/rm_bench.py --dtypes bf16 --rounds 3 --steps 30
+
+Both sides train a fresh scalar head on the benchmark Llama from the same (chosen, rejected)
+pairs of rm_train (both texts within ``--max-length`` tokens), micro batch ``--micro-batch`` pairs,
+1 rank, alternating ours / TRL in fresh processes. pairs/s = micro batch over the mean wall time
+of the steps after ``--warmup`` (the orders differ: each side shuffles with its own seed, so
+use enough steps that padding averages out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import peers  # noqa: E402
+
+
+def pairs_file(max_length: int) -> Path:
+    from stackllama_ds.data.prepare import load_prepared
+    from stackllama_ds.data.template import format_qa
+    from stackllama_ds.models.load import load_tokenizer
+
+    path = common.OUT / f"rm_pairs_{max_length}.jsonl"
+    if not path.exists():
+        tok = load_tokenizer(common.ROOT / "tiny")
+        split = load_prepared(common.ROOT / "data")["rm_train"]
+        lines = []
+        for q, j, k in zip(split["question"], split["response_j"], split["response_k"]):
+            cj, ck = format_qa(q, j), format_qa(q, k)
+            if max(len(x) for x in tok([cj, ck])["input_ids"]) <= max_length:
+                lines.append(json.dumps({"chosen": cj, "rejected": ck}) + "\n")
+        path.write_text("".join(lines))
+    return path
+
+
+def run_ours(a, dtype: str, tag: str) -> dict:
+    run = common.OUT / f"rm-{tag}"
+    shutil.rmtree(run, ignore_errors=True)
+    st = {"init_from": str(common.ROOT / "tiny"), "max_length": a.max_length, "max_steps": a.steps,
+          "eval_every": 10_000, "save_every": 10_000,
+          "engine": {"zero_stage": a.zero, "micro_batch_size": a.micro_batch, "dtype": dtype,
+                     "gradient_accumulation_steps": 1},
+          "lora": {"enabled": False}}
+    cfg = common.write_config(run, rm=st, launch={"nproc_per_node": 1})
+    r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", "rm", str(cfg)])
+    common.check(r, f"our rm ({tag})")
+    rows = [x for x in common.read_jsonl(run / "rm" / "metrics.jsonl") if "elapsed_s" in x]
+    dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)  # last step also evaluates
+    shutil.rmtree(run, ignore_errors=True)
+    return {"pps": a.micro_batch / (sum(dts) / len(dts)), "rss": rss}
+
+
+def run_peer(a, py: Path, dtype: str, tag: str) -> dict:
+    out = common.OUT / f"peer-rm-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    spec = {"model": str(common.ROOT / "tiny"), "data": str(pairs_file(a.max_length)), "out": str(out),
+            "seq_length": a.max_length, "micro_batch": a.micro_batch, "steps": a.steps, "dtype": dtype,
+            "lr": 5e-4, "weight_decay": 0.001, "betas": [0.9, 0.95], "scheduler": "linear", "warmup_steps": 0,
+            "threads": os.cpu_count()}
+    (out / "spec.json").write_text(json.dumps(spec))
+    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / "peer_trl.py"), "rm", str(out / "spec.json")])
+    common.check(r, f"TRL RewardTrainer ({tag})")
+    res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:])
+    dts = common.step_times(res["stamps"][:-1], a.warmup)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"pps": res["per_step"] / (sum(dts) / len(dts)), "rss": rss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--zero", type=int, default=2)
+    a = ap.parse_args()
+    common.ensure_root()
+    py, why = peers.ensure("trl116", log=common.log)
+    if py is None:
+        common.log(f"peer skipped: {why}")
+    n_pairs = sum(1 for _ in open(pairs_file(a.max_length)))
+    print(f"# RM: {common.machine()}; model {common.n_params() / 1e6:.1f}M params + scalar head; {n_pairs} pairs "
+          f"within {a.max_length} tokens; micro batch {a.micro_batch} pairs, 1 rank, {a.steps} steps "
+          f"({a.warmup} warm-up), our ZeRO-{a.zero}; peer: {'TRL 1.16.0 RewardTrainer' if py else 'skipped'}")
+    for dtype in a.dtypes.split(","):
+        ours, theirs = [], []
+        for i in range(a.rounds):
+            ours.append(run_ours(a, dtype, f"{dtype}-{i}"))
+            common.log(f"  ours {dtype} round {i}: {ours[-1]['pps']:.2f} pairs/s, {ours[-1]['rss']:.0f} MB")
+            if py is not None:
+                theirs.append(run_peer(a, py, dtype, f"{dtype}-{i}"))
+                common.log(f"  peer {dtype} round {i}: {theirs[-1]['pps']:.2f} pairs/s, {theirs[-1]['rss']:.0f} MB")
+        rows = []
+        for i in range(a.rounds):
+            t = theirs[i] if theirs else None
+            rows.append([f"round {i + 1}", ours[i]["pps"], t["pps"] if t else float("nan"),
+                         ours[i]["pps"] / t["pps"] if t else float("nan"), ours[i]["rss"],
+                         t["rss"] if t else float("nan")])
+        o = common.median([x["pps"] for x in ours])
+        p = common.median([x["pps"] for x in theirs]) if theirs else float("nan")
+        rows.append(["median", o, p, o / p, max(x["rss"] for x in ours),
+                     max((x["rss"] for x in theirs), default=float("nan"))])
+        print(common.table(["", "ours pairs/s", "TRL pairs/s", "ours/TRL", "ours peak RSS MB", "TRL peak RSS MB"],
+                           rows, f"RM {dtype}"))
+
+
+if __name__ == "__main__":
+    main()

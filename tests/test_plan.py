@@ -1,0 +1,123 @@
+"""The memory planner: StackLLaMA's arithmetic, monotonicity, and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from stackllama_ds import plan
+from stackllama_ds.config import EngineConfig, LoraConfig, RunConfig
+from stackllama_ds.plan import LLAMA_7B, Workload, engine_estimate
+
+GB = 1e9
+
+
+def est(zero=0, dtype="bf16", world=1, lora=None, quant="none", ckpt=False, mb=1, seq=1024, **kw):
+    eng = EngineConfig(zero_stage=zero, dtype=dtype, micro_batch_size=mb, gradient_checkpointing=ckpt, **kw)
+    return engine_estimate("m", LLAMA_7B, eng, world, Workload(mb, seq), lora=lora, quant=quant)
+
+
+def test_llama7b_parameter_count():
+    assert LLAMA_7B.n_params() == pytest.approx(6.74e9, rel=0.01)
+
+
+def test_stackllama_full_finetune_needs_70gb_before_activations():
+    # StackLLaMA: bf16 weights 2 B/param + Adam 8 B/param = ~70 GB for 7B, before activations.
+    e = est()
+    moments = 8 * e.trainable
+    assert (e.weights + moments) / GB == pytest.approx(70, rel=0.05)
+    # Our accounting adds the bf16 gradients, fp32 gradients and the fp32 master copy on top.
+    assert e.weights + e.grads + e.optimizer > 70 * GB
+    assert e.optimizer == 12 * e.trainable
+
+
+def test_stackllama_lora_8bit_is_about_1_2_to_1_4_gb_per_billion():
+    lora = LoraConfig(enabled=True, r=16, target_modules=["q_proj", "v_proj"])
+    e = est(lora=lora, quant="8bit")
+    per_b = (e.persistent + plan.FIXED_OVERHEAD["gpu"]) / (LLAMA_7B.n_params() / 1e9) / GB
+    assert 1.1 <= per_b <= 1.45
+    assert e.trainable == 32 * 2 * 16 * (4096 + 4096)  # layers x (q, v) x r x (in + out)
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_zero_stages_shrink_per_gpu_memory(world):
+    t0, t1, t2, t3 = (est(zero=z, world=world).persistent for z in (0, 1, 2, 3))
+    assert t3 < t2 < t1 < t0
+
+
+def test_lora_and_8bit_and_checkpointing_shrink():
+    lora = LoraConfig(enabled=True)
+    assert est(lora=lora).total < est().total
+    assert est(lora=lora, quant="8bit").total < est(lora=lora).total
+    assert est(lora=lora, quant="4bit").total < est(lora=lora, quant="8bit").total
+    assert est(ckpt=True, mb=4).activations < est(mb=4).activations
+    assert est(mb=2).activations < est(mb=4).activations
+
+
+def test_offload_moves_state_to_host():
+    a = est(zero=3, world=8)
+    b = est(zero=3, world=8, offload_optimizer=True, offload_params=True)
+    assert b.persistent < a.persistent and b.host > 0
+
+
+def test_kv_cache_formula():
+    shape = LLAMA_7B
+    eng = EngineConfig(zero_stage=2, dtype="bf16")
+    e = engine_estimate("actor", shape, eng, 1, Workload(2, 640, gen_batch=8))
+    kv = 8 * 640 * 32 * 2 * 32 * 128 * 2
+    assert kv <= e.kv_cache < kv * 1.05
+
+
+def _cfg(**over) -> RunConfig:
+    cfg = RunConfig()
+    for k, v in over.items():
+        obj = cfg
+        *path, last = k.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, v)
+    return cfg
+
+
+def test_ppo_lora_mode_has_no_reference_engine():
+    cfg = _cfg()
+    names = [e.name for e in plan.plan_ppo(cfg, plan.model_shape(cfg), 2, 80 * 2**30).engines]
+    assert "reference" in names
+    cfg.ppo.lora.enabled = True
+    names = [e.name for e in plan.plan_ppo(cfg, plan.model_shape(cfg), 2, 80 * 2**30).engines]
+    assert "reference" not in names and "actor" in names
+
+
+def test_fits_and_main_exit_codes(capsys):
+    cfg = _cfg()  # the tiny default model
+    ok, msg = plan.fits(cfg, 2, 8.0, device="cpu")
+    assert ok and "fits with" in msg
+    assert plan.main(cfg, 2, 8.0, device="cpu") == 0
+    out = capsys.readouterr().out
+    assert "SFT" in out and "PPO" in out and "stage peak" in out
+    assert plan.main(cfg, 2, 0.5, device="cpu") == 3
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_suggestions_name_concrete_changes(tmp_path):
+    cfg = RunConfig()
+    cfg.model.name_or_path = str(tmp_path)
+    (tmp_path / "config.json").write_text(
+        '{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,'
+        ' "num_attention_heads": 32}'
+    )
+    cfg.sft.engine = EngineConfig(zero_stage=2, dtype="bf16", micro_batch_size=4)
+    ok, msg = plan.fits(cfg, 1, 40.0, device="gpu")
+    assert not ok
+    sft_line = next(x for x in msg.splitlines() if x.startswith("sft"))
+    assert "does not fit" in sft_line and "try" in sft_line
+    assert any(k in sft_line for k in ("zero_stage: 3", "lora", "gradient_checkpointing"))
+
+
+def test_cli_prints_table_and_exit_code(tmp_path):
+    from tests.conftest import TINY_YAML, run_cli
+
+    r = run_cli("plan", TINY_YAML, "--gpus-per-node", "2", "--gpu-mem", "16", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "stage peak" in r.stdout and "fits with" in r.stdout
+    r = run_cli("plan", TINY_YAML, "--gpus-per-node", "2", "--gpu-mem", "0.1", timeout=120)
+    assert r.returncode == 3 and "does not fit" in r.stdout
