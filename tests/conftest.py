@@ -20,6 +20,8 @@ TINY_YAML = REPO / "configs" / "tiny.yaml"
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # CI runs `.venv/bin/python -m pytest` without activating the venv: its torchrun/deepspeed first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update(extra)

@@ -146,6 +146,8 @@ def cmd_node(stage: str, config: str, sets: Sequence[str], env: Mapping[str, str
             cmd.insert(1, f"--num_gpus={job.gpus_per_node}")
     else:
         raise slurm.SlurmEnvError(f"launcher {launcher!r} has no per-node process (use launch/rank.sh)")
+    if shutil.which(cmd[0]) is None and (Path(sys.executable).parent / cmd[0]).exists():
+        cmd[0] = str(Path(sys.executable).parent / cmd[0])  # the venv's launcher, venv not activated
     # Slurm signals every process of the step; the ranks handle USR1 themselves (checkpoint, exit 75)
     # but torchrun and the deepspeed launcher would die of it (default action), so they ignore it.
     old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
