@@ -50,6 +50,17 @@ def rank_env(nproc: int, rank: int, port: int, cuda: bool, base: dict[str, str] 
     return env
 
 
+def _die_with_parent() -> None:
+    """Linux: a rank gets SIGKILL when its supervisor dies (even by SIGKILL), so no orphan rank keeps
+    training beside a rerun; the rerun resumes from the last complete checkpoint."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def describe(code: int) -> str:
     if code < 0:
         try:
@@ -75,7 +86,8 @@ def spawn(argv: list[str], nproc: int, poll_s: float = 0.2, grace_s: float = 5.0
     try:
         for r in range(nproc):
             cmd = [sys.executable, "-m", "stackllama_ds.cli", *argv]
-            procs.append(subprocess.Popen(cmd, env=rank_env(nproc, r, port, cuda), start_new_session=True))
+            procs.append(subprocess.Popen(cmd, env=rank_env(nproc, r, port, cuda), start_new_session=True,
+                                          preexec_fn=_die_with_parent))
         failed: tuple[int, int] | None = None
         while True:
             codes = [p.poll() for p in procs]
