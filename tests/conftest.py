@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,35 @@ def rm_root(sft_root, tmp_path_factory) -> Path:
     r = run_cli("rm", cfg)
     assert r.returncode == 0, r.stderr[-4000:]
     return root
+
+
+def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Poll ``stage_dir/metrics.jsonl`` until a row with ``step`` (or later) appears; fail if ``proc`` ends."""
+    from stackllama_ds.metrics import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = read_metrics(stage_dir / "metrics.jsonl")
+        if rows and rows[-1].get("step", 0) >= step:
+            return rows[-1]["step"]
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n{(err or '')[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of a rank: a child of the launcher whose environment holds RANK=rank (a /proc scan)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(d.name)
+    raise AssertionError(f"rank {rank} of launcher {launcher} not found")

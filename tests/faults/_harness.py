@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, rank_pid, wait_for_step  # noqa: F401  (re-exported for the fault tests)
 
 # One row per fault, printed at the end of the session (run pytest with -s to see it).
 REPORT: list[tuple[str, str, str, str]] = []
@@ -64,35 +64,6 @@ def run(stage: str, cfg: Path, *args: str, timeout: float = 300, **env: str) -> 
 def rows_of(stage_dir: Path) -> list[dict]:
     p = stage_dir / "metrics.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
-
-
-def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = rows_of(stage_dir)
-        if rows and rows[-1].get("step", 0) >= step:
-            return rows[-1]["step"]
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n{err[-3000:]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"step {step} not reached in {timeout} s")
-
-
-def rank_pid(launcher: int, rank: int) -> int:
-    """The pid of a rank: a child of the launcher whose environment holds RANK=rank (a /proc scan)."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (d / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == launcher and f"RANK={rank}".encode() in env:
-            return int(d.name)
-    raise AssertionError(f"rank {rank} of launcher {launcher} not found")
 
 
 def no_traceback(text: str) -> None:

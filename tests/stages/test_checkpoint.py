@@ -34,7 +34,7 @@ from stackllama_ds.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from tests.conftest import REPO, cli_env, fresh_root, run_cli, write_config
+from tests.conftest import REPO, cli_env, fresh_root, rank_pid, run_cli, wait_for_step, write_config
 
 
 # ------------------------------------------------------------------------- unit: one process
@@ -190,36 +190,6 @@ def launch(cfg: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = rows_of(root)
-        if rows and rows[-1].get("step", 0) >= step:
-            return rows[-1]["step"]
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n{err[-3000:]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"step {step} not reached in {timeout} s")
-
-
-def rank_pid(launcher: int, rank: int) -> int:
-    """The pid of a rank: a child of the launcher whose environment says RANK=rank (a /proc scan)."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            env = (d / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == launcher and f"RANK={rank}".encode() in env:
-            return int(d.name)
-    raise AssertionError(f"rank {rank} of launcher {launcher} not found")
-
-
 def assert_losses_match(got: list[dict], ref: list[dict], steps) -> None:
     by_step = {r["step"]: r for r in ref}
     for r in got:
@@ -249,7 +219,7 @@ def test_resume_after_signal_kill_and_half_written_save(reference, prepared_root
 
     # 1. SIGUSR1 to the launcher: it forwards to the ranks, they checkpoint the step and exit 75.
     p = launch(cfg)
-    wait_for_step(root, 2, p)
+    wait_for_step(root / "sft", 2, p)
     p.send_signal(signal.SIGUSR1)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 75, err[-3000:]
@@ -260,7 +230,7 @@ def test_resume_after_signal_kill_and_half_written_save(reference, prepared_root
 
     # 2. SIGKILL of rank 1 after at least one more checkpoint: the launcher names it and fails.
     p = launch(cfg)
-    killed_at = wait_for_step(root, k1 + 4, p)
+    killed_at = wait_for_step(root / "sft", k1 + 4, p)
     os.kill(rank_pid(p.pid, 1), signal.SIGKILL)
     out, err = p.communicate(timeout=120)
     assert p.returncode not in (0, 75), err[-3000:]
