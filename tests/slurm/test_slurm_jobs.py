@@ -169,17 +169,16 @@ def _check_resumed(root: Path, log: str, max_steps: int) -> None:
     assert (root / "sft" / "DONE").exists()
 
 
-def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, sft_job_root, tmp_path):
-    root, cfg = sft_job_root
+def _interrupted_sft_job(cfg: Path, root: Path, tmp_path: Path, interrupt, pending_timeout: float = 60) -> str:
+    """Submit the slow SFT job, interrupt it once training runs, wait through its requeue; return its log."""
     out = tmp_path / "job.out"
     cmd, env = sbatch("sft.sbatch", cfg, out)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         job = job_id_of(out, proc)
         wait_for(lambda: len(steps(root / "sft")) >= 3, 120, "training to start", proc)
-        # What `--signal=B:USR1@T` does before the time limit: USR1 to the batch shell only.
-        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
-        release_when_pending(job, proc)
+        interrupt(job, env)
+        release_when_pending(job, proc, timeout=pending_timeout)
         stdout, stderr = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
@@ -187,6 +186,17 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, sft_job_ro
             proc.kill()
     log = out.read_text()
     assert proc.returncode == 0, (stdout, stderr, log[-6000:])
+    return log
+
+
+def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, sft_job_root, tmp_path):
+    root, cfg = sft_job_root
+
+    def warn(job: int, env: dict) -> None:
+        # What `--signal=B:USR1@T` does before the time limit: USR1 to the batch shell only.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+
+    log = _interrupted_sft_job(cfg, root, tmp_path, warn)
     assert "batch shell got SIGUSR1" in log and "requeueing job" in log, log[-6000:]
     assert "all 2 ranks stopped after a checkpoint" in log
     _check_resumed(root, log, SLOW_SFT["max_steps"])
@@ -194,23 +204,13 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, sft_job_ro
 
 def test_preemption_by_urgent_job_checkpoints_and_resumes(slurm_cluster, sft_job_root, tmp_path):
     root, cfg = sft_job_root
-    out = tmp_path / "job.out"
-    cmd, env = sbatch("sft.sbatch", cfg, out)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        job = job_id_of(out, proc)
-        wait_for(lambda: len(steps(root / "sft")) >= 3, 120, "training to start", proc)
+
+    def preempt(job: int, env: dict) -> None:
         # A job in the higher-priority partition takes both nodes: SIGTERM now, SIGKILL 10 s later.
         subprocess.run(["sbatch", "-p", "urgent", "--exclusive", "-N2", f"--output={tmp_path}/urgent.out",
                         "--wrap", "sleep 1"], check=True, capture_output=True, env=env)
-        release_when_pending(job, proc, timeout=90)
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            subprocess.run(["scancel", str(job)])
-            proc.kill()
-    log = out.read_text()
-    assert proc.returncode == 0, (stdout, stderr, log[-6000:])
+
+    log = _interrupted_sft_job(cfg, root, tmp_path, preempt, pending_timeout=90)
     assert "after SIGTERM from Slurm" in log, log[-6000:]
     _check_resumed(root, log, SLOW_SFT["max_steps"])
 
