@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from stackllama_ds.config import RunConfig, resolve_path
-from stackllama_ds.runtime import DONE, data_dir, tiny_dir
+from stackllama_ds.runtime import data_dir, is_done, mark_done, tiny_dir
 
 TRAIN_STAGES = ("sft", "rm", "ppo", "eval")
 RESULTS = {
@@ -28,10 +28,6 @@ RESULTS = {
 def available_stages() -> list[str]:
     mods = {"eval": "stackllama_ds.stages.eval"}
     return [s for s in TRAIN_STAGES if importlib.util.find_spec(mods.get(s, f"stackllama_ds.stages.{s}"))]
-
-
-def _mark(d: Path, info: str) -> None:
-    (d / DONE).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {info}\n")
 
 
 def plan_gate(cfg: RunConfig, force: bool) -> bool:
@@ -65,7 +61,7 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
     t0 = time.time()
     base = Path(config_path).resolve().parent
     dd = data_dir(cfg)
-    if (dd / DONE).exists():
+    if is_done(dd):
         print(f"[pipeline] data: done, skipped ({dd})", flush=True)
     else:
         from stackllama_ds.data.prepare import prepare
@@ -74,22 +70,22 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
         votes = resolve_path(cfg.data.votes, base) if cfg.data.votes else None
         prepare(resolve_path(cfg.data.posts, base), dd, votes=votes, cfg=cfg.data, seed=cfg.seed,
                 workers=cfg.data.workers, skip_bad_rows=cfg.data.skip_bad_rows, site=cfg.data.site)
-        _mark(dd, "prepare")
+        mark_done(dd, "prepare")
     if cfg.model.name_or_path == "tiny":
         td = tiny_dir(cfg)
-        if (td / DONE).exists():
+        if is_done(td):
             print(f"[pipeline] tiny: done, skipped ({td})", flush=True)
         else:
             from stackllama_ds.models.tiny import make_tiny
 
             print("[pipeline] tiny: training tokenizer, building tiny Llama", flush=True)
             make_tiny(dd, td, seed=cfg.seed, cfg=cfg.model.tiny)
-            _mark(td, "make-tiny")
+            mark_done(td, "make-tiny")
     if not plan_gate(cfg, force):
         return 3
     for stage in available_stages():
         sd = cfg.stage_dir(stage)
-        if (sd / DONE).exists():
+        if is_done(sd):
             print(f"[pipeline] {stage}: done, skipped ({sd})", flush=True)
             continue
         ts = time.time()
