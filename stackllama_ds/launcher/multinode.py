@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from stackllama_ds.launcher import slurm
+from stackllama_ds.launcher import slurm, spawn
 from stackllama_ds.launcher.slurm import EXIT_RESUME, Outcome
 
 STATUS_ENV = "STACKLLAMA_STATUS_DIR"
@@ -317,6 +317,8 @@ def cmd_env(env: Mapping[str, str] = os.environ) -> int:
         ("STACKLLAMA_LAUNCHER", slurm.choose_launcher(env)),
     ):
         print(f"export {k}={shlex.quote(str(v))}")
+    for k, v in spawn.MALLOC_ENV.items():  # inherited by torchrun / srun and so by every rank
+        print(f"export {k}=${{{k}:-{v}}}")
     return 0
 
 

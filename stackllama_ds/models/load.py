@@ -160,10 +160,19 @@ class ActorWithValueHead(nn.Module):
     def config(self):
         return self.policy.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        keep: int | None = None,
+    ):
+        """``keep``: heads on the last ``keep`` positions only (PPO needs the response's)."""
         _, body, head = hf_parts(self.policy)
         h = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = h.last_hidden_state  # (B, T, H)
+        if keep is not None:
+            hidden = hidden[:, -keep:]
         logits = head(hidden)  # (B, T, V)
         values = self.v_head(self.v_dropout(hidden)).squeeze(-1).float()  # (B, T)
         return logits, values
@@ -188,8 +197,15 @@ class TokenValueModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        keep: int | None = None,
+    ):
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         body = getattr(lm, lm.base_model_prefix)
         h = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return lm.score(h.last_hidden_state).squeeze(-1).float()  # (B, T)
+        hidden = h.last_hidden_state if keep is None else h.last_hidden_state[:, -keep:]
+        return lm.score(hidden).squeeze(-1).float()  # (B, T)

@@ -24,6 +24,15 @@ def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
+def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop the leading columns that are padding in every row (a minibatch of short prompts
+    padded to the batch's longest): same positions and logits, less work. Returns (ids, mask, P)."""
+    real = mask[:, :P].any(0).nonzero()
+    c = int(real[0]) if len(real) else max(P - 1, 0)
+    c = min(c, P - 1)  # keep position P-1: it predicts the first response token
+    return ids[:, c:], mask[:, c:], P - c
+
+
 def cut_at_eos(resp: torch.Tensor, eos: int) -> torch.Tensor:
     """(B, T) mask: 1 up to and including the first EOS, 0 after it (StackLLaMA's cut)."""
     is_eos = (resp == eos).long()
@@ -33,10 +42,14 @@ def cut_at_eos(resp: torch.Tensor, eos: int) -> torch.Tensor:
 def response_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B, T) and logits (B, T, V) of the response tokens ids[:, P:] under a causal LM.
 
-    Token t of the response (absolute position P+t) is predicted at position P+t-1.
+    Token t of the response (absolute position P+t) is predicted at position P+t-1. All-padding
+    prompt columns are skipped and the LM head runs on the last T+1 positions only.
     """
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-    logits = out.logits[:, P - 1 : -1]
+    ids, mask, P = trim_left_padding(ids, mask, P)
+    T = ids.shape[1] - P
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+             logits_to_keep=T + 1)
+    logits = out.logits[:, :-1]
     return logprobs_from_logits(logits, ids[:, P:]), logits
 
 

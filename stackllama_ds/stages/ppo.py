@@ -42,6 +42,7 @@ from stackllama_ds.models.rollout import (
     position_ids_from_mask,
     response_logprobs,
     reward_scores,
+    trim_left_padding,
 )
 
 NEG_KL_CAUSES = (
@@ -86,15 +87,23 @@ def policy_forward(module, ids, mask, P: int, with_values: bool = True, disable_
     """Log-probs, entropy and values of the response positions; module is ActorWithValueHead.
 
     Token t of the response (absolute position P+t) is predicted at position P+t-1; its value is
-    the value of that same state (TRL's alignment).
+    the value of that same state (TRL's alignment). Leading all-padding columns are dropped and the
+    heads run on the last T+1 positions only: same numbers, less work.
     """
-    pos = position_ids_from_mask(mask)
+    ids, mask, P = trim_left_padding(ids, mask, P)
+    T = ids.shape[1] - P
     ctx = module.policy.disable_adapter() if disable_adapter else contextlib.nullcontext()
     with ctx:
-        logits, values = module(ids, mask, pos)  # (B, P+T, V), (B, P+T)
-    logits = logits[:, P - 1 : -1]  # (B, T, V)
+        logits, values = module(ids, mask, position_ids_from_mask(mask), keep=T + 1)  # (B, T+1, V), (B, T+1)
+    logits = logits[:, :-1]  # (B, T, V)
     lp = rl.logprobs_from_logits(logits, ids[:, P:])
-    return lp, values[:, P - 1 : -1], logits
+    return lp, values[:, :-1], logits
+
+
+def critic_values(critic, ids, mask, P: int) -> torch.Tensor:
+    """The separate critic's values (B, T) of the response states, aligned as in ``policy_forward``."""
+    ids, mask, P = trim_left_padding(ids, mask, P)
+    return critic(ids, mask, position_ids_from_mask(mask), keep=ids.shape[1] - P + 1)[:, :-1]
 
 
 def rule_scores(resp: torch.Tensor, rmask: torch.Tensor, token_id: int, scale: float) -> torch.Tensor:
@@ -239,7 +248,7 @@ def train(cfg: RunConfig) -> None:
                 # Per-token KL estimate; "full" needs both distributions, so it is taken chunk by chunk.
                 kl_chunks.append(rl.kl_penalty(lp, ref_lp, p.kl_penalty, logits=logits, ref_logits=ref_logits))
                 if critic is not None:
-                    v_chunks[-1] = critic(ids[sl], mask[sl], position_ids_from_mask(mask[sl]))[:, P - 1 : -1]
+                    v_chunks[-1] = critic_values(critic, ids[sl], mask[sl], P)
         actor.train()
         logprobs, values, ref_logprobs = torch.cat(lp_chunks), torch.cat(v_chunks), torch.cat(ref_chunks)
         m = r_mask.float()
@@ -272,7 +281,7 @@ def train(cfg: RunConfig) -> None:
                 mm = mb.response_mask.float()
                 lp, v, _ = policy_forward(actor, mb_ids, mb_mask, P)
                 if critic is not None:
-                    v = critic(mb_ids, mb_mask, position_ids_from_mask(mb_mask))[:, P - 1 : -1]
+                    v = critic_values(critic, mb_ids, mb_mask, P)
                 pg, pst = rl.policy_loss(lp, mb.logprobs, mb.advantages, mm, p.cliprange)
                 vf, vst = rl.value_loss(v, mb.values, mb.returns, mm, p.cliprange_value)
                 # A minibatch whose mean ratio explodes is skipped: zero loss keeps the collectives in step.
