@@ -1,0 +1,70 @@
+"""PPO's forwards skip all-padding prompt columns and run heads on the response tail: same numbers
+as the full-width forward sliced at P-1:-1 (the formula), for any left padding."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from stackllama_ds.models.load import ActorWithValueHead, TokenValueModel
+from stackllama_ds.models.rollout import position_ids_from_mask, response_logprobs, trim_left_padding
+from stackllama_ds.rl import logprobs_from_logits
+from stackllama_ds.stages.ppo import critic_values, policy_forward
+
+CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0)
+
+
+def batch(prompt_lens: list[int], P: int, T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (len(prompt_lens), P + T), generator=g)
+    mask = torch.ones_like(ids)
+    for i, n in enumerate(prompt_lens):
+        ids[i, : P - n], mask[i, : P - n] = 0, 0
+    mask[0, -3:] = 0  # a response that ended early (right padding after EOS)
+    return ids, mask
+
+
+def test_trim_left_padding_drops_only_all_pad_columns():
+    ids, mask = batch([3, 5], P=9, T=4)
+    t_ids, t_mask, P = trim_left_padding(ids, mask, 9)
+    assert P == 5 and t_ids.shape == (2, 9)
+    assert torch.equal(t_ids, ids[:, 4:]) and torch.equal(t_mask, mask[:, 4:])
+    assert torch.equal(position_ids_from_mask(t_mask), position_ids_from_mask(mask)[:, 4:])
+    # a full-length prompt keeps every column
+    assert trim_left_padding(*batch([9, 2], P=9, T=4), 9)[2] == 9
+
+
+def test_policy_and_reference_forwards_match_full_width_formula():
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(**CFG)).eval()
+    actor = ActorWithValueHead(lm).eval()
+    ids, mask = batch([2, 6, 4], P=10, T=7)
+    P = 10
+    with torch.no_grad():
+        lp, values, logits = policy_forward(actor, ids, mask, P)
+        # the formula on the untrimmed batch: position P+t-1 predicts response token t
+        pos = position_ids_from_mask(mask)
+        h = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        full_logits = lm.lm_head(h)[:, P - 1 : -1]
+        full_values = actor.v_head(h).squeeze(-1)[:, P - 1 : -1]
+        full_lp = logprobs_from_logits(full_logits, ids[:, P:])
+        ref_lp, ref_logits = response_logprobs(lm, ids, mask, P)
+    assert lp.shape == values.shape == (3, 7) and logits.shape == (3, 7, 97)
+    m = mask[:, P:].bool()  # compare where the response is real
+    torch.testing.assert_close(lp[m], full_lp[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[m], full_values[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_lp[m], full_lp[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_logits[m], full_logits[m], atol=1e-5, rtol=1e-5)
+
+
+def test_critic_values_match_full_width_formula():
+    torch.manual_seed(1)
+    critic = TokenValueModel(LlamaForSequenceClassification(LlamaConfig(**CFG, num_labels=1))).eval()
+    ids, mask = batch([3, 8], P=8, T=5, seed=1)
+    with torch.no_grad():
+        v = critic_values(critic, ids, mask, 8)
+        full = critic(ids, mask, position_ids_from_mask(mask))[:, 7:-1]
+    m = mask[:, 8:].bool()
+    assert v.shape == (2, 5)
+    torch.testing.assert_close(v[m], full[m], atol=1e-5, rtol=1e-5)
