@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -45,6 +46,13 @@ def env(**extra: str) -> dict[str, str]:
         e.pop(k, None)
     e.update(extra)
     return e
+
+
+def heap_env() -> dict[str, str]:
+    """Our launcher's glibc heap settings, to give a peer the same allocator behaviour."""
+    from stackllama_ds.launcher.spawn import MALLOC_ENV
+
+    return dict(MALLOC_ENV)
 
 
 def log(msg: str) -> None:
@@ -160,6 +168,44 @@ def matmul_rate(dtype: str = "bf16", n: int = 2048, threads: int | None = None, 
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def alternate(rounds: int, sides: dict[str, Callable[[int], dict]], show: Callable[[dict], str]) -> dict[str, list[dict]]:
+    """Each round runs every side once, in order (ours, peer, ours, peer ...), each in fresh processes,
+    so a ratio taken within a round holds on a noisy machine. ``sides[name](round)`` returns a dict."""
+    res: dict[str, list[dict]] = {k: [] for k in sides}
+    for i in range(rounds):
+        for name, fn in sides.items():
+            res[name].append(fn(i))
+            log(f"  {name} round {i + 1}: {show(res[name][-1])}")
+    return res
+
+
+def compare_table(res: dict[str, list[dict]], key: str, unit: str, title: str, higher_is_better: bool = True,
+                  ours: str = "ours") -> str:
+    """Rounds and medians of ``key`` per side, our ratio to every other side, peak RSS per side.
+
+    Ratios are ours/peer for a throughput and peer/ours (our speed-up) for a time, so > 1 means
+    ours is better either way; the median row's ratio is the ratio of the medians.
+    """
+    others = [k for k in res if k != ours]
+    rounds = len(res[ours])
+
+    def ratio(o: float, t: float) -> float:
+        return o / t if higher_is_better else t / o
+
+    head = [""] + [f"{k} {unit}" for k in res]
+    head += [f"{ours}/{k}" if higher_is_better else f"speed-up vs {k}" for k in others]
+    head += [f"{k} peak RSS MB" for k in res]
+    rows = []
+    for i in range(rounds):
+        rows.append([f"round {i + 1}"] + [res[k][i][key] for k in res]
+                    + [ratio(res[ours][i][key], res[k][i][key]) for k in others]
+                    + [res[k][i]["rss"] for k in res])
+    med = {k: median([x[key] for x in v]) for k, v in res.items()}
+    rows.append(["median"] + [med[k] for k in res] + [ratio(med[ours], med[k]) for k in others]
+                + [max(x["rss"] for x in v) for v in res.values()])
+    return table(head, rows, title)
 
 
 def table(headers: list[str], rows: list[list], title: str = "") -> str:

@@ -6,7 +6,8 @@
 Same model (policy, frozen reference copy, a sequence-classifier reward on question + response),
 same prompts in the same order, exactly ``--response-len`` sampled tokens, batch, minibatch and
 PPO epochs; KL early stopping off on both sides so both do every epoch. 1 rank, alternating
-ours / TRL in fresh processes. Step time = rollout + scoring + training, mean over steps after
+ours / TRL / TRL with our launcher's ``MALLOC_*`` heap settings (TRL+heap; ``--no-peer-heap``
+drops it) in fresh processes; our actor ZeRO-0 by default (1 rank: ZeRO-1/2 partition nothing). Step time = rollout + scoring + training, mean over steps after
 ``--warmup``; ours is split into generate / score / log-probs / train.
 """
 
@@ -30,7 +31,7 @@ def ppo_section(a, **extra) -> dict:
          "ppo_epochs": a.epochs, "response_min_length": a.response_len, "response_max_length": a.response_len,
          "max_prompt_length": a.max_prompt, "early_stopping": False, "save_every": 10_000, "log_samples": 0,
          "optim": {"lr": 1.41e-5}, "lora": {"enabled": False},
-         "actor": {"zero_stage": 2, "dtype": a.dtype}, "critic": {"zero_stage": 2, "dtype": a.dtype},
+         "actor": {"zero_stage": a.zero, "dtype": a.dtype}, "critic": {"zero_stage": a.zero, "dtype": a.dtype},
          "reference": {"zero_stage": 0, "dtype": a.dtype}, "reward": {"zero_stage": 0, "dtype": a.dtype}}
     for k, v in extra.items():
         d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
@@ -80,7 +81,7 @@ def prompt_spec(a) -> list[dict]:
     return steps
 
 
-def run_peer(a, py: Path, tag: str, steps: list[dict]) -> dict:
+def run_peer(a, py: Path, tag: str, steps: list[dict], heap: bool = False) -> dict:
     out = common.OUT / f"peer-ppo-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -88,7 +89,8 @@ def run_peer(a, py: Path, tag: str, steps: list[dict]) -> dict:
             "ppo_epochs": a.epochs, "response_len": a.response_len, "dtype": a.dtype, "steps": steps,
             "threads": os.cpu_count()}
     (out / "spec.json").write_text(json.dumps(spec))
-    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / "peer_trl_ppo.py"), str(out / "spec.json")])
+    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / "peer_trl_ppo.py"), str(out / "spec.json")],
+                                 extra_env=common.heap_env() if heap else None)
     common.check(r, f"TRL PPOTrainer ({tag})")
     res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:])
     rows = res["rows"][a.warmup:]
@@ -101,7 +103,7 @@ def run_peer(a, py: Path, tag: str, steps: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--mini-batch", type=int, default=2)
@@ -109,6 +111,9 @@ def main() -> None:
     ap.add_argument("--response-len", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=128)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--zero", type=int, default=0, help="our actor's ZeRO stage on 1 rank")
+    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the peer with our launcher's MALLOC_* settings")
     a = ap.parse_args()
     common.ensure_root()
     py, why = peers.ensure("trl011", log=common.log)
@@ -118,31 +123,22 @@ def main() -> None:
     print(f"# PPO: {common.machine()}; model {common.n_params() / 1e6:.1f}M params (actor + value head, frozen "
           f"reference, reward = same Llama with a scalar head); batch {a.batch}, minibatch {a.mini_batch}, "
           f"{a.epochs} PPO epochs, {a.response_len} new tokens, prompts <= {a.max_prompt} tokens, {a.dtype}, 1 rank, "
-          f"{a.steps} steps ({a.warmup} warm-up); peer: {'TRL 0.11.4 PPOTrainer (transformers 4.46.3)' if py else 'skipped'}")
-    ours, theirs = [], []
-    for i in range(a.rounds):
-        ours.append(run_ours(a, str(i)))
-        common.log(f"  ours round {i}: {ours[-1]['total']:.2f} s/step, {ours[-1]['rss']:.0f} MB")
-        if py is not None:
-            theirs.append(run_peer(a, py, str(i), steps))
-            common.log(f"  peer round {i}: {theirs[-1]['total']:.2f} s/step, {theirs[-1]['rss']:.0f} MB")
-    rows = []
-    for i in range(a.rounds):
-        o, t = ours[i], (theirs[i] if theirs else None)
-        rows.append([f"round {i + 1}", o["total"], t["total"] if t else float("nan"),
-                     t["total"] / o["total"] if t else float("nan"), o["rss"], t["rss"] if t else float("nan")])
-    mo = common.median([x["total"] for x in ours])
-    mt = common.median([x["total"] for x in theirs]) if theirs else float("nan")
-    rows.append(["median", mo, mt, mt / mo, max(x["rss"] for x in ours),
-                 max((x["rss"] for x in theirs), default=float("nan"))])
-    print(common.table(["", "ours s/step", "TRL s/step", "speed-up (TRL/ours)", "ours peak RSS MB",
-                        "TRL peak RSS MB"], rows, f"PPO step ({a.dtype})"))
-    split = [["ours", *(common.median([x[k] for x in ours]) for k in ("t_generate", "t_score")),
-              common.median([x["t_logprobs"] for x in ours]), common.median([x["t_train"] for x in ours]),
-              common.median([x["t_logprobs"] + x["t_train"] for x in ours])]]
-    if theirs:
-        split.append(["TRL", *(common.median([x[k] for x in theirs]) for k in ("t_generate", "t_score")),
-                      float("nan"), float("nan"), common.median([x["t_step"] for x in theirs])])
+          f"{a.steps} steps ({a.warmup} warm-up), our actor ZeRO-{a.zero}; peer: "
+          f"{'TRL 0.11.4 PPOTrainer (transformers 4.46.3)' if py else 'skipped'}")
+    sides = {"ours": lambda i: run_ours(a, str(i))}
+    if py is not None:
+        sides["TRL"] = lambda i: run_peer(a, py, str(i), steps)
+        if a.peer_heap:
+            sides["TRL+heap"] = lambda i: run_peer(a, py, f"{i}-heap", steps, heap=True)
+    res = common.alternate(a.rounds, sides, lambda r: f"{r['total']:.2f} s/step, {r['rss']:.0f} MB")
+    print(common.compare_table(res, "total", "s/step", f"PPO step ({a.dtype})", higher_is_better=False))
+    split = [["ours", *(common.median([x[k] for x in res["ours"]]) for k in ("t_generate", "t_score", "t_logprobs",
+                                                                                "t_train")),
+              common.median([x["t_logprobs"] + x["t_train"] for x in res["ours"]])]]
+    for k, v in res.items():
+        if k != "ours":
+            split.append([k, *(common.median([x[c] for x in v]) for c in ("t_generate", "t_score")),
+                          float("nan"), float("nan"), common.median([x["t_step"] for x in v])])
     print(common.table(["", "generate s", "score s", "log-probs s", "train s", "log-probs + train s"], split,
                        "time split (median of rounds; TRL's step() holds its log-probs and training)"))
 

@@ -5,7 +5,8 @@
 
 Both sides train a fresh scalar head on the benchmark Llama from the same (chosen, rejected)
 pairs of rm_train (both texts within ``--max-length`` tokens), micro batch ``--micro-batch`` pairs,
-1 rank, alternating ours / TRL in fresh processes. pairs/s = micro batch over the mean wall time
+1 rank, alternating ours / TRL / TRL with our launcher's ``MALLOC_*`` heap settings (TRL+heap;
+``--no-peer-heap`` drops it) in fresh processes; ours ZeRO-0 by default (1 rank: ZeRO-1/2 partition nothing). pairs/s = micro batch over the mean wall time
 of the steps after ``--warmup`` (the orders differ: each side shuffles with its own seed, so
 use enough steps that padding averages out).
 """
@@ -60,7 +61,7 @@ def run_ours(a, dtype: str, tag: str) -> dict:
     return {"pps": a.micro_batch / (sum(dts) / len(dts)), "rss": rss}
 
 
-def run_peer(a, py: Path, dtype: str, tag: str) -> dict:
+def run_peer(a, py: Path, dtype: str, tag: str, heap: bool = False) -> dict:
     out = common.OUT / f"peer-rm-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -69,7 +70,8 @@ def run_peer(a, py: Path, dtype: str, tag: str) -> dict:
             "lr": 5e-4, "weight_decay": 0.001, "betas": [0.9, 0.95], "scheduler": "linear", "warmup_steps": 0,
             "threads": os.cpu_count()}
     (out / "spec.json").write_text(json.dumps(spec))
-    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / "peer_trl.py"), "rm", str(out / "spec.json")])
+    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / "peer_trl.py"), "rm", str(out / "spec.json")],
+                                 extra_env=common.heap_env() if heap else None)
     common.check(r, f"TRL RewardTrainer ({tag})")
     res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:])
     dts = common.step_times(res["stamps"][:-1], a.warmup)
@@ -85,7 +87,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--zero", type=int, default=0, help="our ZeRO stage on 1 rank")
+    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the peer with our launcher's MALLOC_* settings")
     a = ap.parse_args()
     common.ensure_root()
     py, why = peers.ensure("trl116", log=common.log)
@@ -94,27 +98,16 @@ def main() -> None:
     n_pairs = sum(1 for _ in open(pairs_file(a.max_length)))
     print(f"# RM: {common.machine()}; model {common.n_params() / 1e6:.1f}M params + scalar head; {n_pairs} pairs "
           f"within {a.max_length} tokens; micro batch {a.micro_batch} pairs, 1 rank, {a.steps} steps "
-          f"({a.warmup} warm-up), our ZeRO-{a.zero}; peer: {'TRL 1.16.0 RewardTrainer' if py else 'skipped'}")
+          f"({a.warmup} warm-up), our ZeRO-{a.zero}; peer: {'TRL 1.16.0 RewardTrainer' if py else 'skipped'}"
+          f"{'; TRL+heap = the peer with our MALLOC_* settings' if py and a.peer_heap else ''}")
     for dtype in a.dtypes.split(","):
-        ours, theirs = [], []
-        for i in range(a.rounds):
-            ours.append(run_ours(a, dtype, f"{dtype}-{i}"))
-            common.log(f"  ours {dtype} round {i}: {ours[-1]['pps']:.2f} pairs/s, {ours[-1]['rss']:.0f} MB")
-            if py is not None:
-                theirs.append(run_peer(a, py, dtype, f"{dtype}-{i}"))
-                common.log(f"  peer {dtype} round {i}: {theirs[-1]['pps']:.2f} pairs/s, {theirs[-1]['rss']:.0f} MB")
-        rows = []
-        for i in range(a.rounds):
-            t = theirs[i] if theirs else None
-            rows.append([f"round {i + 1}", ours[i]["pps"], t["pps"] if t else float("nan"),
-                         ours[i]["pps"] / t["pps"] if t else float("nan"), ours[i]["rss"],
-                         t["rss"] if t else float("nan")])
-        o = common.median([x["pps"] for x in ours])
-        p = common.median([x["pps"] for x in theirs]) if theirs else float("nan")
-        rows.append(["median", o, p, o / p, max(x["rss"] for x in ours),
-                     max((x["rss"] for x in theirs), default=float("nan"))])
-        print(common.table(["", "ours pairs/s", "TRL pairs/s", "ours/TRL", "ours peak RSS MB", "TRL peak RSS MB"],
-                           rows, f"RM {dtype}"))
+        sides = {"ours": lambda i, d=dtype: run_ours(a, d, f"{d}-{i}")}
+        if py is not None:
+            sides["TRL"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}")
+            if a.peer_heap:
+                sides["TRL+heap"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}-heap", heap=True)
+        res = common.alternate(a.rounds, sides, lambda r: f"{r['pps']:.2f} pairs/s, {r['rss']:.0f} MB")
+        print(common.compare_table(res, "pps", "pairs/s", f"RM {dtype}"))
 
 
 if __name__ == "__main__":

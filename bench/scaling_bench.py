@@ -26,8 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--zero", type=int, default=2)
@@ -37,12 +37,11 @@ def main() -> None:
     print(f"# SFT scaling: {common.machine()}; model {common.n_params() / 1e6:.1f}M params; seq {a.seq}, micro batch "
           f"{a.micro_batch} per rank, ZeRO-{a.zero}, {a.dtype}, {a.steps} steps ({a.warmup} warm-up); 1 rank has "
           f"{cores} cores, each of 2 ranks has {max(1, cores // 2)} (OMP_NUM_THREADS)")
-    one, two = [], []
-    for i in range(a.rounds):
-        one.append(sft_bench.run_ours(a, a.dtype, f"scale1-{i}", nproc=1))
-        common.log(f"  1 rank round {i}: {one[-1]['tps']:.0f} tok/s")
-        two.append(sft_bench.run_ours(a, a.dtype, f"scale2-{i}", nproc=2))
-        common.log(f"  2 ranks round {i}: {two[-1]['tps']:.0f} tok/s")
+    res = common.alternate(a.rounds, {
+        "1 rank": lambda i: sft_bench.run_ours(a, a.dtype, f"scale1-{i}", nproc=1),
+        "2 ranks": lambda i: sft_bench.run_ours(a, a.dtype, f"scale2-{i}", nproc=2),
+    }, lambda r: f"{r['tps']:.0f} tok/s")
+    one, two = res["1 rank"], res["2 ranks"]
     rows = [[f"round {i + 1}", one[i]["tps"], two[i]["tps"], two[i]["tps"] / (2 * one[i]["tps"]),
              two[i]["tps"] / one[i]["tps"], one[i]["rss"], two[i]["rss"]] for i in range(a.rounds)]
     o, t = common.median([x["tps"] for x in one]), common.median([x["tps"] for x in two])

@@ -3,8 +3,10 @@
     python bench/sft_bench.py                        # fp32 and bf16, 2 rounds, ~8 min on 2 cores
     python bench/sft_bench.py --dtypes bf16 --rounds 3 --steps 20
 
-Each round runs ours, then the peer, in fresh processes (1 rank, all cores), so a ratio holds on a
-noisy machine. tokens/s is micro_batch x seq_length over the mean wall time of the steps after
+Each round runs ours, then the peer, then the peer with our launcher's glibc heap settings
+(``MALLOC_*``, stackllama_ds/launcher/spawn.py; ``--no-peer-heap`` drops that side), in fresh
+processes (1 rank, all cores), so a ratio holds on a noisy machine. Ours runs ZeRO-0 by default:
+on 1 rank ZeRO-1/2 partition nothing and only add bucket copies (``--zero 2`` measures that). tokens/s is micro_batch x seq_length over the mean wall time of the steps after
 ``--warmup``. Peak RSS is the largest process's (getrusage of the children). The bf16 table also
 gives our tokens/s as a share of the machine's bf16 ceiling: 6 x params FLOP per token over a
 2048^3 bf16 matmul rate measured here on the same threads.
@@ -58,7 +60,7 @@ def run_ours(a, dtype: str, tag: str, nproc: int = 1) -> dict:
     return {"tps": tok_step / (sum(dts) / len(dts)), "rss": rss, "steps": len(dts)}
 
 
-def run_peer(a, py: Path, dtype: str, tag: str) -> dict:
+def run_peer(a, py: Path, dtype: str, tag: str, heap: bool = False) -> dict:
     out = common.OUT / f"peer-sft-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -66,7 +68,8 @@ def run_peer(a, py: Path, dtype: str, tag: str) -> dict:
             "micro_batch": a.micro_batch, "steps": a.steps, "dtype": dtype, "lr": 3e-4, "weight_decay": 0.05,
             "betas": [0.9, 0.95], "scheduler": "cosine", "warmup_steps": 2, "threads": os.cpu_count()}
     (out / "spec.json").write_text(json.dumps(spec))
-    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / "peer_trl.py"), "sft", str(out / "spec.json")])
+    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / "peer_trl.py"), "sft", str(out / "spec.json")],
+                                 extra_env=common.heap_env() if heap else None)
     common.check(r, f"TRL SFTTrainer ({tag})")
     res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:])
     stamps = res["stamps"][:-1]  # same steps as ours
@@ -79,11 +82,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--zero", type=int, default=2, help="our ZeRO stage (the recipe's default; 1 rank)")
+    ap.add_argument("--zero", type=int, default=0, help="our ZeRO stage on 1 rank")
+    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the peer with our launcher's MALLOC_* settings")
     a = ap.parse_args()
     common.ensure_root()
     n = common.n_params()
@@ -92,39 +97,30 @@ def main() -> None:
         common.log(f"peer skipped: {why}")
     print(f"# SFT: {common.machine()}; model {n / 1e6:.1f}M params (Llama, hidden 512, 8 layers, vocab 8192); "
           f"seq {a.seq}, micro batch {a.micro_batch}, 1 rank, {a.steps} steps ({a.warmup} warm-up), "
-          f"our ZeRO-{a.zero}; peer: TRL {('1.16.0 SFTTrainer, packing wrapped') if py else 'skipped'}")
-    ceiling = None
+          f"our ZeRO-{a.zero}; peer: {('TRL 1.16.0 SFTTrainer, packing wrapped') if py else 'skipped'}"
+          f"{'; TRL+heap = the peer with our MALLOC_* settings' if py and a.peer_heap else ''}")
     for dtype in a.dtypes.split(","):
-        ours, theirs = [], []
-        for i in range(a.rounds):
-            ours.append(run_ours(a, dtype, f"{dtype}-{i}"))
-            common.log(f"  ours {dtype} round {i}: {ours[-1]['tps']:.0f} tok/s, {ours[-1]['rss']:.0f} MB")
-            if py is not None:
-                theirs.append(run_peer(a, py, dtype, f"{dtype}-{i}"))
-                common.log(f"  peer {dtype} round {i}: {theirs[-1]['tps']:.0f} tok/s, {theirs[-1]['rss']:.0f} MB")
-        rows = []
-        for i in range(a.rounds):
-            t = theirs[i] if theirs else None
-            rows.append([f"round {i + 1}", ours[i]["tps"], t["tps"] if t else float("nan"),
-                         ours[i]["tps"] / t["tps"] if t else float("nan"),
-                         ours[i]["rss"], t["rss"] if t else float("nan")])
-        o = common.median([x["tps"] for x in ours])
-        p = common.median([x["tps"] for x in theirs]) if theirs else float("nan")
-        rows.append(["median", o, p, o / p, max(x["rss"] for x in ours),
-                     max((x["rss"] for x in theirs), default=float("nan"))])
-        print(common.table(["", "ours tok/s", "TRL tok/s", "ours/TRL", "ours peak RSS MB", "TRL peak RSS MB"],
-                           rows, f"SFT {dtype}"))
+        sides = {"ours": lambda i, d=dtype: run_ours(a, d, f"{d}-{i}")}
+        if py is not None:
+            sides["TRL"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}")
+            if a.peer_heap:
+                sides["TRL+heap"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}-heap", heap=True)
+        res = common.alternate(a.rounds, sides, lambda r: f"{r['tps']:.0f} tok/s, {r['rss']:.0f} MB")
+        print(common.compare_table(res, "tps", "tok/s", f"SFT {dtype}"))
         if dtype == "bf16":
             import torch
 
             rate = common.matmul_rate("bf16", threads=os.cpu_count())
             torch.set_num_threads(os.cpu_count())
             ceiling = rate / (6 * n)
+            o = common.median([x["tps"] for x in res["ours"]])
+            peer = "".join(f", {k} {100 * common.median([x['tps'] for x in v]) / ceiling:.0f}%"
+                           for k, v in res.items() if k != "ours")
             print(f"\nbf16 matmul 2048^3 on {os.cpu_count()} threads: {rate / 1e9:.0f} GFLOP/s -> ceiling "
                   f"{ceiling:,.0f} tok/s (6 x {n / 1e6:.1f}M FLOP/token); ours {o:,.0f} tok/s = "
-                  f"{100 * o / ceiling:.0f}% of the ceiling (TRL {100 * p / ceiling:.0f}%)")
-    if theirs:
-        print(f"\npeer optimizer: {theirs[0]['optim']}; ours: DeepSpeed AdamW (torch)")
+                  f"{100 * o / ceiling:.0f}% of the ceiling{peer}")
+        if py is not None:
+            print(f"\npeer optimizer: {res['TRL'][0]['optim']}; ours: DeepSpeed AdamW (torch fused)")
 
 
 if __name__ == "__main__":
