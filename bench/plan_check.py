@@ -97,7 +97,7 @@ def main() -> None:
             if m:
                 logged[m.group(1)] = float(m.group(2))
     base = a.baseline if a.measured else baseline_mb()
-    ppo_args = argparse.Namespace(steps=2, batch=8, mini_batch=2, epochs=1, response_len=32, max_prompt=256,
+    ppo_args = argparse.Namespace(steps=2, batch=8, mini_batch=2, epochs=1, response_len=32, max_prompt=256, zero=2,
                                   dtype="bf16", warmup=0)
     print(f"# plan check: {common.machine()}; model {common.n_params() / 1e6:.1f}M params; runtime baseline "
           f"{base:.0f} MB RSS per rank (imports, process group, tokenizer, data); SFT seq 512 x micro 4, "

@@ -44,13 +44,15 @@ def stage_settings(a) -> dict:
             "optim": {"lr": 3e-4, "warmup_steps": 2}}
 
 
-def run_ours(a, dtype: str, tag: str, nproc: int = 1) -> dict:
+def run_ours(a, dtype: str, tag: str, nproc: int = 1, threads: int | None = None) -> dict:
+    """Our SFT on ``nproc`` ranks; ``threads`` per rank (default: the launcher's cores / nproc)."""
     run = common.OUT / f"sft-{tag}"
     shutil.rmtree(run, ignore_errors=True)
     st = stage_settings(a)
     st["engine"]["dtype"] = dtype
     cfg = common.write_config(run, sft=st, launch={"nproc_per_node": nproc})
-    r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", "sft", str(cfg)])
+    r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", "sft", str(cfg)],
+                                 extra_env={"OMP_NUM_THREADS": str(threads)} if threads else None)
     common.check(r, f"our sft ({tag})")
     rows = [x for x in common.read_jsonl(run / "sft" / "metrics.jsonl") if "elapsed_s" in x]
     # The last step also runs the final evaluation: leave it out with the warm-up steps.

@@ -58,9 +58,9 @@ def reward_scores(reward, tok, questions: list[str], responses: list[str], devic
     """Raw reward-model logits (B,) for question + response in the one template, right-padded."""
     enc = tok([format_qa(q, r) for q, r in zip(questions, responses)], add_special_tokens=True)["input_ids"]
     ids = torch.full((len(enc), max(len(e) for e in enc)), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
     for i, e in enumerate(enc):
-        ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
-    # HF reads the score at the last non-pad token; with right padding that is the last real one.
-    out = reward(input_ids=ids.to(device), attention_mask=mask.to(device))
+        ids[i, : len(e)] = torch.tensor(e)
+    # HF reads the score at the last non-pad token; with right padding that is the last real one,
+    # and no real token sees a pad under the causal mask, so no padding mask (SDPA's fused path).
+    out = reward(input_ids=ids.to(device))
     return out.logits[:, 0].float().cpu()

@@ -62,8 +62,10 @@ def pairwise_loss(
 
 def scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_j, r_k), each (B,), from one forward over the (2B, T) batch ``[chosen..., rejected...]``."""
-    b = {k: v.to(engine.device) for k, v in batch.items()}
-    r = engine(**b).logits.squeeze(-1)  # (2B,): read at the last non-pad token
+    # Right padding under a causal mask: no real token can see a pad, so the padding mask is
+    # redundant; without it SDPA takes its fused causal kernel instead of the masked math path
+    # on CPU (same scores, see tests/stages/test_rm.py). HF reads the score at the last non-pad id.
+    r = engine(input_ids=batch["input_ids"].to(engine.device)).logits.squeeze(-1)  # (2B,)
     half = r.shape[0] // 2
     return r[:half], r[half:]
 

@@ -72,6 +72,37 @@ def _split(rows):
     })
 
 
+def test_scores_without_padding_mask_equal_each_sequence_alone():
+    """Right-padded causal batch: dropping the padding mask changes no score (the stage relies on it)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from stackllama_ds.data.pairs_batch import collate_pairs
+    from stackllama_ds.stages.rm import scores
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=0, num_labels=1)).eval()
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randint(1, 50, (n,), generator=g).numpy(), torch.randint(1, 50, (m,), generator=g).numpy())
+             for n, m in ((5, 9), (12, 3), (7, 7))]
+    batch = collate_pairs(pairs, pad_id=0)
+
+    class Engine:  # what scores() needs of a DeepSpeed engine
+        device = torch.device("cpu")
+
+        def __call__(self, **kw):
+            return model(**kw)
+
+    with torch.no_grad():
+        r_j, r_k = scores(Engine(), batch)
+        masked = model(**batch).logits.squeeze(-1)
+        alone = torch.stack([model(input_ids=torch.as_tensor(s, dtype=torch.long)[None]).logits[0, 0]
+                             for s in [j for j, _ in pairs] + [k for _, k in pairs]])
+    torch.testing.assert_close(torch.cat([r_j, r_k]), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked, alone, atol=1e-5, rtol=1e-5)
+
+
 def test_tokenize_pairs_filter_and_truncate():
     from stackllama_ds.data.pairs_batch import tokenize_pairs
     from stackllama_ds.data.template import format_qa
