@@ -13,7 +13,9 @@ bf16/fp16 and 4 for fp32):
 - weights: P x e; an 8-bit base stores its decoder Linear weights at 1 B (+ a fp32 scale per row),
   a 4-bit (nf4) base at 0.5 B + a fp32 absmax per 64 weights; embeddings, norms and lm_head stay e.
   ZeRO-3 keeps P/W per GPU plus the gathered working set (about two layers, or the largest
-  single module such as the embedding); offload_params moves the partition to host memory.
+  single module such as the embedding), and when training two more: backward's re-gather and the
+  gathered modules' full-size gradients before their reduce-scatter; offload_params moves the
+  partition to host memory.
 - gradients: T x e in the module; DeepSpeed's optimizer also keeps fp32 gradients (4 B) - in
   mixed precision, and under ZeRO-1/2/3 in any precision (its flat fp32 partitions). ZeRO-0/1: the
   module's gradients are full size; ZeRO-2/3 partition them (/W) plus one reduce bucket (5e7
@@ -33,7 +35,12 @@ bf16/fp16 and 4 for fp32):
   policy to generate from.
 - overhead: a fixed runtime cost per process (CUDA context, NCCL buffers and kernels on a GPU;
   the Python/torch/DeepSpeed runtime on CPU, ~1 GB RSS) plus allocator slack on the rest: 10% on a
-  GPU, 25% on CPU (glibc keeps freed activation blocks; measured by bench/plan_check.py).
+  GPU, 25% on CPU (glibc keeps freed activation blocks: the launcher asks it to, for speed;
+  measured by bench/plan_check.py); on CPU with several ranks each maps every local rank's 66 MiB
+  DeepSpeed shared-memory all-reduce workspace.
+- padding: RM and reward batches are right-padded and run without a padding mask (SDPA's fused
+  causal kernel); PPO's policy batches carry left padding, and on CPU SDPA then takes its math
+  path, which materialises the attention matrix.
 
 The engines of one stage live in one process and run one after another, so a stage needs the sum
 of every engine's persistent state (weights, gradients, optimizer, generation copy) plus the
@@ -58,6 +65,9 @@ FIXED_OVERHEAD = {"gpu": 1.5 * GiB, "cpu": 1.0 * GiB}
 # Allocator slack on top of the live bytes: PyTorch's CUDA caching allocator on a GPU; glibc's heap
 # on CPU, which keeps freed activation-sized blocks (set from bench/plan_check.py's measurements).
 FRAGMENTATION = {"gpu": 0.10, "cpu": 0.25}
+# DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp): every rank maps each local rank's shared
+# workspace of 2 x 1 MiB + 2 x 32 MiB, and touches it.
+SHM_WORKSPACE = 66 * 2**20
 
 
 # ------------------------------------------------------------------------------ model shape
@@ -251,6 +261,7 @@ def engine_estimate(
 
     # weights (frozen base + trainable adapters at e)
     full_w = weight_bytes(shape, work.head, e, quant) + (t * e if use_lora else extra_trainable * e)
+    z3_full_grads = 0.0
     if z == 3:
         layer = shape.layer_params * e
         # Gathered while a forward runs: up to the prefetch bucket, at least two layers or the
@@ -263,6 +274,12 @@ def engine_estimate(
             est.notes.append("params offloaded")
         else:
             est.weights = part + working
+        if trainable:
+            # Backward re-gathers the modules while the forward's gathered copies are still held by
+            # the allocator (CUDA cache / CPU heap), and each gathered module's full-size gradient
+            # exists until its reduce-scatter: two more working sets.
+            est.weights += working
+            z3_full_grads = working
     else:
         est.weights = full_w
 
@@ -282,7 +299,7 @@ def engine_estimate(
             est.host += opt + fp32_g
             est.notes.append("optimizer offloaded")
             opt, fp32_g = 0.0, 0.0
-        est.grads = module_g + fp32_g
+        est.grads = module_g + fp32_g + (z3_full_grads if z == 3 else 0.0)
         est.optimizer = opt
 
     est.activations = activation_bytes(shape, work, e, eng.gradient_checkpointing and work.train)
@@ -324,13 +341,14 @@ class StagePlan:
         return self.total <= self.budget
 
 
-def overhead_bytes(rest: float, device: str) -> float:
-    return FIXED_OVERHEAD[device] + FRAGMENTATION[device] * rest
+def overhead_bytes(rest: float, device: str, world: int = 1) -> float:
+    comm = SHM_WORKSPACE * world if device == "cpu" and world > 1 else 0.0
+    return FIXED_OVERHEAD[device] + FRAGMENTATION[device] * rest + comm
 
 
-def _finish(stage: str, engines: list[Estimate], budget: float, device: str) -> StagePlan:
+def _finish(stage: str, engines: list[Estimate], budget: float, device: str, world: int = 1) -> StagePlan:
     rest = sum(e.persistent for e in engines) + max((e.transient for e in engines), default=0.0)
-    return StagePlan(stage, engines, overhead_bytes(rest, device), budget, device)
+    return StagePlan(stage, engines, overhead_bytes(rest, device, world), budget, device)
 
 
 def plan_sft(cfg: RunConfig, shape: ModelShape, world: int, budget: float, device: str = "gpu") -> StagePlan:
@@ -339,17 +357,18 @@ def plan_sft(cfg: RunConfig, shape: ModelShape, world: int, budget: float, devic
                  padded=not s.packing, device=device)
     est = engine_estimate("sft model", shape, s.engine, world, w, lora=s.lora, quant=cfg.model.quantization,
                           device=device)
-    return _finish("sft", [est], budget, device)
+    return _finish("sft", [est], budget, device, world)
 
 
 def plan_rm(cfg: RunConfig, shape: ModelShape, world: int, budget: float, device: str = "gpu") -> StagePlan:
     r = cfg.rm
-    # One forward over [chosen..., rejected...]: 2 x micro batch sequences of up to max_length.
+    # One forward over [chosen..., rejected...]: 2 x micro batch sequences of up to max_length,
+    # right-padded and run without a padding mask (stages/rm.py): SDPA's fused causal path.
     w = Workload(2 * r.engine.micro_batch_size, r.max_length, "score", attn=cfg.model.attn_implementation,
-                 padded=True, device=device)
+                 device=device)
     est = engine_estimate("reward model", shape, r.engine, world, w, lora=r.lora, quant=cfg.model.quantization,
                           device=device)
-    return _finish("rm", [est], budget, device)
+    return _finish("rm", [est], budget, device, world)
 
 
 def plan_ppo(cfg: RunConfig, shape: ModelShape, world: int, budget: float, device: str = "gpu") -> StagePlan:
@@ -373,12 +392,12 @@ def plan_ppo(cfg: RunConfig, shape: ModelShape, world: int, budget: float, devic
                                                 device=device),
                                        quant=q, trainable=False, device=device))
     if p.rule_reward is None:
-        # The reward engine scores the whole rollout batch in one forward.
+        # The reward engine scores the whole rollout batch in one forward (right-padded, no mask).
         engines.append(engine_estimate("reward", shape, p.reward, world,
-                                       Workload(p.batch_size, seq, "score", train=False, attn=attn, padded=True,
+                                       Workload(p.batch_size, seq, "score", train=False, attn=attn,
                                                 device=device),
                                        quant=q, trainable=False, device=device))
-    return _finish("ppo", engines, budget, device)
+    return _finish("ppo", engines, budget, device, world)
 
 
 PLANNERS = {"sft": plan_sft, "rm": plan_rm, "ppo": plan_ppo}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 
@@ -43,6 +44,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``).
+
+    The launcher keeps freed blocks in the heap for speed (launcher/spawn.py MALLOC_ENV); without
+    this, the transient full-size copies made while loading and partitioning a model would stay
+    resident for the whole run (measured: +0.5 GB per rank for the 34M benchmark model, ZeRO-3).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def build_train_engine(
     model: torch.nn.Module,
     eng: EngineConfig,
@@ -67,6 +81,7 @@ def build_train_engine(
     # from_pretrained returns a model in eval mode: without this, dropout stays off until the first
     # evaluation switches it on (so a resumed run would train differently from an uninterrupted one).
     engine.train()
+    release_free_heap()
     return engine
 
 
@@ -80,6 +95,7 @@ def build_eval_engine(model: torch.nn.Module, eng: EngineConfig) -> deepspeed.De
         cfg["zero_optimization"] = {"stage": 0}
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
     engine.eval()
+    release_free_heap()
     return engine
 
 
