@@ -35,7 +35,7 @@ bf16/fp16 and 4 for fp32):
   policy to generate from.
 - overhead: a fixed runtime cost per process (CUDA context, NCCL buffers and kernels on a GPU;
   the Python/torch/DeepSpeed runtime on CPU, ~1 GB RSS) plus allocator slack on the rest: 10% on a
-  GPU, 25% on CPU (glibc keeps freed activation blocks: the launcher asks it to, for speed;
+  GPU, 30% on CPU (glibc keeps freed activation blocks: the launcher asks it to, for speed;
   measured by bench/plan_check.py); on CPU with several ranks each maps every local rank's 66 MiB
   DeepSpeed shared-memory all-reduce workspace.
 - padding: RM and reward batches are right-padded and run without a padding mask (SDPA's fused
@@ -64,7 +64,7 @@ PREFETCH_BUCKET = 50_000_000  # elements; stage3_prefetch_bucket_size
 FIXED_OVERHEAD = {"gpu": 1.5 * GiB, "cpu": 1.0 * GiB}
 # Allocator slack on top of the live bytes: PyTorch's CUDA caching allocator on a GPU; glibc's heap
 # on CPU, which keeps freed activation-sized blocks (set from bench/plan_check.py's measurements).
-FRAGMENTATION = {"gpu": 0.10, "cpu": 0.25}
+FRAGMENTATION = {"gpu": 0.10, "cpu": 0.30}
 # DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp): every rank maps each local rank's shared
 # workspace of 2 x 1 MiB + 2 x 32 MiB, and touches it.
 SHM_WORKSPACE = 66 * 2**20
