@@ -3,10 +3,12 @@
     python bench/scaling_bench.py                    # bf16, ZeRO-2, 2 rounds, ~6 min on 2 cores
     python bench/scaling_bench.py --zero 0 --steps 20
 
-Three sides alternate in fresh processes: 1 rank with 1 core (OMP_NUM_THREADS=1), 1 rank with
-every core, and 2 ranks with cores / 2 each (as the launcher sets it). Efficiency compares equal
-cores per rank: tokens/s(2 ranks) / (2 x tokens/s(1 rank, same cores per rank)); this is the
-data-parallel overhead (gradient reduction over gloo, ZeRO bookkeeping). The fixed-machine
+Four sides alternate in fresh processes: 1 rank with 1 core (OMP_NUM_THREADS=1), 1 rank with
+every core, 2 ranks with cores / 2 each (as the launcher sets it), and two independent 1-rank runs
+at once (no communication). Efficiency compares equal cores per rank: tokens/s(2 ranks) /
+(2 x tokens/s(1 rank, same cores per rank)); it holds the data-parallel overhead (gradient
+reduction over gloo, ZeRO bookkeeping) and the contention of two busy cores for caches and memory.
+Against the two lone runs at once it holds only the former. The fixed-machine
 speed-up, tokens/s(2 ranks) / tokens/s(1 rank, every core), is printed beside it: on a 2-core box
 both runs use the same 2 cores, so ~1.0 there is the best possible.
 """
@@ -44,15 +46,28 @@ def main() -> None:
         f"1 rank x {per} core": lambda i: sft_bench.run_ours(a, a.dtype, f"scale1s-{i}", nproc=1, threads=per),
         f"1 rank x {cores} cores": lambda i: sft_bench.run_ours(a, a.dtype, f"scale1-{i}", nproc=1),
         f"2 ranks x {per} core": lambda i: sft_bench.run_ours(a, a.dtype, f"scale2-{i}", nproc=2),
+        "2 lone ranks at once": lambda i: two_alone(a, per, i),
     }, lambda r: f"{r['tps']:.0f} tok/s")
-    small, one, two = res.values()
-    rows = [[f"round {i + 1}", small[i]["tps"], one[i]["tps"], two[i]["tps"], two[i]["tps"] / (2 * small[i]["tps"]),
-             two[i]["tps"] / one[i]["tps"], two[i]["rss"]] for i in range(a.rounds)]
-    s_, o, t = (common.median([x["tps"] for x in v]) for v in (small, one, two))
-    rows.append(["median", s_, o, t, t / (2 * s_), t / o, max(x["rss"] for x in two)])
+    small, one, two, alone = res.values()
+    rows = [[f"round {i + 1}", small[i]["tps"], one[i]["tps"], two[i]["tps"], alone[i]["tps"],
+             two[i]["tps"] / (2 * small[i]["tps"]), two[i]["tps"] / alone[i]["tps"], two[i]["tps"] / one[i]["tps"],
+             two[i]["rss"]] for i in range(a.rounds)]
+    s_, o, t, al = (common.median([x["tps"] for x in v]) for v in (small, one, two, alone))
+    rows.append(["median", s_, o, t, al, t / (2 * s_), t / al, t / o, max(x["rss"] for x in two)])
     print(common.table(["", *(f"{k} tok/s" for k in res), "efficiency (equal cores/rank)",
-                        "speed-up on the same machine", "2-rank peak RSS MB per rank"], rows,
-                       f"SFT scaling ({a.dtype}, ZeRO-{a.zero})"))
+                        "efficiency vs lone ranks at once", "speed-up on the same machine",
+                        "2-rank peak RSS MB per rank"], rows, f"SFT scaling ({a.dtype}, ZeRO-{a.zero})"))
+
+
+def two_alone(a, per: int, i: int) -> dict:
+    """Two independent 1-rank runs of ``per`` cores at the same time: what 2 ranks could reach on this
+    box without any communication (they share caches and memory bandwidth as the 2 ranks do)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex:
+        runs = list(ex.map(lambda k: sft_bench.run_ours(a, a.dtype, f"scale-alone{k}-{i}", nproc=1, threads=per),
+                           range(2)))
+    return {"tps": sum(r["tps"] for r in runs), "rss": max(r["rss"] for r in runs)}
 
 
 if __name__ == "__main__":
