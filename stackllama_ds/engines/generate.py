@@ -16,10 +16,6 @@ import torch
 from torch import nn
 
 
-def is_partitioned(engine) -> bool:
-    return bool(engine.zero_optimization_partition_weights())
-
-
 class GenerationCopy:
     """A plain copy of a ZeRO-3 actor's policy, refreshed from the partitioned weights per rollout.
 

@@ -53,6 +53,41 @@ def response_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, P: int) -> tupl
     return logprobs_from_logits(logits, ids[:, P:]), logits
 
 
+def length_groups(lengths: torch.Tensor, groups: int | None = None, min_saving: float = 0.1) -> list[torch.Tensor]:
+    """Row indices of a right-padded batch in one or two groups by length, shortest first.
+
+    Two forwards over (rows, the group's own longest) instead of one over (all rows, the longest)
+    when that pads at least ``min_saving`` fewer tokens. ``groups=2`` always splits (at the best
+    point): ZeRO-3 ranks must run the same number of forwards, whatever their lengths.
+    """
+    order = torch.argsort(lengths.cpu(), stable=True)
+    ls = lengths.cpu()[order].tolist()
+    n = len(ls)
+    if n < 2 or groups == 1:
+        return [order]
+    # cost of splitting after the k shortest rows: k x l[k-1] + (n - k) x l[n-1] padded tokens
+    k, cost = min(((k, k * ls[k - 1] + (n - k) * ls[-1]) for k in range(1, n)), key=lambda x: (x[1], x[0]))
+    if groups is None and cost > (1 - min_saving) * n * ls[-1]:
+        return [order]
+    return [order[:k], order[k:]]
+
+
+def right_padded_scores(forward, ids: torch.Tensor, lengths: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """Scores (B,) of a right-padded causal batch, run as ``length_groups`` forwards (same numbers:
+    under the causal mask no real token sees the padding). ``forward(ids (n, T)) -> (n,)``."""
+    parts = [(g, forward(ids[g.to(ids.device), : int(lengths[g].max())])) for g in length_groups(lengths, groups)]
+    idx = torch.cat([g for g, _ in parts])
+    inverse = torch.empty_like(idx)
+    inverse[idx] = torch.arange(len(idx))
+    return torch.cat([v for _, v in parts])[inverse.to(parts[0][1].device)]
+
+
+def is_partitioned(model) -> bool:
+    """A ZeRO-3 engine: every rank must run the same forwards."""
+    fn = getattr(model, "zero_optimization_partition_weights", None)
+    return bool(fn()) if callable(fn) else False
+
+
 @torch.no_grad()
 def reward_scores(reward, tok, questions: list[str], responses: list[str], device) -> torch.Tensor:
     """Raw reward-model logits (B,) for question + response in the one template, right-padded."""
@@ -60,7 +95,8 @@ def reward_scores(reward, tok, questions: list[str], responses: list[str], devic
     ids = torch.full((len(enc), max(len(e) for e in enc)), tok.pad_token_id, dtype=torch.long)
     for i, e in enumerate(enc):
         ids[i, : len(e)] = torch.tensor(e)
+    lengths = torch.tensor([len(e) for e in enc])
     # HF reads the score at the last non-pad token; with right padding that is the last real one,
     # and no real token sees a pad under the causal mask, so no padding mask (SDPA's fused path).
-    out = reward(input_ids=ids.to(device))
-    return out.logits[:, 0].float().cpu()
+    return right_padded_scores(lambda x: reward(input_ids=x).logits[:, 0].float(), ids.to(device), lengths,
+                               groups=2 if is_partitioned(reward) else None).cpu()

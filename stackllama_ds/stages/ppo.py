@@ -25,7 +25,7 @@ from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.data.template import format_prompt
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
-from stackllama_ds.engines.generate import GenerationCopy, is_partitioned, sample
+from stackllama_ds.engines.generate import GenerationCopy, sample
 from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.export import load_value_head
@@ -38,6 +38,7 @@ from stackllama_ds.models.load import (
 )
 from stackllama_ds.models.rollout import (
     cut_at_eos,
+    is_partitioned,
     left_pad,
     position_ids_from_mask,
     response_logprobs,

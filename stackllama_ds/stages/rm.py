@@ -30,6 +30,7 @@ from stackllama_ds.engines.build import build_train_engine
 from stackllama_ds.heartbeat import Heartbeat
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.load import load_reward_model, load_tokenizer
+from stackllama_ds.models.rollout import is_partitioned, right_padded_scores
 
 ACCURACY = "accuracy.json"
 
@@ -65,7 +66,10 @@ def scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     # Right padding under a causal mask: no real token can see a pad, so the padding mask is
     # redundant; without it SDPA takes its fused causal kernel instead of the masked math path
     # on CPU (same scores, see tests/stages/test_rm.py). HF reads the score at the last non-pad id.
-    r = engine(input_ids=batch["input_ids"].to(engine.device)).logits.squeeze(-1)  # (2B,)
+    # Rows run in up to two length groups, each cut to its own longest: ~20% fewer padded tokens
+    # on StackLLaMA-like pairs (ZeRO-3: always two, so every rank runs the same forwards).
+    r = right_padded_scores(lambda x: engine(input_ids=x).logits.squeeze(-1), batch["input_ids"].to(engine.device),
+                            batch["attention_mask"].sum(1), groups=2 if is_partitioned(engine) else None)  # (2B,)
     half = r.shape[0] // 2
     return r[:half], r[half:]
 

@@ -103,6 +103,29 @@ def test_scores_without_padding_mask_equal_each_sequence_alone():
     torch.testing.assert_close(masked, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_length_groups_split_only_when_it_saves_padding():
+    from stackllama_ds.models.rollout import length_groups, right_padded_scores
+
+    # 6 rows: one forward pads to 6 x 12 = 72 tokens; the 4 shortest + 2 longest pad to 4x7 + 2x12 = 52
+    g = length_groups(torch.tensor([12, 3, 7, 9, 5, 7]))
+    assert [t.tolist() for t in g] == [[1, 4, 2, 5], [3, 0]]
+    assert len(length_groups(torch.tensor([8, 8, 7, 8]))) == 1  # saving below 10%: one forward
+    forced = length_groups(torch.tensor([8, 8, 7, 8]), groups=2)  # ZeRO-3: always two, same on every rank
+    assert len(forced) == 2 and sorted(torch.cat(forced).tolist()) == [0, 1, 2, 3]
+    assert len(length_groups(torch.tensor([5]), groups=2)) == 1
+    # scores come back in the batch's order, each forward sees only its group's longest, grads flow
+    w = torch.tensor(2.0, requires_grad=True)
+    ids = torch.arange(24.0).reshape(6, 4)
+    seen = []
+    out = right_padded_scores(lambda x: seen.append(x.shape) or w * x.sum(1), ids, torch.tensor([4, 1, 2, 3, 2, 2]))
+    assert seen == [(4, 2), (2, 4)]
+    lengths_cut = torch.tensor([ids[0].sum(), ids[1, :2].sum(), ids[2, :2].sum(), ids[3].sum(), ids[4, :2].sum(),
+                                ids[5, :2].sum()])
+    torch.testing.assert_close(out, 2 * lengths_cut)
+    out.sum().backward()
+    assert w.grad == lengths_cut.sum()
+
+
 def test_tokenize_pairs_filter_and_truncate():
     from stackllama_ds.data.pairs_batch import tokenize_pairs
     from stackllama_ds.data.template import format_qa
