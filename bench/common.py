@@ -8,6 +8,7 @@ The benchmark model is a Llama built by the tiny-model kit at benchmark size (hi
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -179,6 +180,26 @@ def alternate(rounds: int, sides: dict[str, Callable[[int], dict]], show: Callab
             res[name].append(fn(i))
             log(f"  {name} round {i + 1}: {show(res[name][-1])}")
     return res
+
+
+HEAP_NOTE = "; TRL+heap = the peer with our MALLOC_* settings"
+
+
+def add_peer_heap_arg(ap) -> None:
+    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the peer with our launcher's MALLOC_* settings")
+
+
+def peer_sides(ours: Callable[[int], dict], peer: Callable[[int, bool], dict] | None,
+               heap: bool) -> dict[str, Callable[[int], dict]]:
+    """The sides of a comparison: ours, the TRL peer (``peer(round, heap=False)``) when it could be
+    set up, and the peer with our heap settings when ``heap``."""
+    sides = {"ours": ours}
+    if peer is not None:
+        sides["TRL"] = lambda i: peer(i, False)
+        if heap:
+            sides["TRL+heap"] = lambda i: peer(i, True)
+    return sides
 
 
 def compare_table(res: dict[str, list[dict]], key: str, unit: str, title: str, higher_is_better: bool = True,

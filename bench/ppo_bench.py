@@ -112,8 +112,7 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=128)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--zero", type=int, default=0, help="our actor's ZeRO stage on 1 rank")
-    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run the peer with our launcher's MALLOC_* settings")
+    common.add_peer_heap_arg(ap)
     a = ap.parse_args()
     common.ensure_root()
     py, why = peers.ensure("trl011", log=common.log)
@@ -125,11 +124,9 @@ def main() -> None:
           f"{a.epochs} PPO epochs, {a.response_len} new tokens, prompts <= {a.max_prompt} tokens, {a.dtype}, 1 rank, "
           f"{a.steps} steps ({a.warmup} warm-up), our actor ZeRO-{a.zero}; peer: "
           f"{'TRL 0.11.4 PPOTrainer (transformers 4.46.3)' if py else 'skipped'}")
-    sides = {"ours": lambda i: run_ours(a, str(i))}
-    if py is not None:
-        sides["TRL"] = lambda i: run_peer(a, py, str(i), steps)
-        if a.peer_heap:
-            sides["TRL+heap"] = lambda i: run_peer(a, py, f"{i}-heap", steps, heap=True)
+    sides = common.peer_sides(lambda i: run_ours(a, str(i)),
+                              (lambda i, heap: run_peer(a, py, f"{i}{'-heap' * heap}", steps, heap=heap)) if py else None,
+                              a.peer_heap)
     res = common.alternate(a.rounds, sides, lambda r: f"{r['total']:.2f} s/step, {r['rss']:.0f} MB")
     print(common.compare_table(res, "total", "s/step", f"PPO step ({a.dtype})", higher_is_better=False))
     split = [["ours", *(common.median([x[k] for x in res["ours"]]) for k in ("t_generate", "t_score", "t_logprobs",

@@ -88,8 +88,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--zero", type=int, default=0, help="our ZeRO stage on 1 rank")
-    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run the peer with our launcher's MALLOC_* settings")
+    common.add_peer_heap_arg(ap)
     a = ap.parse_args()
     common.ensure_root()
     py, why = peers.ensure("trl116", log=common.log)
@@ -99,13 +98,12 @@ def main() -> None:
     print(f"# RM: {common.machine()}; model {common.n_params() / 1e6:.1f}M params + scalar head; {n_pairs} pairs "
           f"within {a.max_length} tokens; micro batch {a.micro_batch} pairs, 1 rank, {a.steps} steps "
           f"({a.warmup} warm-up), our ZeRO-{a.zero}; peer: {'TRL 1.16.0 RewardTrainer' if py else 'skipped'}"
-          f"{'; TRL+heap = the peer with our MALLOC_* settings' if py and a.peer_heap else ''}")
+          f"{common.HEAP_NOTE if py and a.peer_heap else ''}")
     for dtype in a.dtypes.split(","):
-        sides = {"ours": lambda i, d=dtype: run_ours(a, d, f"{d}-{i}")}
-        if py is not None:
-            sides["TRL"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}")
-            if a.peer_heap:
-                sides["TRL+heap"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}-heap", heap=True)
+        sides = common.peer_sides(
+            lambda i, d=dtype: run_ours(a, d, f"{d}-{i}"),
+            (lambda i, heap, d=dtype: run_peer(a, py, d, f"{d}-{i}{'-heap' * heap}", heap=heap)) if py else None,
+            a.peer_heap)
         res = common.alternate(a.rounds, sides, lambda r: f"{r['pps']:.2f} pairs/s, {r['rss']:.0f} MB")
         print(common.compare_table(res, "pps", "pairs/s", f"RM {dtype}"))
 

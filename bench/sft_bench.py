@@ -89,8 +89,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--zero", type=int, default=0, help="our ZeRO stage on 1 rank")
-    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run the peer with our launcher's MALLOC_* settings")
+    common.add_peer_heap_arg(ap)
     a = ap.parse_args()
     common.ensure_root()
     n = common.n_params()
@@ -100,13 +99,12 @@ def main() -> None:
     print(f"# SFT: {common.machine()}; model {n / 1e6:.1f}M params (Llama, hidden 512, 8 layers, vocab 8192); "
           f"seq {a.seq}, micro batch {a.micro_batch}, 1 rank, {a.steps} steps ({a.warmup} warm-up), "
           f"our ZeRO-{a.zero}; peer: {('TRL 1.16.0 SFTTrainer, packing wrapped') if py else 'skipped'}"
-          f"{'; TRL+heap = the peer with our MALLOC_* settings' if py and a.peer_heap else ''}")
+          f"{common.HEAP_NOTE if py and a.peer_heap else ''}")
     for dtype in a.dtypes.split(","):
-        sides = {"ours": lambda i, d=dtype: run_ours(a, d, f"{d}-{i}")}
-        if py is not None:
-            sides["TRL"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}")
-            if a.peer_heap:
-                sides["TRL+heap"] = lambda i, d=dtype: run_peer(a, py, d, f"{d}-{i}-heap", heap=True)
+        sides = common.peer_sides(
+            lambda i, d=dtype: run_ours(a, d, f"{d}-{i}"),
+            (lambda i, heap, d=dtype: run_peer(a, py, d, f"{d}-{i}{'-heap' * heap}", heap=heap)) if py else None,
+            a.peer_heap)
         res = common.alternate(a.rounds, sides, lambda r: f"{r['tps']:.0f} tok/s, {r['rss']:.0f} MB")
         print(common.compare_table(res, "tps", "tok/s", f"SFT {dtype}"))
         if dtype == "bf16":

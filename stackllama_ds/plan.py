@@ -299,7 +299,7 @@ def engine_estimate(
             est.host += opt + fp32_g
             est.notes.append("optimizer offloaded")
             opt, fp32_g = 0.0, 0.0
-        est.grads = module_g + fp32_g + (z3_full_grads if z == 3 else 0.0)
+        est.grads = module_g + fp32_g + z3_full_grads
         est.optimizer = opt
 
     est.activations = activation_bytes(shape, work, e, eng.gradient_checkpointing and work.train)

@@ -31,3 +31,13 @@ def test_compare_table_ratios_for_throughput_and_time():
     slow = common.compare_table(res, "v", "s/step", "T", higher_is_better=False).splitlines()
     assert "speed-up vs TRL" in slow[2]
     assert [c.strip() for c in slow[-1].strip("|").split("|")][3] == "0.6"  # TRL 3 s / ours 5 s
+
+
+def test_peer_sides_ours_then_peer_then_peer_with_heap():
+    calls = []
+    sides = common.peer_sides(lambda i: {"who": "ours"}, lambda i, heap: calls.append((i, heap)) or {}, heap=True)
+    assert list(sides) == ["ours", "TRL", "TRL+heap"]
+    sides["TRL"](0), sides["TRL+heap"](1)
+    assert calls == [(0, False), (1, True)]
+    assert list(common.peer_sides(lambda i: {}, lambda i, heap: {}, heap=False)) == ["ours", "TRL"]
+    assert list(common.peer_sides(lambda i: {}, None, heap=True)) == ["ours"]  # peer could not be set up

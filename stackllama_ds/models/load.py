@@ -133,10 +133,16 @@ def load_reward_model(
 
 
 def hf_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(causal LM, decoder body, lm head) of a plain or peft-wrapped HF causal LM."""
+    """(model, decoder body, lm head) of a plain or peft-wrapped HF model (head None without one)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(lm, lm.base_model_prefix)
     return lm, body, lm.get_output_embeddings()
+
+
+def tail_hidden(body: nn.Module, input_ids, attention_mask, position_ids, keep: int | None) -> torch.Tensor:
+    """Last hidden states (B, T, H) of a decoder body, or of its last ``keep`` positions only."""
+    h = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return h.last_hidden_state if keep is None else h.last_hidden_state[:, -keep:]
 
 
 class ActorWithValueHead(nn.Module):
@@ -169,10 +175,7 @@ class ActorWithValueHead(nn.Module):
     ):
         """``keep``: heads on the last ``keep`` positions only (PPO needs the response's)."""
         _, body, head = hf_parts(self.policy)
-        h = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        hidden = h.last_hidden_state  # (B, T, H)
-        if keep is not None:
-            hidden = hidden[:, -keep:]
+        hidden = tail_hidden(body, input_ids, attention_mask, position_ids, keep)  # (B, T, H)
         logits = head(hidden)  # (B, T, V)
         values = self.v_head(self.v_dropout(hidden)).squeeze(-1).float()  # (B, T)
         return logits, values
@@ -204,8 +207,5 @@ class TokenValueModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         keep: int | None = None,
     ):
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        body = getattr(lm, lm.base_model_prefix)
-        h = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        hidden = h.last_hidden_state if keep is None else h.last_hidden_state[:, -keep:]
-        return lm.score(hidden).squeeze(-1).float()  # (B, T)
+        lm, body, _ = hf_parts(self.model)
+        return lm.score(tail_hidden(body, input_ids, attention_mask, position_ids, keep)).squeeze(-1).float()  # (B, T)

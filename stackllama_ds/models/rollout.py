@@ -60,8 +60,9 @@ def length_groups(lengths: torch.Tensor, groups: int | None = None, min_saving: 
     when that pads at least ``min_saving`` fewer tokens. ``groups=2`` always splits (at the best
     point): ZeRO-3 ranks must run the same number of forwards, whatever their lengths.
     """
-    order = torch.argsort(lengths.cpu(), stable=True)
-    ls = lengths.cpu()[order].tolist()
+    lengths = lengths.cpu()
+    order = torch.argsort(lengths, stable=True)
+    ls = lengths[order].tolist()
     n = len(ls)
     if n < 2 or groups == 1:
         return [order]
