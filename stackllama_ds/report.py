@@ -113,8 +113,48 @@ def _cell(text: str, limit: int) -> str:
     return t.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "(empty)"
 
 
-def _ci(x: dict, digits: int = 3) -> str:
-    return f"{x['mean']:.{digits}f} [{x['lo']:.{digits}f}, {x['hi']:.{digits}f}]"
+def _ci(x: dict | None, digits: int = 3) -> str:
+    """``mean [lo, hi]``; "n/a" for a figure that is missing or null (an empty subset)."""
+    if not x or x.get("mean") is None:
+        return "n/a"
+    lo, hi = ("?" if x[k] is None else f"{x[k]:.{digits}f}" for k in ("lo", "hi"))
+    return f"{x['mean']:.{digits}f} [{lo}, {hi}]"
+
+
+def _lm_lines(lm: dict, pct: int) -> list[str]:
+    """The "Did SFT learn?" section: held-out loss and perplexity per model, and the paired differences."""
+    lines = ["", "## Held-out language-model loss", "",
+             f"{lm['n_texts']} held-out answers (one per distinct question of {' then '.join(lm['splits'])}, "
+             f"{lm['n_requested']} requested, {lm['n_too_long']} skipped as the question fills the "
+             f"{lm['max_length']}-token window), {lm['n_tokens']} answer tokens: the loss counts only the answer "
+             "tokens (and the closing EOS), the same tokens for every model; token-weighted mean NLL, "
+             f"{pct}% bootstrap over texts.", "",
+             "| model | loss, nats/token [CI] | perplexity [CI] |", "|---|---|---|"]
+    for name, m in lm["models"].items():
+        lines.append(f"| {name} | {_ci(m['loss'])} | {_ci(m['ppl'], 2)} |")
+    if lm.get("diffs"):
+        lines += ["", "| A - B | loss difference, nats/token [CI] (negative: A better) |", "|---|---|"]
+        for d in lm["diffs"].values():
+            lines.append(f"| {d['a']} - {d['b']} | {_ci(d)} |")
+    return lines
+
+
+def _rm_lines(rm: dict, pct: int) -> list[str]:
+    """The reward model on held-out pairs, beside what length alone would score."""
+    if "accuracy" not in rm:
+        return ["", "## Reward model on held-out pairs", "", f"No `{rm['split']}` pair to score."]
+    adv = rm["adversarial"]
+    return ["", "## Reward model on held-out pairs", "",
+            f"{rm['n_pairs']} `{rm['split']}` pairs ({rm['n_requested']} requested, {rm['n_available']} available, "
+            f"{rm['n_over_length']} over {rm['max_length']} tokens "
+            f"{'dropped' if rm['overlength'] == 'filter' else 'cut'}); lengths in answer "
+            f"{rm['length_unit']}; ties count half; {pct}% bootstrap over pairs.", "",
+            "| figure | share [CI] | pairs |", "|---|---|---|",
+            f"| RM accuracy: r(chosen) > r(rejected) | {_ci(rm['accuracy'])} | {rm['n_pairs']} "
+            f"({rm['accuracy']['ties']} ties) |",
+            f"| length baseline: the longer answer is preferred | {_ci(rm['length_baseline'])} | {rm['n_pairs']} |",
+            f"| RM accuracy where the preferred answer is shorter | {_ci(adv)} | {adv['n']} |",
+            "", "A length-only reward scores the baseline overall and 0 on the shorter-preferred pairs."]
 
 
 def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
@@ -133,18 +173,25 @@ def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
     if res["n_prompts"] < res["n_requested"]:
         lines += [f"**Note:** only {res['n_prompts']} of the {res['n_requested']} requested prompts were available.", ""]
     lines += [
-        "| model | path | mean reward [CI] | mean length (tokens) | ended with EOS | degenerate |",
-        "|---|---|---|---|---|---|",
+        "| model | path | mean reward [CI] | mean length (tokens) | ended with EOS | degenerate "
+        "| Spearman(reward, length) [CI] |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in res["models"].items():
         lines.append(f"| {name} | `{m['path']}` | {_ci(m['reward'])} | {m['length_mean']:.1f} | "
-                     f"{m['eos_share']:.2f} | {m['degenerate_share']:.2f} |")
+                     f"{m['eos_share']:.2f} | {m['degenerate_share']:.2f} | {_ci(m.get('length_reward_spearman'))} |")
     if res["win_rates"]:
+        tol = res.get("length_match_tol", 0.2)
         lines += ["", "## Win rates", "",
-                  "Share of prompts where A's response gets the higher reward; a tie counts half.", "",
-                  "| A vs B | win rate of A [CI] | wins / ties / losses |", "|---|---|---|"]
+                  "Share of prompts where A's response gets the higher reward; a tie counts half. Length-matched: "
+                  f"the same on the prompts whose two responses' lengths la, lb satisfy |la - lb| <= {tol:g} * "
+                  "max(la, lb) (tokens); a win that holds there is not a length effect.", "",
+                  "| A vs B | win rate of A [CI] | wins / ties / losses | length-matched win rate [CI] | matched prompts |",
+                  "|---|---|---|---|---|"]
         for w in res["win_rates"].values():
-            lines.append(f"| {w['a']} vs {w['b']} | {_ci(w)} | {w['wins']} / {w['ties']} / {w['losses']} |")
+            lm = w.get("length_matched") or {}
+            lines.append(f"| {w['a']} vs {w['b']} | {_ci(w)} | {w['wins']} / {w['ties']} / {w['losses']} | "
+                         f"{_ci(lm)} | {lm.get('n', '-')} |")
     if res["kl"]:
         lines += ["", "## KL", "",
                   "Monte-Carlo KL(policy || ref): mean over the policy's own samples of "
@@ -152,6 +199,10 @@ def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
                   "| policy | ref | KL [CI] |", "|---|---|---|"]
         for k in res["kl"].values():
             lines.append(f"| {k['policy']} | {k['ref']} | {_ci(k)} |")
+    if res.get("lm"):
+        lines += _lm_lines(res["lm"], pct)
+    if res.get("rm"):
+        lines += _rm_lines(res["rm"], pct)
     if plots:
         lines += ["", "## Training curves", ""] + [f"![{p}]({p})" for p in plots]
     names = list(res["models"])

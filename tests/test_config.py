@@ -108,7 +108,10 @@ def test_ds_config_from_engine():
     assert d["train_batch_size"] == 4 * 3 * 2
     assert d["zero_optimization"]["stage"] == 3 and d["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert d["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert d["optimizer"]["params"]["lr"] == 1e-5 and d["bf16"]["enabled"] is True
+    from stackllama_ds.hardware import auto_dtype
+
+    assert c.sft.engine.dtype == auto_dtype()  # the default dtype "auto" is resolved on validation
+    assert d["optimizer"]["params"]["lr"] == 1e-5 and d["bf16"]["enabled"] is (auto_dtype() == "bf16")
     assert "optimizer" not in ds_config(e, world_size=2)
     assert '"auto"' not in yaml.safe_dump(d)
 

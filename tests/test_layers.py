@@ -45,8 +45,9 @@ def test_rl_needs_only_torch_and_config_only_pydantic_yaml():
                                                   "pathlib", "re"}
         if mod.startswith("rl/"):
             assert top <= {"torch"}, (mod, top)
-        if mod == "config.py":
-            assert top <= {"pydantic", "yaml"}, (mod, top)
+        if mod == "config.py":  # plus the hardware probe that resolves dtype: auto (stdlib, lazy torch)
+            assert top <= {"pydantic", "yaml", "stackllama_ds"}, (mod, top)
+            assert {n for n in names if n.startswith("stackllama_ds")} <= {"stackllama_ds.hardware"}, mod
 
 
 def test_lower_layers_do_not_import_stages():

@@ -84,7 +84,7 @@ def test_every_stage_has_a_loadable_model_and_eval_figures(killed_and_rerun):
     rm = AutoModelForSequenceClassification.from_pretrained(root / "rm" / "model")
     assert rm.config.num_labels == 1
     ev = json.loads((root / "eval" / "eval.json").read_text())
-    assert set(ev["models"]) == {"sft", "ppo"} and ev["n_prompts"] >= 1
+    assert set(ev["models"]) == {"base", "sft", "ppo"} and ev["n_prompts"] >= 1
     for m in ev["models"].values():
         assert m["reward"]["lo"] <= m["reward"]["mean"] <= m["reward"]["hi"]
         assert 1 <= m["length_mean"] <= 16 and 0 <= m["degenerate_share"] <= 1

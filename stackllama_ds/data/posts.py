@@ -1,12 +1,27 @@
-"""Streaming reader for Stack Exchange ``Posts.xml`` / ``Votes.xml`` dumps.
+"""Streaming reader for Stack Exchange ``Posts.xml`` / ``Votes.xml`` dumps (plain files or ``.7z`` members).
 
     python -c "from stackllama_ds.data.posts import iter_parsed; print(sum(len(c.questions) for c in iter_parsed('data/beer.stackexchange.com/Posts.xml')))"
 
 The dump has one ``<row .../>`` per line (newlines inside values are escaped as ``&#xA;``), a UTF-8
-BOM and CRLF line ends. We never parse the file as one document: it is cut into byte ranges at line
-boundaries, and each range is parsed line by line (lxml, one row at a time) and its bodies converted
-to Markdown, in worker processes when ``workers > 1``. Results come back in file order, so line
-numbers are exact and memory holds a bounded window of ranges whatever the file size.
+BOM and CRLF line ends. We never parse the file as one document: it is cut into blocks at line
+boundaries (byte ranges of a file, or blocks read from an archive member's stream), and each block is
+parsed line by line (lxml, one row at a time) and its bodies converted to Markdown, in worker
+processes when ``workers > 1``. Results come back in file order, so line numbers are exact and memory
+holds a bounded window of blocks whatever the file size.
+
+Any other well-formed layout is read too: a prolog with a DOCTYPE, comments or processing
+instructions, rows spread over several lines or several rows on one line. The line scanner stops at
+the first line that is not the dump's layout (a line starting with ``<`` that is not one whole
+``<row/>``, ``<posts>``, ``</posts>`` or the XML declaration) and the rest of the file, from that
+line, goes through lxml's pull parser in this process (the whole file when the break comes before
+``<posts>``). That parser never loads a DTD, never fetches anything and never expands an external
+entity: an external entity referenced in an attribute is an ``invalid_xml`` error (libxml2 refuses
+it), one referenced between rows is an ``invalid_xml`` error like any text outside a row, and an
+undeclared entity (declared only in an unread external DTD) reads as nothing. Internal entities
+declared in the DOCTYPE are expanded, within libxml2's amplification limit. In that mode a row's
+line is where its start tag ends (libxml2's ``sourceline``: the last line of a row spread over
+several lines), and a well-formedness error ends the file: with ``skip_bad_rows`` it is counted once
+and the rows after it are not read.
 
 Every problem is a ``DataError`` naming file, line and attribute; with ``skip_bad_rows`` the row is
 skipped and counted by reason instead (see ``SKIP_REASONS``).
@@ -14,13 +29,15 @@ skipped and counted by reason instead (see ``SKIP_REASONS``).
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import re
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from lxml import etree
 
@@ -28,7 +45,7 @@ from stackllama_ds.data.markdown import ConversionFailed, html_to_markdown
 
 # Why a row was skipped (skip_bad_rows=True) or refused (False). orphan_answer is always skipped.
 SKIP_REASONS = (
-    "invalid_xml",  # a line that is not one well-formed <row .../> element
+    "invalid_xml",  # a line that is not one well-formed <row .../> element (or XML that is not well-formed)
     "truncated",  # the file ends inside a row or without its closing root tag
     "missing_id",
     "missing_post_type",
@@ -40,23 +57,76 @@ SKIP_REASONS = (
 )
 
 CHUNK_BYTES = 8 << 20  # one task: ~8 MB of XML, a few thousand rows
+MAX_LINE = 16 << 20  # a longer line is not the one-row-per-line layout: the pull parser takes over
+STREAM_PIECE = 1 << 20  # bytes fed to the pull parser at a time
+STREAM_BATCH = 2000  # rows per ChunkResult from the pull parser
 
 _BOM = b"\xef\xbb\xbf"
 _PARSER = etree.XMLParser(resolve_entities=False, huge_tree=True, no_network=True)
-_ATTR_BEFORE = re.compile(rb'([A-Za-z_][\w.-]*)\s*=\s*"')
+_ATTR_BEFORE = re.compile(rb"""([A-Za-z_][\w.-]*)\s*=\s*["']""")
+_XML_DECL = re.compile(rb"<\?xml[^<>]*\?>")
+_ROOT_OPEN = re.compile(rb"<posts(\s[^<>]*)?>")
 _SEP = "\x1f"  # joins metadata strings inside the on-disk store
 
 
 class DataError(Exception):
-    """Bad input: the message reads ``FILE:LINE: ATTRIBUTE: what is wrong``."""
+    """Bad input: the message reads ``FILE:LINE: ATTRIBUTE: what is wrong`` (`` (site S)`` when known)."""
 
     def __init__(self, message: str, file: str | os.PathLike[str] | None = None, line: int | None = None,
-                 attribute: str | None = None, reason: str | None = None):
+                 attribute: str | None = None, reason: str | None = None, site: str | None = None):
         where = ":".join(str(x) for x in (file, line) if x is not None)
         prefix = f"{where}: " if where else ""
         attr = f"{attribute}: " if attribute else ""
-        super().__init__(f"{prefix}{attr}{message}")
-        self.file, self.line, self.attribute, self.reason = file, line, attribute, reason
+        suffix = f" (site {site})" if site else ""
+        super().__init__(f"{prefix}{attr}{message}{suffix}")
+        self.message = message
+        self.file, self.line, self.attribute, self.reason, self.site = file, line, attribute, reason, site
+
+    def with_site(self, site: str) -> DataError:
+        """The same error, naming the site it belongs to."""
+        if self.site is not None:
+            return self
+        return DataError(self.message, self.file, self.line, self.attribute, self.reason, site)
+
+
+@dataclass(frozen=True)
+class DumpFile:
+    """One XML file of a dump: a plain file, or the member ``member`` of the ``.7z`` archive ``path``.
+
+    A member is read as a stream (decompressed on a thread, never extracted to disk); its name in
+    messages is ``ARCHIVE/MEMBER``.
+    """
+
+    path: Path
+    member: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.path) if self.member is None else f"{self.path}/{self.member}"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def size(self) -> int:
+        """Bytes of XML (uncompressed size for a member, from the archive's header)."""
+        if self.member is None:
+            return os.path.getsize(self.path)
+        from stackllama_ds.data.archive import member_sizes
+
+        return member_sizes(self.path).get(self.member, 0)
+
+    def mtime_ns(self) -> int:
+        return self.path.stat().st_mtime_ns
+
+    def open(self) -> BinaryIO:
+        if self.member is None:
+            return open(self.path, "rb")
+        from stackllama_ds.data.archive import open_member
+
+        return open_member(self.path, self.member)
+
+
+def _as_dump(src: str | os.PathLike[str] | DumpFile) -> DumpFile:
+    return src if isinstance(src, DumpFile) else DumpFile(Path(src))
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -86,6 +156,11 @@ class ChunkResult:
     newlines: int = 0  # to turn chunk-relative line numbers into file line numbers
     closed: bool | None = None  # last non-blank line is </posts> (None: the chunk is blank)
     nbytes: int = 0
+    # Where the one-row-per-line layout stops (the pull parser reads on from there):
+    break_line: int | None = None  # chunk-relative line
+    break_offset: int = 0  # byte offset of that line in the chunk
+    root_open: bool = True  # <posts> was open at the break (False: reparse the whole file)
+    root_tag: bytes | None = None  # the <posts ...> start tag, when this chunk holds it
 
 
 def parse_tags(tags: str) -> list[str]:
@@ -108,9 +183,14 @@ def _int(attrs, name: str, reason_missing: str) -> int:
 
 
 class _RowError(Exception):
-    def __init__(self, reason: str, attribute: str, message: str):
+    def __init__(self, reason: str, attribute: str, message: str, continues: bool = False):
         super().__init__(message)
         self.reason, self.attribute, self.message = reason, attribute, message
+        self.continues = continues  # the XML error is at the end of the line: it may go on below
+
+
+class _LayoutBreak(Exception):
+    """This line is well-formed XML, but not the one-row-per-line layout."""
 
 
 def _xml_error(line: bytes, err: etree.XMLSyntaxError, at_eof: bool) -> _RowError:
@@ -120,16 +200,14 @@ def _xml_error(line: bytes, err: etree.XMLSyntaxError, at_eof: bool) -> _RowErro
     msg = str(err.msg or err).split(", line ")[0]
     if at_eof:
         return _RowError("truncated", attr, f"file ends inside this row ({msg})")
-    return _RowError("invalid_xml", attr, f"not a well-formed <row/>: {msg}")
+    return _RowError("invalid_xml", attr, f"not a well-formed <row/>: {msg}", continues=col > len(line))
 
 
-def _parse_row(s: bytes, rel: int, out: ChunkResult, at_eof: bool) -> None:
-    try:
-        el = etree.fromstring(s, _PARSER)
-    except etree.XMLSyntaxError as e:
-        raise _xml_error(s, e, at_eof) from None
-    if el.tag != "row":
-        raise _RowError("invalid_xml", f"<{el.tag}>", "expected a <row .../> element")
+def _take_row(el, rel: int, out: ChunkResult) -> None:
+    """Add one parsed ``<row/>`` element (a question or an answer) to ``out``."""
+    tag = el.tag
+    if tag != "row" and not tag.endswith("}row"):  # {namespace}row under a <posts xmlns=...>
+        raise _RowError("invalid_xml", f"<{tag}>", "expected a <row .../> element")
     a = el.attrib
     pid = _int(a, "Id", "missing_id")
     ptype = _int(a, "PostTypeId", "missing_post_type")
@@ -154,11 +232,106 @@ def _parse_row(s: bytes, rel: int, out: ChunkResult, at_eof: bool) -> None:
         out.answers.append((pid, rel, parent, score, _convert(body_html)))
 
 
+def _parse_row(s: bytes, rel: int, out: ChunkResult, at_eof: bool) -> None:
+    try:
+        el = etree.fromstring(s, _PARSER)
+    except etree.XMLSyntaxError as e:
+        if not at_eof and _several_nodes(s):
+            raise _LayoutBreak() from None
+        raise _xml_error(s, e, at_eof) from None
+    _take_row(el, rel, out)
+
+
+def _several_nodes(s: bytes) -> bool:
+    """A line that is well-formed content but not one element (``<row/><row/>``, a row and a comment)."""
+    try:
+        etree.fromstring(b"<_>" + s + b"</_>", _PARSER)
+    except etree.XMLSyntaxError:
+        return False
+    return True
+
+
+def _next_starts_row(lines: list[bytes], rel: int) -> bool:
+    """The next non-blank line of the chunk is a row or ``</posts>`` (False at the chunk's end)."""
+    for line in itertools.islice(lines, rel + 1, None):
+        s = line.strip()
+        if s:
+            return s.startswith(b"<row") or s == b"</posts>"
+    return False
+
+
 def _convert(html: str) -> str:
     try:
         return html_to_markdown(html)
     except ConversionFailed as e:
         raise _RowError("html_conversion", "Body", f"HTML->Markdown failed: {e}") from None
+
+
+def parse_block(data: bytes, first: bool, at_file_end: bool, skip_bad_rows: bool,
+                keep_problems: int = 20) -> ChunkResult:
+    """Parse the rows of one block of whole lines (``first``: it starts the file). Lines are 0-based.
+
+    Stops at the first line that is not the one-row-per-line layout and says where (``break_line``).
+    """
+    out = ChunkResult(newlines=data.count(b"\n"), nbytes=len(data))
+    skip = 0
+    if first and data.startswith(_BOM):
+        skip = len(_BOM)
+        data = data[skip:]
+    lines = data.split(b"\n")
+    last = len(lines) - 1
+    root = not first  # a later block is inside <posts>
+    pos = 0
+    # The final line of the file is unterminated; a row there that fails to parse is a truncation.
+    for rel, line in enumerate(lines):
+        start, pos = pos, pos + len(line) + 1
+        s = line.strip()
+        if not s:
+            continue
+        out.closed = s == b"</posts>"
+        at_eof = at_file_end and rel == last
+        try:
+            if root and s.startswith(b"<row"):
+                _parse_row(s, rel, out, at_eof)
+            elif out.closed:
+                pass
+            elif not root:  # the prolog: anything but the dump's goes to the XML parser, whole file
+                if rel == 0 and _XML_DECL.fullmatch(s):
+                    continue
+                if not _ROOT_OPEN.fullmatch(s):
+                    raise _LayoutBreak()
+                root = True
+                out.root_tag = s
+            elif s.startswith(b"<") and not at_eof:
+                raise _LayoutBreak()
+            else:
+                raise _RowError("truncated" if at_eof else "invalid_xml", "<row>",
+                                f"not a <row .../> line: {s[:60]!r}")
+        except _LayoutBreak:
+            out.closed = None
+            if root:
+                out.break_line, out.break_offset = rel, start + skip
+            else:
+                out.break_line, out.break_offset, out.root_open = 0, 0, False
+            out.nbytes = out.break_offset  # the pull parser counts the rest
+            return out
+        except _RowError as e:
+            if e.continues and not _next_starts_row(lines, rel):  # a row spread over several lines
+                out.closed = None
+                out.break_line, out.break_offset = rel, start + skip
+                out.nbytes = out.break_offset
+                return out
+            if not skip_bad_rows:
+                out.problems.append(Problem(e.reason, rel, e.attribute, e.message))
+                return out
+            out.skipped[e.reason] += 1
+            if len(out.problems) < keep_problems:
+                out.problems.append(Problem(e.reason, rel, e.attribute, e.message))
+    if not root:  # the whole first block is prolog: the XML parser reads the file
+        out.closed = None
+        out.break_line, out.break_offset, out.root_open = 0, 0, False
+        out.nbytes = 0
+    return out
 
 
 def parse_range(path: str, start: int, end: int, at_file_end: bool, skip_bad_rows: bool,
@@ -167,71 +340,185 @@ def parse_range(path: str, start: int, end: int, at_file_end: bool, skip_bad_row
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
-    out = ChunkResult(newlines=data.count(b"\n"), nbytes=len(data))
-    if start == 0 and data.startswith(_BOM):
-        data = data[len(_BOM):]
-    lines = data.split(b"\n")
-    last = len(lines) - 1
-    # The final line of the file is unterminated; a row there that fails to parse is a truncation.
-    for rel, line in enumerate(lines):
-        s = line.strip()
-        if not s:
-            continue
-        out.closed = s == b"</posts>"
-        try:
-            if s.startswith(b"<row"):
-                _parse_row(s, rel, out, at_file_end and rel == last)
-            elif out.closed or s.startswith(b"<?xml") or s.startswith(b"<posts"):
-                pass
-            else:
-                at_eof = at_file_end and rel == last
-                raise _RowError("truncated" if at_eof else "invalid_xml", "<row>",
-                                f"not a <row .../> line: {s[:60]!r}")
-        except _RowError as e:
-            if not skip_bad_rows:
-                out.problems.append(Problem(e.reason, rel, e.attribute, e.message))
-                return out
-            out.skipped[e.reason] += 1
-            if len(out.problems) < keep_problems:
-                out.problems.append(Problem(e.reason, rel, e.attribute, e.message))
-    return out
+    return parse_block(data, start == 0, at_file_end, skip_bad_rows, keep_problems)
 
 
 def byte_ranges(path: str | os.PathLike[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
-    """``[start, end)`` ranges of about ``chunk_bytes`` that start and end at line boundaries."""
+    """``[start, end)`` ranges of about ``chunk_bytes`` that start and end at line boundaries.
+
+    A line longer than ``MAX_LINE`` is cut (it is not the dump's layout; the parser falls back there).
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         start = 0
         while start < size:
             f.seek(min(start + chunk_bytes, size))
             if f.tell() < size:
-                f.readline()  # finish the line we landed in
+                f.readline(max(chunk_bytes, MAX_LINE))  # finish the line we landed in
             end = min(f.tell(), size)
             yield start, end
             start = end
 
 
-def _run(args: tuple) -> ChunkResult:
+def stream_blocks(f: BinaryIO, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, bool]]:
+    """``(block, is_last)`` of about ``chunk_bytes`` from a stream, each ending at a line boundary."""
+    limit = max(chunk_bytes, MAX_LINE)
+    pending: bytes | None = None
+    rest = b""
+    while True:
+        data = f.read(chunk_bytes)
+        if not data:
+            break
+        buf = rest + data
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0 and len(buf) < limit:
+            rest = buf
+            continue
+        cut = cut or len(buf)
+        block, rest = buf[:cut], buf[cut:]
+        if pending is not None:
+            yield pending, False
+        pending = block
+    if rest:
+        if pending is not None:
+            yield pending, False
+        pending = rest
+    if pending is not None:
+        yield pending, True
+
+
+def _run_range(args: tuple) -> ChunkResult:
     return parse_range(*args)
 
 
-def iter_parsed(path: str | os.PathLike[str], *, workers: int = 1, skip_bad_rows: bool = False,
-                chunk_bytes: int = CHUNK_BYTES, log=None) -> Iterator[ChunkResult]:
-    """Parse Posts.xml into ChunkResults in file order, with absolute (1-based) line numbers.
+def _run_block(args: tuple) -> ChunkResult:
+    return parse_block(*args)
 
-    ``workers > 1`` parses ranges in that many spawned processes; at most ``2 * workers`` ranges are in
-    flight, so memory stays flat however large the file. Raises DataError on the first bad row unless
-    ``skip_bad_rows``; then problems are counted (and the first few logged).
+
+# ------------------------------------------------------------------- the fallback: a pull parser
+def _pull_parse(pieces: Iterable[bytes], prefix: bytes, line_base: int, skip_bad_rows: bool,
+                keep_problems: int = 20) -> Iterator[ChunkResult]:
+    """Rows of well-formed XML in any layout, fed piece by piece to lxml's pull parser.
+
+    ``prefix`` (the ``<posts>`` start tag, or nothing) precedes ``pieces``; the first fed line is file
+    line ``line_base + 1``. Yields ChunkResults of up to STREAM_BATCH rows whose (0-based) lines are
+    absolute. Parsed rows are deleted from the tree, so memory stays flat.
     """
-    path = str(path)
-    if not os.path.exists(path):
-        raise DataError("file not found", path)
-    size = os.path.getsize(path)
-    tasks = ((path, s, e, e >= size, skip_bad_rows) for s, e in byte_ranges(path, chunk_bytes))
+    parser = etree.XMLPullParser(events=("end",), resolve_entities=False, no_network=True, load_dtd=False,
+                                 huge_tree=True)
+    out = ChunkResult()
+    root_checked = False
+
+    def line_of(n: int | None) -> int:  # fed line -> 0-based file line
+        return line_base + (n or 1) - 1
+
+    def problem(e: _RowError, line: int) -> bool:
+        """Record a bad row; True when parsing must stop (not skipping)."""
+        if len(out.problems) < keep_problems:
+            out.problems.append(Problem(e.reason, line, e.attribute, e.message))
+        if not skip_bad_rows:
+            return True
+        out.skipped[e.reason] += 1
+        return False
+
+    def outside(nodes, root) -> tuple[_RowError, int] | None:
+        """What is wrong between the root's elements: text, or an entity reference (never expanded)."""
+        nonlocal root_checked
+        if not root_checked:
+            root_checked = True
+            if root.text and root.text.strip():
+                return _RowError("invalid_xml", "<posts>", f"text outside a <row/>: {root.text.strip()[:40]!r}"), \
+                    line_of(root.sourceline)
+        for n in nodes:
+            if isinstance(n, etree._Entity):
+                return _RowError("invalid_xml", str(n), "entity reference outside a <row/> (entities are "
+                                 "never expanded)"), line_of(n.sourceline)
+            if n.tail and n.tail.strip():
+                return _RowError("invalid_xml", "<posts>", f"text outside a <row/>: {n.tail.strip()[:40]!r}"), \
+                    line_of(n.sourceline)
+        return None
+
+    def take(events) -> bool:
+        """Handle parsed elements; True when parsing must stop."""
+        for _, el in events:
+            parent = el.getparent()
+            if parent is None:  # the root closed: check what follows the last row
+                bad = outside(list(el), el)
+                if bad is not None and problem(*bad):
+                    return True
+                out.closed = True
+                continue
+            if parent.getparent() is not None:  # inside a row: read with the row
+                continue
+            before = []
+            p = el.getprevious()
+            while p is not None:
+                before.append(p)
+                p = p.getprevious()
+            bad = outside(reversed(before), parent)
+            if bad is not None and problem(*bad):
+                return True
+            del parent[:len(before)]  # rows already read, comments, PIs: drop them
+            try:
+                _take_row(el, line_of(el.sourceline), out)
+            except _RowError as e:
+                if problem(e, line_of(el.sourceline)):
+                    return True
+        return False
+
+    if prefix:
+        parser.feed(prefix)
+    for data in itertools.chain(pieces, [None]):
+        try:
+            if data is None:
+                parser.close()
+            else:
+                out.nbytes += len(data)
+                parser.feed(data)
+        except etree.XMLSyntaxError as e:
+            if take(parser.read_events()):
+                yield out
+                return
+            msg = str(e.msg or e).split(", line ")[0]
+            err = (_RowError("truncated", "", f"file ends before the XML document does ({msg})") if data is None
+                   else _RowError("invalid_xml", "", f"not well-formed XML: {msg}"))
+            if skip_bad_rows:
+                err.message += "; the rest of the file is not read"
+            problem(err, line_of(e.lineno))
+            yield out
+            return
+        if take(parser.read_events()):
+            yield out
+            return
+        if len(out.questions) + len(out.answers) >= STREAM_BATCH:
+            yield out
+            out = ChunkResult()
+    yield out
+
+
+def _pieces(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        yield from iter(lambda: f.read(STREAM_PIECE), b"")
+
+
+def iter_parsed(path: str | os.PathLike[str] | DumpFile, *, workers: int = 1, skip_bad_rows: bool = False,
+                chunk_bytes: int = CHUNK_BYTES, log=None) -> Iterator[ChunkResult]:
+    """Parse Posts.xml (a file or a ``DumpFile``) into ChunkResults in file order, with absolute (1-based) lines.
+
+    ``workers > 1`` parses blocks in that many spawned processes; at most ``2 * workers`` blocks are in
+    flight, so memory stays flat however large the file. Raises DataError on the first bad row unless
+    ``skip_bad_rows``; then problems are counted (and the first few logged). Where the file leaves the
+    one-row-per-line layout, the rest is read by the pull parser in this process.
+    """
+    dump = _as_dump(path)
+    name = str(dump)
+    if not dump.exists():
+        raise DataError("file not found", dump.path)
     lines_before = 0
     logged = 0  # skipped rows echoed to the log (the report has every count)
     saw_closed = False
     last_line_truncated = False
+    root_tag = b"<posts>"
 
     def finish(res: ChunkResult) -> ChunkResult:
         nonlocal lines_before, logged, saw_closed, last_line_truncated
@@ -239,10 +526,10 @@ def iter_parsed(path: str | os.PathLike[str], *, workers: int = 1, skip_bad_rows
             p.line += lines_before + 1
         if res.problems and not skip_bad_rows:
             p = res.problems[0]
-            raise DataError(p.message, path, p.line, p.attribute, p.reason)
+            raise DataError(p.message, name, p.line, p.attribute, p.reason)
         if log is not None:
             for p in res.problems[: max(0, 50 - logged)]:
-                log(f"skipped {p.reason}: {path}:{p.line}: {p.attribute}: {p.message}")
+                log(f"skipped {p.reason}: {name}:{p.line}: {p.attribute}: {p.message}")
             logged += len(res.problems)
         res.questions = [(q[0], q[1] + lines_before + 1, *q[2:]) for q in res.questions]
         res.answers = [(a[0], a[1] + lines_before + 1, *a[2:]) for a in res.answers]
@@ -252,28 +539,80 @@ def iter_parsed(path: str | os.PathLike[str], *, workers: int = 1, skip_bad_rows
         last_line_truncated = res.skipped.get("truncated", 0) > 0
         return res
 
-    if workers <= 1:
-        for t in tasks:
-            yield finish(parse_range(*t))
-    else:
+    stream: BinaryIO | None = None
+    try:
+        if dump.member is None:
+            size = os.path.getsize(dump.path)
+            fn = _run_range
+            tasks: Iterator[tuple] = ((str(dump.path), s, e, e >= size, skip_bad_rows)
+                                      for s, e in byte_ranges(dump.path, chunk_bytes))
+        else:  # an archive member: blocks read from its stream travel to the workers as bytes
+            stream = dump.open()
+            size = dump.size()
+            fn = _run_block
+            tasks = ((data, i == 0, last, skip_bad_rows)
+                     for i, (data, last) in enumerate(stream_blocks(stream, chunk_bytes)))
+        rest: Iterator[bytes] | None = None  # the bytes from the layout break on
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers) as pool:
+        with ctx.Pool(workers) if workers > 1 else _NoPool() as pool:
             pending: deque = deque()
-            for t in tasks:
-                pending.append(pool.apply_async(_run, (t,)))
-                if len(pending) >= 2 * workers:
-                    yield finish(pending.popleft().get())
+
+            def fill() -> None:
+                while len(pending) < max(1, 2 * workers):
+                    t = next(tasks, None)
+                    if t is None:
+                        return
+                    pending.append((t, pool.apply_async(fn, (t,)) if workers > 1 else None))
+
+            fill()
             while pending:
-                yield finish(pending.popleft().get())
+                t, handle = pending.popleft()
+                res = handle.get() if handle is not None else fn(t)
+                root_tag = res.root_tag or root_tag
+                if res.break_line is None:
+                    yield finish(res)
+                    fill()
+                    continue
+                # The layout breaks here: rows before it count, the pull parser reads the rest.
+                res.newlines = 0
+                yield finish(res)
+                line_base = lines_before + res.break_line
+                prefix = root_tag if res.root_open else b""
+                if stream is None:
+                    f = open(dump.path, "rb")
+                    f.seek(t[1] + res.break_offset)
+                    rest = _pieces(f)
+                else:  # blocks read ahead, then the rest of the stream (through the block reader)
+                    rest = itertools.chain([t[0][res.break_offset:]], [p[0][0] for p in pending],
+                                           (t2[0] for t2 in tasks))
+                break
+        if rest is not None:
+            if log is not None:
+                log(f"{name}: not one <row/> per line from line {line_base + 1}; reading on with the XML parser")
+            lines_before = 0
+            for res in _pull_parse(rest, prefix, line_base, skip_bad_rows):
+                yield finish(res)
+            return
+    finally:
+        if stream is not None:
+            stream.close()
     if size and not saw_closed and not last_line_truncated:
         msg = "file is truncated: no closing </posts> after the last row"
         if not skip_bad_rows:
-            raise DataError(msg, path, lines_before + 1, "</posts>", "truncated")
+            raise DataError(msg, name, lines_before + 1, "</posts>", "truncated")
         if log is not None:
-            log(f"skipped truncated: {path}:{lines_before + 1}: {msg}")
+            log(f"skipped truncated: {name}:{lines_before + 1}: {msg}")
         extra = ChunkResult()
         extra.skipped["truncated"] += 1
         yield extra
+
+
+class _NoPool:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 # ------------------------------------------------------------------------------------ votes
@@ -281,20 +620,22 @@ _VOTE_TYPE = re.compile(rb'\sVoteTypeId="([^"]*)"')
 _POST_ID = re.compile(rb'\sPostId="([^"]*)"')
 
 
-def iter_upvotes(path: str | os.PathLike[str], *, skip_bad_rows: bool = False, flush_every: int = 1_000_000,
-                 skipped: Counter | None = None) -> Iterator[list[tuple[int, int]]]:
+def iter_upvotes(path: str | os.PathLike[str] | DumpFile, *, skip_bad_rows: bool = False,
+                 flush_every: int = 1_000_000, skipped: Counter | None = None) -> Iterator[list[tuple[int, int]]]:
     """Count VoteTypeId 2 (up) votes per PostId in Votes.xml; yields ``[(post_id, n), ...]`` batches.
 
     A post may appear in several batches (counts add up). Rows are checked for shape and for the two
-    attributes we read (a regex on each line, ~10x faster than an XML parse of these tiny rows).
+    attributes we read (a regex on each line, ~10x faster than an XML parse of these tiny rows), so
+    Votes.xml must be in the dump's one-row-per-line layout.
     """
-    path = str(path)
-    if not os.path.exists(path):
-        raise DataError("file not found", path)
+    dump = _as_dump(path)
+    name = str(dump)
+    if not dump.exists():
+        raise DataError("file not found", dump.path)
     counts: Counter = Counter()
     closed = False
     lineno = 0
-    with open(path, "rb") as f:
+    with dump.open() as f:
         for lineno, line in enumerate(f, 1):
             s = line.strip()
             if lineno == 1 and s.startswith(_BOM):
@@ -324,7 +665,7 @@ def iter_upvotes(path: str | os.PathLike[str], *, skip_bad_rows: bool = False, f
                     raise _RowError("bad_integer", "PostId", f"not an integer: {m.group(1)[:40]!r}")
             except _RowError as e:
                 if not skip_bad_rows:
-                    raise DataError(e.message, path, lineno, e.attribute, e.reason) from None
+                    raise DataError(e.message, name, lineno, e.attribute, e.reason) from None
                 if skipped is not None:
                     skipped[f"votes_{e.reason}"] += 1
                 continue
@@ -334,7 +675,7 @@ def iter_upvotes(path: str | os.PathLike[str], *, skip_bad_rows: bool = False, f
                 counts.clear()
     if not closed:
         if not skip_bad_rows:
-            raise DataError("file is truncated: no closing </votes>", path, lineno + 1, "</votes>", "truncated")
+            raise DataError("file is truncated: no closing </votes>", name, lineno + 1, "</votes>", "truncated")
         if skipped is not None:
             skipped["votes_truncated"] += 1
     if counts:

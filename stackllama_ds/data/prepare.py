@@ -1,11 +1,13 @@
-"""Build the StackLLaMA datasets from a Stack Exchange dump (or a published paired file).
+"""Build the StackLLaMA datasets from Stack Exchange dumps (one or more sites) or a published paired file.
 
-    python -c "from stackllama_ds.data.prepare import prepare; prepare('data/beer.stackexchange.com/Posts.xml', 'runs/data', workers=2)"
+    python -c "from stackllama_ds.data.prepare import prepare; prepare(['data/beer.stackexchange.com', 'data/ai.stackexchange.com.7z'], 'runs/data', workers=2)"
 
-Steps: (1) parse Posts.xml in byte ranges (workers), bodies HTML -> Markdown; (2) store rows in a
-temporary sqlite file; (3) optionally count up-votes from Votes.xml; (4) read each question with its
-answers, score answers, pair them, assign the question to a split; (5) write a ``DatasetDict`` with
-``save_to_disk`` into a temporary folder next to ``out`` and swap it into place.
+The inputs (Posts.xml files, folders of sites, ``<site>.7z`` dump archives; see sources.py) give one
+or more sites. For each site in turn: (1) parse Posts.xml in blocks (workers), bodies HTML -> Markdown;
+(2) store rows in a temporary sqlite file of that site (question ids are unique per site only);
+(3) count up-votes from its Votes.xml when there is one; (4) read each question with its answers,
+score answers, pair them, assign the question to a split by (seed, site, qid). Then (5) write a
+``DatasetDict`` with ``save_to_disk`` into a temporary folder next to ``out`` and swap it into place.
 
 Every split has the same columns, one row per preference pair:
 
@@ -14,7 +16,8 @@ Every split has the same columns, one row per preference pair:
     response_j str (preferred answer), response_k str, score_j int, score_k int (answer scores, see
     pairs.answer_score; null for the paired input format)
 
-``out/report.json`` holds the counts (questions, answers, pairs, per split, skipped rows by reason).
+``out/report.json`` holds the counts (questions, answers, pairs, per split, skipped rows by reason),
+summed over the sites, and the same counts per site under ``sites``.
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from stackllama_ds.config import DataConfig
 from stackllama_ds.data.markdown import converter_name
-from stackllama_ds.data.paired import is_paired, iter_paired
+from stackllama_ds.data.paired import iter_paired
 from stackllama_ds.data.pairs import SPLITS, answer_score, make_pairs, pair_key, split_of
-from stackllama_ds.data.posts import SKIP_REASONS, DataError, iter_parsed, iter_upvotes, site_of
+from stackllama_ds.data.posts import SKIP_REASONS, DataError, iter_parsed, iter_upvotes
+from stackllama_ds.data.sources import SiteSource, resolve_sources
 from stackllama_ds.data.store import PostStore
 from stackllama_ds.data.template import format_qa
+from stackllama_ds.fsutil import follow_umask
 
 __all__ = ["DataError", "load_prepared", "prepare", "sft_texts"]
 
@@ -71,8 +77,8 @@ class _SplitWriter:
         self.writer = pa.ipc.new_stream(self.sink, schema)
         self.cols: dict[str, list] = {n: [] for n in schema.names}
         self.rows = 0
-        self.runs = 0  # runs of equal qid = distinct questions when a question's rows are contiguous
-        self._last_qid: int | None = None
+        self.runs = 0  # runs of equal (site, qid) = distinct questions when a question's rows are contiguous
+        self._last_key: tuple[str, int] | None = None
         self._qid_chunks: list = []  # for distinct questions when they are not (paired input)
 
     def add(self, qid, site, question, date, metadata, response_j, response_k, score_j, score_k) -> None:
@@ -87,9 +93,9 @@ class _SplitWriter:
         c["score_j"].append(score_j)
         c["score_k"].append(score_k)
         self.rows += 1
-        if qid != self._last_qid:
+        if (site, qid) != self._last_key:
             self.runs += 1
-            self._last_qid = qid
+            self._last_key = (site, qid)
         if len(c["qid"]) >= self.batch_rows:
             self.flush()
 
@@ -112,31 +118,33 @@ class _SplitWriter:
 
 
 # ----------------------------------------------------------------------------------- builders
-def _from_posts(posts: Path, votes: Path | None, cfg: DataConfig, seed: int, workers: int,
-                skip_bad_rows: bool, site: str, work: Path, writers: dict[str, _SplitWriter],
-                log) -> dict[str, Any]:
+def _from_posts(src: SiteSource, cfg: DataConfig, seed: int, workers: int, skip_bad_rows: bool, work: Path,
+                writers: dict[str, _SplitWriter], log) -> dict[str, Any]:
+    """One site's questions -> pairs appended to ``writers``; returns its counts."""
     t_start = time.perf_counter()
     skipped: Counter = Counter()
     other_types: Counter = Counter()
-    store = PostStore(work / "posts.sqlite")
+    site = src.site
+    store_path = work / "posts.sqlite"
+    store = PostStore(store_path)
     try:
-        # step 1-2. parse ranges (in workers), store rows in sqlite.
-        total = os.path.getsize(posts)
+        # step 1-2. parse blocks (in workers), store rows in sqlite.
+        total = src.posts.size()
         done, next_log = 0, 0.1
-        for res in iter_parsed(posts, workers=workers, skip_bad_rows=skip_bad_rows, log=log):
+        for res in iter_parsed(src.posts, workers=workers, skip_bad_rows=skip_bad_rows, log=log):
             store.add(res.questions, res.answers)
             skipped.update(res.skipped)
             other_types.update(res.other_types)
             done += res.nbytes
             if total >= 64 << 20 and done >= next_log * total:
-                log(f"prepare: parsed {done / 1e6:.0f} / {total / 1e6:.0f} MB")
+                log(f"prepare: {site}: parsed {done / 1e6:.0f} / {total / 1e6:.0f} MB")
                 next_log += 0.1
         # step 3. up-votes per post from Votes.xml.
-        if votes is not None:
-            for batch in iter_upvotes(votes, skip_bad_rows=skip_bad_rows, skipped=skipped):
+        if src.votes is not None:
+            for batch in iter_upvotes(src.votes, skip_bad_rows=skip_bad_rows, skipped=skipped):
                 store.add_upvotes(batch)
         t_parse = time.perf_counter()
-        store.finish(str(posts), skip_bad_rows, skipped)
+        store.finish(str(src.posts), skip_bad_rows, skipped)
         n_questions, n_answers = store.counts()
         t_index = time.perf_counter()
         # step 4. score, pair, split; one question at a time in qid order.
@@ -159,31 +167,44 @@ def _from_posts(posts: Path, votes: Path | None, cfg: DataConfig, seed: int, wor
         t_pairs = time.perf_counter()
     finally:
         store.close()
-    log(f"prepare: parse {t_parse - t_start:.1f} s, index {t_index - t_parse:.1f} s, "
+        store_path.unlink(missing_ok=True)
+    log(f"prepare: {site}: parse {t_parse - t_start:.1f} s, index {t_index - t_parse:.1f} s, "
         f"pair {t_pairs - t_index:.1f} s")
     return {
+        "source": str(src.posts),
+        "votes": str(src.votes) if src.votes is not None else None,
         "format": "posts_xml",
         "questions": n_questions,
         "answers": n_answers,
         "questions_with_pairs": with_pairs,
         "skipped": skipped,
-        "ignored_post_types": {str(k): v for k, v in sorted(other_types.items())},
+        "ignored_post_types": other_types,
+        "input_bytes": done,
     }
 
 
-def _from_paired(posts: Path, cfg: DataConfig, seed: int, site: str,
-                 writers: dict[str, _SplitWriter]) -> dict[str, Any]:
-    for row in iter_paired(posts):
-        w = writers[split_of(seed, site, row["qid"], cfg.splits)]
-        w.add(row["qid"], site, row["question"], row["date"], row["metadata"], row["response_j"],
+def _from_paired(src: SiteSource, cfg: DataConfig, seed: int, writers: dict[str, _SplitWriter],
+                 log) -> dict[str, Any]:
+    if src.votes is not None:
+        log(f"prepare: {src.posts} is a paired file; votes {src.votes} are not used")
+    for row in iter_paired(src.posts.path):
+        w = writers[split_of(seed, src.site, row["qid"], cfg.splits)]
+        w.add(row["qid"], src.site, row["question"], row["date"], row["metadata"], row["response_j"],
               row["response_k"], None, None)
-    return {"format": "paired", "questions": None, "answers": None, "questions_with_pairs": None,
-            "skipped": Counter(), "ignored_post_types": {}}
+    return {"source": str(src.posts), "votes": None, "format": "paired", "questions": None, "answers": None,
+            "questions_with_pairs": None, "skipped": Counter(), "ignored_post_types": Counter(),
+            "input_bytes": src.posts.size()}
+
+
+def _full_skipped(skipped: Counter) -> dict[str, int]:
+    out = {r: skipped.get(r, 0) for r in SKIP_REASONS}
+    out.update({r: n for r, n in sorted(skipped.items()) if r not in out})
+    return out
 
 
 # ------------------------------------------------------------------------------ the entry point
 def prepare(
-    posts: str | os.PathLike[str],
+    posts: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     *,
     votes: str | os.PathLike[str] | None = None,
@@ -194,76 +215,106 @@ def prepare(
     site: str | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Build the five splits from ``posts`` into ``out`` (atomically) and return the report.
+    """Build the five splits from ``posts`` (one input or a list, see sources.py) into ``out`` (atomically).
 
     ``cfg`` supplies ``max_pairs_per_question`` and ``splits``; the paths, ``workers``,
     ``skip_bad_rows`` and ``site`` come from the arguments (callers pass ``cfg``'s values).
-    ``site`` defaults to the dump's folder name. On any error nothing is left at ``out`` (an existing
-    complete ``out`` stays as it was) and no temporary files remain.
+    ``votes`` goes with a single Posts.xml; ``site`` renames a single site (default: its folder or
+    archive name). Returns the report. On any error (a DataError names the file, line and site)
+    nothing is left at ``out`` (an existing complete ``out`` stays as it was) and no temporary files remain.
     """
     cfg = cfg or DataConfig()
     workers = max(1, int(workers))
-    posts, out = Path(posts), Path(out)
-    votes = Path(votes) if votes is not None else None
-    site = site or site_of(posts)
+    out = Path(out)
     _check_replaceable(out)
-    if not posts.exists():
-        raise DataError("file not found", posts)
+    sources = resolve_sources(posts, votes=votes, site=site)
+    for src in sources:
+        if not src.posts.exists():
+            raise DataError("file not found", src.posts.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; it becomes out
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
         features = _features()
         writers = {n: _SplitWriter(work / f"{n}.arrow", features.arrow_schema) for n in SPLITS}
+        sites: dict[str, dict[str, Any]] = {}
         try:
-            if is_paired(posts):
-                if votes is not None:
-                    log(f"prepare: {posts} is a paired file; votes {votes} are not used")
-                report = _from_paired(posts, cfg, seed, site, writers)
-            else:
-                report = _from_posts(posts, votes, cfg, seed, workers, skip_bad_rows, site, work, writers,
-                                     log)
+            for src in sources:
+                if len(sources) > 1:
+                    log(f"prepare: site {src.site} from {src.posts}")
+                before = {n: (w.rows, w.runs) for n, w in writers.items()}
+                try:
+                    if src.paired:
+                        rep = _from_paired(src, cfg, seed, writers, log)
+                    else:
+                        rep = _from_posts(src, cfg, seed, workers, skip_bad_rows, work, writers, log)
+                except DataError as e:
+                    raise e.with_site(src.site) from None
+                # Rows of one question are written together (posts_xml), so new runs = new questions.
+                rep["splits"] = {n: {"questions": w.runs - before[n][1], "pairs": w.rows - before[n][0]}
+                                 for n, w in writers.items()}
+                rep["pairs"] = sum(x["pairs"] for x in rep["splits"].values())
+                sites[src.site] = rep
         finally:
             for w in writers.values():
                 w.close()
         # step 5. a DatasetDict folder next to out (our Arrow files as its data), then swap it in.
-        contiguous = report["format"] == "posts_xml"  # rows of one question are written together
-        splits = {
-            n: {"questions": w.runs if contiguous else w.distinct_qids(), "pairs": w.rows}
-            for n, w in writers.items()
-        }
-        _write_dataset_dict(tmp, writers, features, f"{posts}|{seed}|{site}|{posts.stat().st_mtime_ns}")
-        skipped = report.pop("skipped")
-        full_skipped = {r: skipped.get(r, 0) for r in SKIP_REASONS}
-        full_skipped.update({r: n for r, n in sorted(skipped.items()) if r not in full_skipped})
-        if report["questions"] is None:
-            report["questions"] = report["questions_with_pairs"] = sum(s["questions"] for s in splits.values())
+        paired = sources[0].paired
+        if paired:  # a paired file need not keep a question's rows together
+            only = sites[sources[0].site]
+            only["splits"] = {n: {"questions": w.distinct_qids(), "pairs": w.rows} for n, w in writers.items()}
+            only["questions"] = only["questions_with_pairs"] = sum(x["questions"] for x in only["splits"].values())
+        identity = f"{seed}|" + ";".join(f"{s.site}|{s.posts}|{s.posts.mtime_ns()}" for s in sources)
+        _write_dataset_dict(tmp, writers, features, identity)
+        splits = {n: {k: sum(r["splits"][n][k] for r in sites.values()) for k in ("questions", "pairs")}
+                  for n in SPLITS}
+        skipped = sum((r["skipped"] for r in sites.values()), Counter())
+        other_types = sum((r["ignored_post_types"] for r in sites.values()), Counter())
         seconds = time.perf_counter() - t0
-        nbytes = posts.stat().st_size
+        nbytes = sum(r["input_bytes"] for r in sites.values())
+        one = sites[sources[0].site] if len(sites) == 1 else None
+        inputs = [str(p) for p in posts] if isinstance(posts, (list, tuple)) else [str(posts)]
         report = {
-            "source": str(posts), "votes": str(votes) if votes else None, "site": site, "seed": seed,
-            **report,
+            "source": inputs[0] if len(inputs) == 1 else inputs,
+            "votes": one["votes"] if one else None,
+            "site": sources[0].site if one else None,
+            "seed": seed,
+            "format": "paired" if paired else "posts_xml",
+            "questions": sum(r["questions"] for r in sites.values()),
+            "answers": None if paired else sum(r["answers"] for r in sites.values()),
+            "questions_with_pairs": sum(r["questions_with_pairs"] for r in sites.values()),
+            "ignored_post_types": {str(k): v for k, v in sorted(other_types.items())},
             "pairs": sum(s["pairs"] for s in splits.values()),
             "splits": splits,
-            "skipped": full_skipped,
+            "skipped": _full_skipped(skipped),
+            "sites": {
+                name: {**r, "skipped": {k: v for k, v in sorted(r["skipped"].items()) if v},
+                       "ignored_post_types": {str(k): v for k, v in sorted(r["ignored_post_types"].items())}}
+                for name, r in sites.items()
+            },
             "notes": [ORPHAN_NOTE],
             "max_pairs_per_question": cfg.max_pairs_per_question,
             "split_shares": cfg.splits.model_dump(),
-            "converter": converter_name() if report["format"] == "posts_xml" else None,
+            "converter": None if paired else converter_name(),
             "workers": workers,
             "input_bytes": nbytes,
             "seconds": round(seconds, 3),
             "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds > 0 else None,
         }
+        for r in report["sites"].values():
+            r.pop("format")
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp made it 0700; it becomes out
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if len(sites) > 1:
+        for name, r in report["sites"].items():
+            log(f"prepare: {name}: {r['questions']} questions, {r['answers']} answers, {r['pairs']} pairs")
     log(
         f"prepare: {report['questions']} questions, {report['pairs']} pairs "
         + " ".join(f"{n}={s['pairs']}" for n, s in report["splits"].items())

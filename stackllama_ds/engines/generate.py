@@ -9,7 +9,7 @@ to gather, with ``synced_gpus`` so every rank runs the same number of forwards.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import deepspeed
 import torch
@@ -42,6 +42,64 @@ class GenerationCopy:
         return self.model
 
 
+# Every sampling field that a model's generation_config.json could set, at its neutral value.
+# transformers 5 fills each field left None in the GenerationConfig passed to generate() from the
+# model's own generation_config (repetition_penalty, no_repeat_ngram_size, top_k, eos_token_id,
+# ...), which would make rollouts off-policy for the PPO ratio and KL. So every field is given here
+# and the model's generation_config is swapped for a neutral one during the call.
+PLAIN_SAMPLING = dict(
+    do_sample=True,
+    num_beams=1,
+    top_k=0,
+    top_p=1.0,
+    min_p=None,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0,
+    length_penalty=1.0,
+    bad_words_ids=None,
+    suppress_tokens=None,
+    begin_suppress_tokens=None,
+    forced_bos_token_id=None,
+    forced_eos_token_id=None,
+    sequence_bias=None,
+    exponential_decay_length_penalty=None,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    guidance_scale=None,
+    watermarking_config=None,
+    stop_strings=None,
+    max_time=None,
+    min_length=0,
+    min_new_tokens=0,
+    eos_token_id=None,
+    bos_token_id=None,
+    num_return_sequences=1,
+    output_scores=False,
+    output_logits=False,
+    return_dict_in_generate=False,
+    use_cache=True,
+)
+
+
+@contextmanager
+def neutral_generation_config(model: nn.Module, pad_token_id: int):
+    """Swap the HF model's own generation_config for a neutral one for the duration of a call."""
+    from transformers import GenerationConfig
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(lm, "generation_config", None)
+    lm.generation_config = GenerationConfig(pad_token_id=pad_token_id)
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
+
+
 @torch.no_grad()
 def sample(
     policy: nn.Module,
@@ -54,26 +112,19 @@ def sample(
 ) -> torch.Tensor:
     """Plain sampling (top_k=0, top_p=1, temperature 1, no min_length) for exactly ``new_tokens``.
 
-    EOS does not stop generation: every rank runs the same number of steps (ZeRO-3 needs that)
-    and the caller cuts each response at its first EOS, as StackLLaMA did. Returns (B, new_tokens).
+    Each token is drawn from the raw softmax of the logits (over ``temperature``), whatever the
+    model's generation_config.json says. EOS does not stop generation: every rank runs the same
+    number of steps (ZeRO-3 needs that) and the caller cuts each response at its first EOS, as
+    StackLLaMA did. Returns (B, new_tokens).
     """
     from transformers import GenerationConfig
 
-    gc = GenerationConfig(
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=temperature,
-        max_new_tokens=new_tokens,
-        min_new_tokens=0,
-        eos_token_id=None,
-        pad_token_id=pad_token_id,
-        bos_token_id=None,
-    )
+    gc = GenerationConfig(**PLAIN_SAMPLING, temperature=temperature, max_new_tokens=new_tokens,
+                          pad_token_id=pad_token_id)
     was_training = policy.training
     policy.eval()
     ctx = torch.autocast("cpu", enabled=False) if input_ids.device.type == "cpu" else nullcontext()
-    with ctx:
+    with ctx, neutral_generation_config(policy, pad_token_id):
         out = policy.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=gc, synced_gpus=synced_gpus
         )

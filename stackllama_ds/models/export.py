@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from stackllama_ds.config import LoraConfig, ModelConfig
+from stackllama_ds.fsutil import follow_umask
 from stackllama_ds.models.load import (
     DTYPES,
     ActorWithValueHead,
@@ -83,6 +84,7 @@ def export_hf(
 
             head = _strip(state_dict, "v_head.")
             save_file({k: v.contiguous() for k, v in head.items()}, str(value_head_path(tmp)))
+        follow_umask(tmp)  # mkdtemp made it 0700, safetensors its files 0600
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from stackllama_ds.config import TinyModelConfig
+from stackllama_ds.fsutil import follow_umask
 
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 
@@ -101,6 +102,7 @@ def make_tiny(
     try:
         tok.save_pretrained(tmp)
         model.save_pretrained(tmp)
+        follow_umask(tmp)  # mkdtemp made it 0700, safetensors its files 0600
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -12,7 +12,9 @@ checkpoint. Semantics follow classic TRL PPOTrainer (the StackLLaMA run).
 
 from __future__ import annotations
 
+import array
 import contextlib
+import functools
 import random
 import time
 
@@ -72,14 +74,23 @@ def load_prompts(cfg: RunConfig, tok) -> tuple[list[str], list[list[int]], int]:
     return [questions[i] for i in keep], [ids[i] for i in keep], len(ids) - len(keep)
 
 
+@functools.lru_cache(maxsize=2)  # this pass and the next: a batch may straddle the boundary
+def prompt_order(n: int, epoch: int, seed: int) -> array.array:
+    """Pass ``epoch``'s shuffled order of the n prompts, the same on every rank; read-only (cached)."""
+    order = list(range(n))
+    random.Random(f"{seed}-prompts-{epoch}").shuffle(order)
+    return array.array("q", order)  # 8 B per prompt, not a list of int objects
+
+
 def prompt_batch(n: int, start: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
-    """This rank's prompt indices for the rollout that starts at global prompt ``start``."""
+    """This rank's prompt indices for the rollout that starts at global prompt ``start``.
+
+    Global prompt g is ``prompt_order(n, g // n, seed)[g % n]``; the order is shuffled once per pass.
+    """
     out = []
     for g in range(start + rank * batch, start + (rank + 1) * batch):
         epoch, i = divmod(g, n)
-        order = list(range(n))
-        random.Random(f"{seed}-prompts-{epoch}").shuffle(order)
-        out.append(order[i])
+        out.append(prompt_order(n, epoch, seed)[i])
     return out
 
 

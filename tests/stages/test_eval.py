@@ -3,20 +3,23 @@
     python -m pytest tests/stages/test_eval.py -q -x
 
 Without ``ppo/model`` the stage compares SFT with the base tiny model. A second root whose
-``ppo/model`` is a copy of ``sft/model`` checks the pairing: with the same seeds both models draw
-the same responses, so every prompt is a tie (win rate exactly 0.5) and the KL is exactly 0; run
-on one rank, its SFT figures must equal those of the two-rank run.
+``ppo/model`` is a copy of ``sft/model`` checks the pairing: base still joins; with the same seeds
+SFT and PPO draw the same responses, so every prompt is a tie (win rate exactly 0.5, also on the
+length-matched prompts, which are all of them), the KL is exactly 0 and the held-out losses are
+equal; run on one rank, its SFT, LM-loss and RM figures must equal those of the two-rank run.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_RM, FAST_SFT, fresh_root, run_cli, write_config
+from tests.conftest import FAST_RM, FAST_SFT, cli_env, fresh_root, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +28,10 @@ EVAL = {"n_prompts": N_PROMPTS, "max_new_tokens": NEW_TOKENS, "batch_size": 4, "
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _eval(root: Path, *overrides: str) -> dict:
+def _eval(root: Path, *overrides: str, env: dict[str, str] | None = None) -> dict:
     cfg = write_config(root / "cfg.yaml", root, sft=FAST_SFT, rm=FAST_RM, eval=EVAL)
     args = [a for o in overrides for a in ("--set", o)]
-    r = run_cli("eval", cfg, *args, timeout=300)
+    r = run_cli("eval", cfg, *args, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "eval: results in" in r.stdout
     assert (root / "eval" / "DONE").exists()
@@ -63,6 +66,31 @@ def test_eval_sft_vs_base_and_rerun_identical(first_eval):
     assert w["wins"] + w["ties"] + w["losses"] == res["n_prompts"]
     assert w["mean"] == (w["wins"] + 0.5 * w["ties"]) / res["n_prompts"]
     assert res["kl"] == {}
+    assert w["length_matched"]["n"] <= res["n_prompts"] and res["length_match_tol"] == 0.2
+    for m in res["models"].values():
+        rho = m["length_reward_spearman"]
+        assert rho["mean"] is None or _check_ci(rho, -1.0, 1.0) is None
+
+    lm = res["lm"]  # held-out answers: the same tokens for both models
+    assert lm["splits"] == ["rl_eval", "rm_eval"] and lm["tokens"] == "answer" and lm["max_length"] == 128
+    assert 1 <= lm["n_texts"] <= lm["n_requested"] == 64 and lm["n_tokens"] >= lm["n_texts"]
+    for n in ("base", "sft"):
+        _check_ci(lm["models"][n]["loss"], 0.0)
+        ppl, loss = lm["models"][n]["ppl"], lm["models"][n]["loss"]
+        assert ppl["mean"] == pytest.approx(math.exp(loss["mean"])) and ppl["lo"] == pytest.approx(math.exp(loss["lo"]))
+    d = lm["diffs"]["sft_vs_base"]
+    _check_ci(d)
+    assert d["mean"] == pytest.approx(lm["models"]["sft"]["loss"]["mean"] - lm["models"]["base"]["loss"]["mean"])
+    assert d["hi"] < 0  # 30 SFT steps on beer answers: the base (random init) predicts them worse
+
+    rm = res["rm"]  # held-out pairs, the RM stage's length policy (FAST_RM: 128 tokens, truncate)
+    assert (rm["split"], rm["max_length"], rm["overlength"], rm["length_unit"]) == ("rm_eval", 128, "truncate", "tokens")
+    assert 1 <= rm["n_pairs"] == min(rm["n_requested"], rm["n_available"])
+    for k in ("accuracy", "length_baseline"):
+        _check_ci(rm[k], 0.0, 1.0)
+    assert 0 <= rm["accuracy"]["ties"] <= rm["n_pairs"] and 0 <= rm["adversarial"]["n"] <= rm["n_pairs"]
+    if rm["adversarial"]["n"]:
+        _check_ci(rm["adversarial"], 0.0, 1.0)
     for s in res["samples"]:
         for r in s["responses"].values():
             assert 1 <= r["length"] <= NEW_TOKENS and (r["eos"] or r["length"] == NEW_TOKENS)
@@ -77,6 +105,8 @@ def test_eval_sft_vs_base_and_rerun_identical(first_eval):
         assert mpimg.imread(out / p).ndim == 3
     md = (out / "report.md").read_text()
     assert "| model | path | mean reward [CI] |" in md and "| sft vs base |" in md
+    assert "## Held-out language-model loss" in md and "| sft - base |" in md
+    assert "## Reward model on held-out pairs" in md and "| length baseline: the longer answer is preferred |" in md
     assert "![sft_loss.png](sft_loss.png)" in md and md.count("**Prompt ") == min(4, res["n_prompts"])
 
     first = (out / "eval.json").read_bytes()
@@ -90,10 +120,23 @@ def test_eval_identical_policy_ties_and_zero_kl(first_eval, tmp_path):
     eval_root, two_ranks = first_eval
     root = fresh_root(eval_root, tmp_path / "same", stages=("sft", "rm"))
     shutil.copytree(root / "sft" / "model", root / "ppo" / "model")
-    res = _eval(root, "launch.nproc_per_node=1")
-    assert list(res["models"]) == ["sft", "ppo"]
+    # The launcher gives each of N ranks cpu_count // N threads; CPU kernels may sum in another order
+    # on another thread count (last-bit differences), so the one rank gets a two-rank run's threads.
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    res = _eval(root, "launch.nproc_per_node=1", env=cli_env(OMP_NUM_THREADS=threads))
+    assert list(res["models"]) == ["base", "sft", "ppo"]  # base joins even with both trained models
+    assert set(res["win_rates"]) == {"sft_vs_base", "ppo_vs_base", "ppo_vs_sft"}
     w = res["win_rates"]["ppo_vs_sft"]
     assert (w["mean"], w["lo"], w["hi"], w["ties"]) == (0.5, 0.5, 0.5, res["n_prompts"])
+    assert w["length_matched"] == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": res["n_prompts"]}
+    assert res["win_rates"]["ppo_vs_base"] | {"a": "sft"} == res["win_rates"]["sft_vs_base"]
+    lm = res["lm"]
+    assert lm["models"]["ppo"] == lm["models"]["sft"]
+    assert (lm["diffs"]["ppo_vs_sft"]["mean"], lm["diffs"]["ppo_vs_sft"]["lo"], lm["diffs"]["ppo_vs_sft"]["hi"]) == (0, 0, 0)
+    # one rank here, two in the first test: every batch is placed and seeded by its index
+    assert {n: lm["models"][n] for n in ("base", "sft")} == two_ranks["lm"]["models"]
+    assert lm["diffs"]["sft_vs_base"] == two_ranks["lm"]["diffs"]["sft_vs_base"]
+    assert res["rm"] == two_ranks["rm"]
     kl = res["kl"]["ppo_vs_sft"]
     assert (kl["policy"], kl["ref"]) == ("ppo", "sft")
     assert kl["mean"] == kl["lo"] == kl["hi"] == 0.0

@@ -1,0 +1,89 @@
+"""The results table of one full recipe run (bench/RESULTS.md), from its run root and pipeline log.
+
+    stackllama-ds pipeline configs/smollm2.yaml > runs/smollm2.log 2>&1
+    .venv/bin/python bench/recipe_results.py runs/smollm2 runs/smollm2.log
+
+Prints markdown: the machine, wall time per stage (the pipeline's own "done in Ns" lines), and every
+learning figure of eval/eval.json with its 95% interval and the baseline beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+from pathlib import Path
+
+
+def _ci(d: dict | None, fmt: str = "{:.3f}") -> str:
+    if not d or d.get("mean") is None:
+        return "n/a"
+    return f"{fmt.format(d['mean'])} [{fmt.format(d['lo'])}, {fmt.format(d['hi'])}]"
+
+
+def machine() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = re.search(r"Model name:\s*(.+)", out)
+    flags = re.search(r"Flags:\s*(.+)", out)
+    f = set(flags.group(1).split()) if flags else set()
+    units = [x for x in ("amx_bf16", "avx512_bf16", "avx2") if x in f]
+    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return f"{name.group(1).strip() if name else 'unknown CPU'}, {cores} cores, flags {'/'.join(units)}"
+
+
+def stage_times(log: Path) -> dict[str, int]:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"\[pipeline\] (\w+): done in (\d+)s", text)}
+
+
+def table(root: Path, log: Path) -> str:
+    ev = json.loads((root / "eval" / "eval.json").read_text())
+    acc = json.loads((root / "rm" / "accuracy.json").read_text()) if (root / "rm" / "accuracy.json").exists() else {}
+    times = stage_times(log)
+    rows = [f"Machine: {machine()}.", "",
+            "| stage | wall time |", "|---|---|"]
+    rows += [f"| {s} | {t / 60:.1f} min |" for s, t in times.items()]
+    rows += [f"| total | {sum(times.values()) / 60:.1f} min |", ""]
+    lm, rm = ev.get("lm", {}), ev.get("rm", {})
+    rows += [f"SFT: held-out answer tokens ({lm.get('n_texts')} texts, {lm.get('n_tokens')} tokens), nats/token:", "",
+             "| model | loss [95% CI] | perplexity |", "|---|---|---|"]
+    for name, m in lm.get("models", {}).items():
+        rows.append(f"| {name} | {_ci(m['loss'])} | {_ci(m['ppl'], '{:.1f}')} |")
+    for name, d in lm.get("diffs", {}).items():
+        rows.append(f"| {name} (difference) | {_ci(d)} | |")
+    rows += ["", f"Reward model on {rm.get('n_pairs')} held-out rm_eval pairs (ties half):", "",
+             "| figure | value [95% CI] |", "|---|---|",
+             f"| accuracy | {_ci(rm.get('accuracy'))} |",
+             f"| length baseline (longer answer wins) | {_ci(rm.get('length_baseline'))} |",
+             f"| accuracy on the length-adversarial subset (n = {rm.get('adversarial', {}).get('n')}) "
+             f"| {_ci(rm.get('adversarial'))} |"]
+    if acc:
+        rows.append(f"| RM stage's own eval_accuracy (ties wrong) | {acc.get('accuracy', acc)} |")
+    rows += ["", f"Generation on {ev['n_prompts']} held-out rl_eval prompts, {ev['max_new_tokens']} new tokens, "
+             "plain sampling:", "",
+             "| model | reward [95% CI] | length (tokens) | Spearman(reward, length) | degenerate | EOS |",
+             "|---|---|---|---|---|---|"]
+    for name, m in ev["models"].items():
+        rows.append(f"| {name} | {_ci(m['reward'])} | {m['length_mean']:.1f} | "
+                    f"{_ci(m.get('length_reward_spearman'))} | {m['degenerate_share']:.3f} | {m['eos_share']:.2f} |")
+    rows += ["", "| win rate | all prompts [95% CI] | length-matched (within 20%) [95% CI] | n matched |",
+             "|---|---|---|---|"]
+    for name, w in ev["win_rates"].items():
+        lmw = w.get("length_matched", {})
+        rows.append(f"| {name} | {_ci(w)} | {_ci(lmw)} | {lmw.get('n')} |")
+    for name, k in ev.get("kl", {}).items():
+        rows += ["", f"KL {name} (nats per response, Monte-Carlo on the policy's samples): {_ci(k)}"]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_root", type=Path)
+    ap.add_argument("log", type=Path)
+    a = ap.parse_args()
+    print(table(a.run_root, a.log))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""File modes of outputs that are built in a temporary folder and renamed into place.
+
+    python -c "from stackllama_ds.fsutil import umask; print(oct(umask()))"
+
+``tempfile.mkdtemp`` creates its folder 0700 and safetensors writes its files 0600, whatever the
+umask; a plain ``mkdir``/``open`` gives 0777/0666 minus the umask. ``follow_umask`` gives a finished
+temporary folder (and everything in it) the plain modes before it is renamed into place, so exported
+models, tiny models and prepared data are shared as checkpoints and metrics are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process umask, read without changing it (os.umask can only read by setting)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Fallback: set and restore; other threads creating files in between would see umask 0o077.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: str | os.PathLike[str]) -> None:
+    """chmod ``root`` and every folder under it to 0o777 & ~umask, every file to 0o666 & ~umask.
+
+    Symlinks are left alone (chmod would change their targets).
+    """
+    mask = umask()
+    dmode, fmode = 0o777 & ~mask, 0o666 & ~mask
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        os.chmod(d, dmode)
+        for name in filenames:
+            p = d / name
+            if not p.is_symlink():
+                os.chmod(p, fmode)
+        dirnames[:] = [n for n in dirnames if not (d / n).is_symlink()]

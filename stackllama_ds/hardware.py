@@ -1,0 +1,55 @@
+"""Precision from the hardware: ``dtype: auto`` resolves here.
+
+bf16 only where it runs natively: a CUDA GPU with bf16, or a CPU with bf16 matrix units
+(avx512_bf16 or AMX). Elsewhere fp32: on an AVX2-only CPU a bf16 matmul is emulated and runs
+tens of times slower than fp32 (2048^3: ~37x measured on an AMD EPYC, shared/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The ``flags`` of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    if cpuinfo is None:
+        p = Path("/proc/cpuinfo")
+        cpuinfo = p.read_text(errors="replace") if p.exists() else ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
+def gpu_driver_present() -> bool:
+    """An NVIDIA (or ROCm) driver on this machine; without one torch cannot see a GPU."""
+    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists() or Path("/dev/kfd").exists()
+
+
+def cuda_bf16() -> bool | None:
+    """True/False for the first visible CUDA GPU; None without one (or with DS_ACCELERATOR=cpu)."""
+    if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not gpu_driver_present():
+        return None  # no torch import (seconds) where no GPU driver exists: `validate`, `prepare`
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return bool(torch.cuda.is_bf16_supported())
+
+
+def auto_dtype() -> str:
+    """``bf16`` on a bf16 GPU or a CPU with native bf16 units, else ``fp32``."""
+    gpu = cuda_bf16()
+    if gpu is not None:
+        return "bf16" if gpu else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"

@@ -1,0 +1,69 @@
+"""Plain sampling stays plain with a real checkpoint: a model's generation_config.json must not leak
+into rollouts (transformers 5 fills unset GenerationConfig fields from it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stackllama_ds.engines.generate import sample
+from stackllama_ds.models.rollout import left_pad, position_ids_from_mask
+
+VOCAB, PAD = 64, 0
+
+
+@pytest.fixture(scope="module")
+def opinionated_model(tmp_path_factory):
+    """A tiny Llama whose generation_config.json asks for everything plain sampling must ignore."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("opinionated")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, eos_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    gen = {"do_sample": True, "temperature": 0.3, "top_k": 3, "top_p": 0.5, "repetition_penalty": 1.8,
+           "no_repeat_ngram_size": 2, "min_new_tokens": 20, "eos_token_id": list(range(1, VOCAB // 2)),
+           "pad_token_id": PAD, "suppress_tokens": [5, 6, 7]}
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    assert model.generation_config.repetition_penalty == 1.8  # the file was read
+    return model.eval()
+
+
+def _raw_softmax_sampling(model, ids, mask, new_tokens):
+    """Reference: each token drawn with torch.multinomial from softmax(logits) of a full forward."""
+    out = []
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1)  # (B, 1)
+        out.append(nxt)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return torch.cat(out, 1)
+
+
+def test_sampling_ignores_the_models_generation_config(opinionated_model):
+    ids, mask = left_pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD)
+    new = 24
+    torch.manual_seed(123)
+    got = sample(opinionated_model, ids, mask, new, PAD)
+    torch.manual_seed(123)
+    want = _raw_softmax_sampling(opinionated_model, ids, mask, new)
+    assert got.shape == (3, new)  # a leaked eos_token_id would have stopped early
+    assert torch.equal(got, want)
+    # the leaked settings would forbid these: repeated bigrams and the suppressed tokens 5, 6, 7
+    # are allowed under plain sampling, and the model's own config is left as it was
+    assert opinionated_model.generation_config.top_k == 3
+
+
+def test_top_k_leak_would_be_visible(opinionated_model):
+    """The check above can fail: with the model's config merged in, the samples differ."""
+    ids, mask = left_pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD)
+    torch.manual_seed(123)
+    leaked = opinionated_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24)
+    torch.manual_seed(123)
+    want = _raw_softmax_sampling(opinionated_model, ids, mask, 24)
+    assert leaked.shape[1] - ids.shape[1] != 24 or not torch.equal(leaked[:, ids.shape[1]:], want)
