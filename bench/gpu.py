@@ -2,6 +2,7 @@
 
     python bench/gpu.py                              # prints "no CUDA device: skipped" without a GPU
     python bench/gpu.py --gpus 8 --steps 20
+    python bench/gpu.py --steps 6 --warmup 2 --ppo-steps 3 --out DIR --data PREPARED --json DIR/bench_gpu.json
 
 On a ~1B-parameter Llama built from config (hidden 2048, 16 layers, intermediate 5632, a 32k BPE
 tokenizer trained on the beer dump), bf16, all GPUs of the node:
@@ -11,24 +12,37 @@ tokenizer trained on the beer dump), bf16, all GPUs of the node:
 - RM pairs/s.
 Peak GPU memory per GPU is sampled with nvidia-smi while each run goes (the stages run in their
 own processes).
+
+The helpers of `bench/gpu_check.sh` (one command for the day a GPU can be used) live here too:
+
+    python bench/gpu.py preflight --json OUT/env.json          # versions, GPU, imports; exit 1 if one is missing
+    python bench/gpu.py memhook DIR                            # DIR/sitecustomize.py: CUDA peak of every stage process
+    python bench/gpu.py plan-json CONFIG [--set a.b=v ...] --run NAME --json OUT/plan-NAME.json
+    python bench/gpu.py report OUT [--work DIR]                # OUT/summary.md + OUT/summary.json
+    python bench/gpu.py slim-wheel bitsandbytes-*.whl --keep cpu,cuda13   # drop the other CUDA builds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-GPU_ROOT = common.OUT / "gpu_root"
 MODEL_1B = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
             "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 4096}
+GiB = float(2**30)
+STAGES = ("sft", "rm", "ppo", "eval")
 
 
 def cuda_devices() -> int:
@@ -65,17 +79,24 @@ class GpuPeak:
         self._t.join()
 
 
-def ensure_gpu_root() -> Path:
-    from stackllama_ds.config import TinyModelConfig
+# ------------------------------------------------------------------------------ the benchmark
+def ensure_gpu_root(root: Path, data: Path | None) -> Path:
+    """root/data (a link to ``data``, or the beer dump prepared here) and root/tiny (the ~1B model)."""
+    from stackllama_ds.config import TinyModelConfig, load_config
     from stackllama_ds.models.tiny import make_tiny
 
-    common.ensure_root()
-    GPU_ROOT.mkdir(parents=True, exist_ok=True)
-    if not (GPU_ROOT / "data").exists():
-        (GPU_ROOT / "data").symlink_to(common.ROOT / "data")
-    if not (GPU_ROOT / "tiny" / "config.json").exists():
-        make_tiny(GPU_ROOT / "data", GPU_ROOT / "tiny", seed=0, cfg=TinyModelConfig(**MODEL_1B))
-    return GPU_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "data").exists():
+        if data is not None:
+            (root / "data").symlink_to(data.resolve())
+        else:
+            from stackllama_ds.data.prepare import prepare
+
+            cfg = load_config(common.TINY_YAML, check_files=False)
+            prepare(common.BEER, root / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
+    if not (root / "tiny" / "config.json").exists():
+        make_tiny(root / "data", root / "tiny", seed=0, cfg=TinyModelConfig(**MODEL_1B))
+    return root
 
 
 def bf16_rate() -> float:
@@ -95,16 +116,25 @@ def bf16_rate() -> float:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3)
 
 
-def run_stage(stage: str, name: str, gpus: int, **sections) -> tuple[list[dict], float]:
-    run = common.OUT / f"gpu-{name}"
+def child_env() -> dict[str, str]:
+    """common.env() for CUDA: no DS_ACCELERATOR=cpu, and the caller's PYTHONPATH kept behind the repo
+    (gpu_check.sh puts carried wheels and its memory hook there)."""
+    env = common.env()
+    env.pop("DS_ACCELERATOR", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_stage(root: Path, stage: str, name: str, gpus: int, **sections) -> tuple[list[dict], float]:
+    run = root / f"gpu-{name}"
     shutil.rmtree(run, ignore_errors=True)
-    cfg = common.write_config(run, root=GPU_ROOT, model=MODEL_1B, launch={"nproc_per_node": gpus}, **sections)
+    cfg = common.write_config(run, root=root, model=MODEL_1B, launch={"nproc_per_node": gpus}, **sections)
     if stage == "ppo":
         for s in ("sft", "rm"):
             (run / s).mkdir(parents=True, exist_ok=True)
-            (run / s / "model").symlink_to(GPU_ROOT / "tiny")
-    env = common.env()
-    env.pop("DS_ACCELERATOR", None)
+            (run / s / "model").symlink_to(root / "tiny")
+    env = child_env()
+    env["GPU_CHECK_RUN"] = f"bench-{name}"
     with GpuPeak() as peak:
         r = subprocess.run([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)], cwd=common.REPO, env=env,
                            capture_output=True, text=True)
@@ -114,29 +144,38 @@ def run_stage(stage: str, name: str, gpus: int, **sections) -> tuple[list[dict],
     return [x for x in rows if "elapsed_s" in x], peak.peak
 
 
-def main() -> None:
+def bench(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, default=0, help="default: every visible GPU")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=12, help="SFT and RM optimizer steps")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ppo-steps", type=int, default=6, help="PPO steps; the first two are left out of the averages")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
-    a = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=common.OUT, help="where the model and the runs go (default bench/out)")
+    ap.add_argument("--data", type=Path, default=None, help="a prepared data folder to link (default: prepare here)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--prepare-only", action="store_true", help="build the data link, tokenizer and model; exit")
+    a = ap.parse_args(argv)
+    if a.prepare_only:
+        ensure_gpu_root(a.out / "gpu_root", a.data)
+        return 0
     n = cuda_devices()
     if n == 0:
         print("no CUDA device: skipped")
-        return
+        return 0
     gpus = a.gpus or n
-    ensure_gpu_root()
-    params = common.n_params(GPU_ROOT / "tiny")
+    root = ensure_gpu_root(a.out / "gpu_root", a.data)
+    params = common.n_params(root / "tiny")
     rate = bf16_rate()
     import torch
 
-    print(f"# GPU: {torch.cuda.get_device_name(0)} x {gpus}; model {params / 1e9:.2f}B params; bf16 8192^3 matmul "
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "params": params, "bf16_tflops": rate / 1e12}
+    print(f"# GPU: {res['gpu']} x {gpus}; model {params / 1e9:.2f}B params; bf16 8192^3 matmul "
           f"{rate / 1e12:.0f} TFLOP/s per GPU")
-    sft_rows = []
+    sft_rows, res["sft"] = [], []
     for zero in (2, 3):
-        rows, peak = run_stage("sft", f"sft-z{zero}", gpus, sft={
+        rows, peak = run_stage(root, "sft", f"sft-z{zero}", gpus, sft={
             "seq_length": a.seq, "max_steps": a.steps, "eval_every": 10_000, "eval_batches": 1, "save_every": 10_000,
             "engine": {"zero_stage": zero, "dtype": "bf16", "micro_batch_size": a.micro_batch,
                        "gradient_accumulation_steps": 1, "gradient_checkpointing": True}})
@@ -144,30 +183,366 @@ def main() -> None:
         tps = a.micro_batch * a.seq * gpus / (sum(dts) / len(dts))
         mfu = tps * 6 * params / (rate * gpus)
         sft_rows.append([f"ZeRO-{zero}", tps, tps / gpus, f"{100 * mfu:.0f}%", peak / 1024])
+        res["sft"].append({"zero": zero, "tokens_s": tps, "tokens_s_gpu": tps / gpus, "mfu": mfu,
+                           "peak_gb": peak / 1024})
     print(common.table(["SFT bf16", "tokens/s", "tokens/s/GPU", "MFU", "peak GB/GPU"], sft_rows, "SFT"))
 
-    rows, peak = run_stage("ppo", "ppo", gpus, ppo={
-        "steps": 6, "batch_size": 16, "mini_batch_size": 4, "gradient_accumulation_steps": 1, "ppo_epochs": 4,
-        "response_min_length": 128, "response_max_length": 128, "max_prompt_length": 512, "early_stopping": False,
-        "save_every": 10_000, "log_samples": 0, "lora": {"enabled": False},
+    rows, peak = run_stage(root, "ppo", "ppo", gpus, ppo={
+        "steps": a.ppo_steps, "batch_size": 16, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
+        "ppo_epochs": 4, "response_min_length": 128, "response_max_length": 128, "max_prompt_length": 512,
+        "early_stopping": False, "save_every": 10_000, "log_samples": 0, "lora": {"enabled": False},
         "actor": {"zero_stage": 2, "dtype": "bf16"}, "critic": {"zero_stage": 2, "dtype": "bf16"}})
-    rows = rows[2:]
-    avg = {k: sum(x[k] for x in rows) / len(rows) for k in ("t_generate", "t_score", "t_logprobs", "t_train",
-                                                           "response_len")}
+    rows = rows[min(2, len(rows) - 1):]
+    keys = ("t_generate", "t_score", "t_logprobs", "t_train", "response_len")
+    avg = {k: sum(x[k] for x in rows) / len(rows) for k in keys}
     rollout_tps = 16 * gpus * avg["response_len"] / avg["t_generate"]
+    step_s = sum(avg[k] for k in keys[:4])
     print(common.table(["PPO", "rollout tok/s", "generate s", "score s", "log-probs s", "train s", "step s",
                         "peak GB/GPU"],
                        [["ZeRO-2 actor", rollout_tps, avg["t_generate"], avg["t_score"], avg["t_logprobs"],
-                         avg["t_train"], sum(avg[k] for k in ("t_generate", "t_score", "t_logprobs", "t_train")),
-                         peak / 1024]], "PPO (batch 16/GPU, 128 new tokens, 4 epochs)"))
+                         avg["t_train"], step_s, peak / 1024]], "PPO (batch 16/GPU, 128 new tokens, 4 epochs)"))
+    res["ppo"] = {**avg, "rollout_tokens_s": rollout_tps, "step_s": step_s, "peak_gb": peak / 1024,
+                  "steps_averaged": len(rows)}
 
-    rows, peak = run_stage("rm", "rm", gpus, rm={
-        "init_from": str(GPU_ROOT / "tiny"), "max_length": 512, "max_steps": a.steps, "eval_every": 10_000,
+    rows, peak = run_stage(root, "rm", "rm", gpus, rm={
+        "init_from": str(root / "tiny"), "max_length": 512, "max_steps": a.steps, "eval_every": 10_000,
         "save_every": 10_000, "lora": {"enabled": False},
         "engine": {"zero_stage": 2, "dtype": "bf16", "micro_batch_size": 8, "gradient_accumulation_steps": 1}})
     dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)
-    print(common.table(["RM bf16", "pairs/s", "peak GB/GPU"], [["ZeRO-2", 8 * gpus / (sum(dts) / len(dts)),
-                                                                peak / 1024]], "RM"))
+    pairs_s = 8 * gpus / (sum(dts) / len(dts))
+    print(common.table(["RM bf16", "pairs/s", "peak GB/GPU"], [["ZeRO-2", pairs_s, peak / 1024]], "RM"))
+    res["rm"] = {"pairs_s": pairs_s, "peak_gb": peak / 1024}
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+# ------------------------------------------------------------------------------ gpu_check helpers
+MEMHOOK = '''\
+# Written by bench/gpu.py memhook for bench/gpu_check.sh: at exit, a stage process (python -m
+# stackllama_ds.cli sft|rm|ppo|eval ...) that used CUDA writes its torch.cuda.max_memory_allocated /
+# max_memory_reserved to $GPU_CHECK_MEMLOG/<stage>-<pid>.json. Found first on PYTHONPATH; nothing else.
+import atexit as _atexit
+import os as _os
+import sys as _sys
+import time as _time
+
+_T0 = _time.time()
+
+
+def _gpu_check_record():
+    try:
+        stage = next((a for a in _sys.argv[1:2] if a in ("sft", "rm", "ppo", "eval")), None)
+        torch = _sys.modules.get("torch")
+        out = _os.environ.get("GPU_CHECK_MEMLOG")
+        if stage is None or torch is None or not out or not torch.cuda.is_initialized():
+            return
+        import json
+
+        row = {"run": _os.environ.get("GPU_CHECK_RUN"), "step": _os.environ.get("GPU_CHECK_STEP"), "stage": stage,
+               "rank": int(_os.environ.get("RANK", "0")), "pid": _os.getpid(),
+               "max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved(),
+               "wall_s": round(_time.time() - _T0, 1), "argv": _sys.argv[1:]}
+        with open(_os.path.join(out, f"{stage}-{_os.getpid()}.json"), "w") as f:
+            json.dump(row, f)
+    except Exception:
+        pass
+
+
+_atexit.register(_gpu_check_record)
+'''
+
+
+def memhook(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="gpu.py memhook")
+    ap.add_argument("dir", type=Path)
+    a = ap.parse_args(argv)
+    a.dir.mkdir(parents=True, exist_ok=True)
+    (a.dir / "sitecustomize.py").write_text(MEMHOOK)
+    return 0
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+REQUIRED = ("torch", "deepspeed", "pydantic", "datasets", "transformers", "peft", "accelerate", "html_to_markdown",
+            "yaml", "lxml", "safetensors", "tokenizers")
+OPTIONAL = {"bitsandbytes": "8-/4-bit bases", "gguf": "converting the SmolLM2 wheel"}
+
+
+def preflight(argv: list[str]) -> int:
+    """What the GPU machine has: python, torch/CUDA, the GPU, the packages; exit 1 if a required import fails."""
+    ap = argparse.ArgumentParser(prog="gpu.py preflight")
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    info: dict = {"python": sys.version.split()[0], "executable": sys.executable, "imports": {}, "versions": {}}
+    for mod in (*REQUIRED, *OPTIONAL):
+        t = time.time()
+        try:
+            m = __import__(mod)
+            info["imports"][mod] = {"ok": True, "file": getattr(m, "__file__", None), "s": round(time.time() - t, 1)}
+        except Exception as e:  # a broken install raises more than ImportError
+            info["imports"][mod] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    for dist in ("torch", "deepspeed", "transformers", "peft", "accelerate", "datasets", "pydantic", "bitsandbytes",
+                 "tokenizers", "safetensors", "html-to-markdown", "numpy", "pyarrow", "huggingface-hub", "triton"):
+        info["versions"][dist] = _version(dist)
+    try:
+        import torch
+
+        info["cuda"] = torch.version.cuda
+        info["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            info["gpu"] = {"name": p.name, "count": torch.cuda.device_count(), "memory_gb": p.total_memory / GiB,
+                           "capability": f"{p.major}.{p.minor}", "bf16": torch.cuda.is_bf16_supported()}
+    except Exception as e:
+        info["cuda_error"] = str(e)[:200]
+    try:
+        r = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=20)
+        info["nvcc"] = (r.stdout.strip().splitlines() or [""])[-1]
+    except (OSError, subprocess.TimeoutExpired):
+        info["nvcc"] = None  # DeepSpeed's FusedAdam is built with nvcc at first use
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(info, indent=1))
+    missing = [m for m in REQUIRED if not info["imports"][m]["ok"]]
+    for m, what in OPTIONAL.items():
+        if not info["imports"][m]["ok"]:
+            print(f"preflight: optional {m} missing ({what}): {info['imports'][m]['error']}")
+    print(json.dumps({k: info.get(k) for k in ("python", "cuda", "gpu", "nvcc", "versions")}, indent=1))
+    if missing:
+        for m in missing:
+            print(f"preflight: required {m} missing: {info['imports'][m]['error']}")
+        return 1
+    return 0
+
+
+def stage_plans(cfg, gpu_mem: float) -> dict:
+    """The planner's per-stage figures for one GPU (GiB): stage peak, the overhead in it, and the rest."""
+    from stackllama_ds.plan import plan_all
+
+    out = {}
+    for sp in plan_all(cfg, 1, gpu_mem, "gpu"):
+        out[sp.stage] = {"total_gb": sp.total / GiB, "overhead_gb": sp.overhead / GiB,
+                         "live_gb": (sp.total - sp.overhead) / GiB, "fits": sp.fits,
+                         "engines": {e.name: {"persistent_gb": e.persistent / GiB, "transient_gb": e.transient / GiB}
+                                     for e in sp.engines}}
+    return out
+
+
+def plan_json(argv: list[str]) -> int:
+    """`stackllama-ds plan CONFIG --set ...` (its own output), then its figures as JSON."""
+    ap = argparse.ArgumentParser(prog="gpu.py plan-json")
+    ap.add_argument("config")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--gpu-mem", type=float, default=None, help="GiB (default: GPU 0 of this machine)")
+    a = ap.parse_args(argv)
+    sets = [x for s in a.set for x in ("--set", s)]
+    mem = [] if a.gpu_mem is None else ["--gpu-mem", str(a.gpu_mem)]
+    env = {**os.environ, "STACKLLAMA_PLAN_DEVICE": "gpu"}  # GPU accounting, as the JSON below
+    r = subprocess.run([sys.executable, "-m", "stackllama_ds.cli", "plan", a.config, *sets, *mem], text=True, env=env)
+    from stackllama_ds.config import load_config
+    from stackllama_ds.plan import resolve_target
+
+    cfg = load_config(a.config, a.set)
+    tg = resolve_target(cfg, 1, a.gpu_mem, "gpu")
+    a.json.write_text(json.dumps({"run": a.run, "gpu_mem_gb": tg.gpu_mem, "plan_exit": r.returncode,
+                                  "stages": stage_plans(cfg, tg.gpu_mem)}, indent=1))
+    return 0 if r.returncode in (0, 3) else r.returncode  # 3: "does not fit" is a verdict, not a failure
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _last(rows: list[dict], key: str):
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+FIGURES = {"sft": ("loss", "eval_loss", "tokens_per_s"), "rm": ("loss", "eval_accuracy", "pairs_per_s"),
+           "ppo": ("reward_mean", "kl", "response_len", "t_generate", "t_train")}
+
+
+def stage_figures(work: Path) -> list[dict]:
+    """For every run root under ``work``: each stage's DONE marker, last step and a few last values."""
+    out = []
+    for run in sorted(p for p in work.iterdir() if (p / "data").exists() and not p.is_symlink()):  # run roots
+        for stage in STAGES:
+            sd = run / stage
+            if not sd.is_dir() or sd.is_symlink():
+                continue
+            row = {"run": run.name, "stage": stage, "done": (sd / "DONE").exists()}
+            if stage == "eval":
+                try:
+                    ev = json.loads((sd / "eval.json").read_text())
+                    row["ppo_vs_sft_win"] = ev.get("win_rates", {}).get("ppo_vs_sft", {}).get("mean")
+                    row["n_prompts"] = ev.get("n_prompts")
+                except (OSError, ValueError):
+                    pass
+            else:
+                rows = _rows(sd / "metrics.jsonl")
+                row["steps"] = _last(rows, "step")
+                row.update({k: _last(rows, k) for k in FIGURES[stage]})
+            out.append(row)
+    return out
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def memory_rows(out: Path) -> list[dict]:
+    """Measured CUDA peaks (max over the ranks of a stage process) beside the planner's figures."""
+    meas: dict[tuple[str, str], dict] = {}
+    for p in sorted((out / "mem").glob("*.json")):
+        r = _load(p)
+        if not r:
+            continue
+        key = (r.get("run") or "?", r["stage"])
+        if key not in meas or r["max_allocated"] > meas[key]["max_allocated"]:
+            meas[key] = r
+    plans = {}
+    for p in out.glob("plan-*.json"):
+        j = _load(p)
+        if j:
+            plans[j["run"]] = j["stages"]
+    rows = []
+    for (run, stage), r in sorted(meas.items()):
+        pl = plans.get(run, {}).get(stage, {})
+        alloc, live = r["max_allocated"] / GiB, pl.get("live_gb")
+        rows.append({"run": run, "stage": stage, "max_allocated_gb": alloc, "max_reserved_gb": r["max_reserved"] / GiB,
+                     "plan_live_gb": live, "plan_total_gb": pl.get("total_gb"),
+                     "plan_error": (live - alloc) / alloc if live is not None and alloc > 0 else None})
+    return rows
+
+
+def read_steps(out: Path) -> list[dict]:
+    steps = []
+    try:
+        lines = (out / "steps.tsv").read_text().splitlines()
+    except OSError:
+        return steps
+    for line in lines:
+        f = line.split("\t")
+        if len(f) >= 7:
+            steps.append({"name": f[0], "status": f[1], "rc": f[2], "seconds": int(f[3]), "timeout_s": int(f[4]),
+                          "started_s": int(f[5]), "note": f[6]})
+    return sorted(steps, key=lambda s: s["started_s"])
+
+
+def _gb(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def report(argv: list[str]) -> int:
+    """summary.md and summary.json from what gpu_check.sh left in OUT (steps, memory, plans, bench)."""
+    ap = argparse.ArgumentParser(prog="gpu.py report")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--work", type=Path, default=None, help="the run roots (default OUT/work)")
+    ap.add_argument("--model", default="", help="which model the runs used, for the title")
+    a = ap.parse_args(argv)
+    work = a.work or a.out / "work"
+    env = _load(a.out / "env.json") or {}
+    steps = read_steps(a.out)
+    mem = memory_rows(a.out)
+    figs = stage_figures(work) if work.is_dir() else []
+    bench_res = _load(a.out / "bench_gpu.json")
+    counts = {s: sum(x["status"] == s for x in steps) for s in ("pass", "fail", "timeout", "skipped", "dry")}
+    gpu = env.get("gpu") or {}
+    lines = [f"# GPU check: {gpu.get('name', '?')} ({gpu.get('memory_gb', 0):.0f} GiB), torch "
+             f"{(env.get('versions') or {}).get('torch', '?')} (CUDA {env.get('cuda', '?')}), "
+             f"python {env.get('python', '?')}; model: {a.model or '?'}",
+             "", f"{counts['pass']} passed, {counts['fail']} failed, {counts['timeout']} timed out, "
+             f"{counts['skipped']} skipped{f', {n} dry (commands only)' if (n := counts['dry']) else ''}. "
+             "Logs: `logs/<step>.log`.", ""]
+    lines.append(common.table(["step", "status", "s", "timeout s", "started at s", "note"],
+                              [[s["name"], s["status"], s["seconds"], s["timeout_s"], s["started_s"], s["note"]]
+                               for s in steps], "## Steps"))
+    lines += ["", "## Memory: `stackllama-ds plan` vs `torch.cuda.max_memory_allocated` (GiB, 1 GPU, per stage "
+              "process)", "", "plan live = the stage peak without the planner's fixed 1.5 GiB and 10% slack "
+              "(neither is in max_memory_allocated); error = (plan live - allocated) / allocated."]
+    lines.append(common.table(["run", "stage", "max allocated", "max reserved", "plan live", "plan stage peak",
+                               "error"],
+                              [[m["run"], m["stage"], _gb(m["max_allocated_gb"]), _gb(m["max_reserved_gb"]),
+                                _gb(m["plan_live_gb"]), _gb(m["plan_total_gb"]),
+                                "-" if m["plan_error"] is None else f"{100 * m['plan_error']:+.0f}%"] for m in mem]))
+    if figs:
+        keys = ["done", "steps", "loss", "eval_loss", "tokens_per_s", "eval_accuracy", "pairs_per_s", "reward_mean",
+                "kl", "response_len", "t_generate", "t_train", "ppo_vs_sft_win"]
+        keys = [k for k in keys if any(f.get(k) is not None for f in figs)]
+        lines.append(common.table(["run", "stage", *keys],
+                                  [[f["run"], f["stage"], *["-" if f.get(k) is None else f[k] for k in keys]]
+                                   for f in figs], "## Stage figures (last logged values)"))
+    if bench_res:
+        lines += ["", f"## bench/gpu.py ({bench_res['params'] / 1e9:.2f}B Llama, bf16 matmul "
+                      f"{bench_res['bf16_tflops']:.0f} TFLOP/s)"]
+        rows = [[f"SFT ZeRO-{s['zero']}", f"{s['tokens_s']:,.0f} tok/s", f"MFU {100 * s['mfu']:.0f}%",
+                 f"{s['peak_gb']:.1f}"] for s in bench_res.get("sft", [])]
+        if "ppo" in bench_res:
+            p = bench_res["ppo"]
+            rows.append(["PPO ZeRO-2", f"{p['rollout_tokens_s']:,.0f} rollout tok/s",
+                         f"step {p['step_s']:.2f} s (generate {p['t_generate']:.2f})", f"{p['peak_gb']:.1f}"])
+        if "rm" in bench_res:
+            rows.append(["RM ZeRO-2", f"{bench_res['rm']['pairs_s']:.1f} pairs/s", "", f"{bench_res['rm']['peak_gb']:.1f}"])
+        lines.append(common.table(["run", "throughput", "", "nvidia-smi peak GB"], rows))
+    text = "\n".join(lines) + "\n"
+    (a.out / "summary.md").write_text(text)
+    (a.out / "summary.json").write_text(json.dumps({"env": env, "model": a.model, "counts": counts, "steps": steps,
+                                                    "memory": mem, "figures": figs, "bench": bench_res}, indent=1))
+    print(text)
+    return 0
+
+
+def slim_wheel(argv: list[str]) -> int:
+    """Rewrite a bitsandbytes wheel without the native libraries whose names match none of --keep."""
+    ap = argparse.ArgumentParser(prog="gpu.py slim-wheel")
+    ap.add_argument("wheel", type=Path)
+    ap.add_argument("--keep", default="cpu,cuda13", help="comma-separated parts of libbitsandbytes_<part>.so to keep")
+    a = ap.parse_args(argv)
+    keep = [k for k in a.keep.split(",") if k]
+
+    def dropped(name: str) -> bool:
+        base = name.rsplit("/", 1)[-1]
+        return (base.startswith("libbitsandbytes_") and base.endswith((".so", ".dll", ".dylib"))
+                and not any(base[len("libbitsandbytes_"):].startswith(k) for k in keep))
+
+    tmp = a.wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(a.wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if dropped(item.filename):
+                continue
+            data = src.read(item.filename)
+            if item.filename.endswith(".dist-info/RECORD"):
+                data = "".join(x for x in data.decode().splitlines(keepends=True)
+                               if not dropped(x.split(",", 1)[0])).encode()
+            dst.writestr(item, data)
+    before = a.wheel.stat().st_size
+    os.replace(tmp, a.wheel)
+    print(f"{a.wheel.name}: {before / 2**20:.1f} -> {a.wheel.stat().st_size / 2**20:.1f} MiB (kept {a.keep})")
+    return 0
+
+
+MODES = {"memhook": memhook, "preflight": preflight, "plan-json": plan_json, "report": report,
+         "slim-wheel": slim_wheel}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in MODES:
+        sys.exit(MODES[sys.argv[1]](sys.argv[2:]))
+    sys.exit(bench(sys.argv[1:]))
 
 
 if __name__ == "__main__":

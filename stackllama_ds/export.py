@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from stackllama_ds.checkpoint import CheckpointError, verify_checkpoint
+from stackllama_ds.checkpoint import CheckpointError, check_base, verify_checkpoint
 from stackllama_ds.config import LoraConfig, ModelConfig
 from stackllama_ds.engines.export import consolidated_state_dict
 from stackllama_ds.models.export import export_hf
@@ -23,10 +23,18 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
     ckpt = Path(ckpt)
     if not (ckpt / "manifest.json").exists():
         raise CheckpointError(f"{ckpt}: not a complete checkpoint (no manifest.json)")
-    verify_checkpoint(ckpt)
+    manifest = verify_checkpoint(ckpt)
     client = torch.load(ckpt / "state.pt", weights_only=False)["client"]
     kind = client["kind"]
-    sd = consolidated_state_dict(ckpt / ENGINE_OF[kind])
+    engine = ENGINE_OF[kind]
+    # Frozen parameters left out of the checkpoint come from the base folder, which must be the one
+    # the checkpoint was saved against.
+    saved = manifest.get("excluded_frozen", {}).get(engine)
+    if saved:
+        problem = check_base(ckpt, engine, saved["base"], Path(client["base"]).resolve())
+        if problem:
+            raise CheckpointError(f"{problem}; not exported")
+    sd = consolidated_state_dict(ckpt / engine)
     return export_hf(
         kind,
         sd,
@@ -35,4 +43,5 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
         ModelConfig(**client["model"]),
         LoraConfig(**client["lora"]) if client.get("lora") else None,
         client.get("dtype", "bf16"),
+        frozen=set(saved["params"]) if saved else set(),
     )

@@ -11,6 +11,11 @@ Ranks that wait for the stuck one sit in the same phase and step, so the oldest 
 can name the wrong rank. While a rank is silent, a sampler thread records where its main thread
 is (``rank-R.where.json``: innermost package frame, and whether it is inside a torch.distributed /
 deepspeed.comm call); the watchdog names a rank that is *not* waiting in a collective.
+
+Long work that cannot beat from the loop (rank 0 exporting a 7B model, a final evaluation) runs
+inside ``with phase("export"):``, which beats every few seconds from a thread while it lasts. Ranks
+waiting for rank 0 meanwhile beat too and watch rank 0's heartbeat (``Silence``): since they keep the
+watchdog fed, a rank 0 that stops beating is reported by them, the same way (hang_report.json, 86).
 """
 
 from __future__ import annotations
@@ -20,9 +25,16 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_HANG = 86
+_CURRENT: Heartbeat | None = None  # this process's heartbeat, for phase() and the rank-0 waits
+
+
+def current() -> Heartbeat | None:
+    return _CURRENT
 
 
 _COLLECTIVE_DIRS = (os.path.join("torch", "distributed", ""), os.path.join("deepspeed", "comm", ""))
@@ -58,6 +70,9 @@ class Heartbeat:
         self.poll_s = poll_s
         self.on_hang = None  # callable run before exiting (flush logs)
         self._last_beat = 0.0
+        self._lock = threading.Lock()  # the main thread and a phase's beat thread write the same file
+        global _CURRENT
+        _CURRENT = self
         self.beat("start", 0)
         if hang_timeout_s > 0:
             threading.Thread(target=self._sample, name="hang-sampler", daemon=True).start()
@@ -66,16 +81,25 @@ class Heartbeat:
 
     def beat(self, phase: str, step: int) -> None:
         """Record that this rank entered ``phase`` at ``step`` (atomic small-file write)."""
-        p = self.dir / f"rank-{self.rank}.json"
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"rank": self.rank, "phase": phase, "step": step, "time": time.time(),
-                                   "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
-                                   "pid": os.getpid()}))
-        os.replace(tmp, p)
-        self._last_beat = time.time()
+        self._write(phase, step)
         # Fault injection for tests: STACKLLAMA_FAULT=sleep:<phase>:<rank> parks that rank in that phase.
         if os.environ.get("STACKLLAMA_FAULT") == f"sleep:{phase}:{self.rank}":
             time.sleep(3600)
+
+    def _write(self, phase: str, step: int) -> None:
+        p = self.dir / f"rank-{self.rank}.json"
+        tmp = p.with_suffix(f".tmp{os.getpid()}")
+        with self._lock:
+            tmp.write_text(json.dumps({"rank": self.rank, "phase": phase, "step": step, "time": time.time(),
+                                       "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
+                                       "pid": os.getpid()}))
+            os.replace(tmp, p)
+            self._last_beat = time.time()
+
+    @property
+    def beat_every_s(self) -> float:
+        """How often a long phase beats: a few times per hang timeout, at most every 5 s."""
+        return max(0.5, min(5.0, self.timeout / 4)) if self.timeout > 0 else 5.0
 
     def read(self) -> list[dict]:
         out = []
@@ -123,18 +147,83 @@ class Heartbeat:
                 continue
             where = self.read_where(newest)
             stuck = pick_stuck(beats, where)
-            at = f" at {where[stuck['rank']]['where']}" if stuck["rank"] in where else ""
-            waiting = {r: " (waiting in a collective)" if w.get("in_collective") else "" for r, w in where.items()}
-            msg = (f"hang: no progress on any rank for {now - newest:.0f}s (hang_timeout_s={self.timeout:g}); "
-                   f"rank {stuck['rank']} on {stuck['host']} is stuck in phase '{stuck['phase']}' at step "
-                   f"{stuck['step']}{at}; " + "; ".join(f"rank {b['rank']}: '{b['phase']}' step {b['step']}{waiting.get(b['rank'], '')}"
-                                                       for b in beats))
-            print(msg, file=sys.stderr, flush=True)
+            self.report_hang(stuck, beats, where, now - newest, "any rank")
+
+    def report_hang(self, stuck: dict, beats: list[dict], where: dict[int, dict], silent_s: float,
+                    who: str) -> None:
+        """Print and write ``hang_report.json`` naming ``stuck``, then end the process with exit 86."""
+        at = f" at {where[stuck['rank']]['where']}" if stuck["rank"] in where else ""
+        waiting = {r: " (waiting in a collective)" if w.get("in_collective") else "" for r, w in where.items()}
+        msg = (f"hang: no progress on {who} for {silent_s:.0f}s (hang_timeout_s={self.timeout:g}); "
+               f"rank {stuck['rank']} on {stuck['host']} is stuck in phase '{stuck['phase']}' at step "
+               f"{stuck['step']}{at}; " + "; ".join(f"rank {b['rank']}: '{b['phase']}' step {b['step']}{waiting.get(b['rank'], '')}"
+                                                   for b in beats))
+        print(msg, file=sys.stderr, flush=True)
+        try:
+            (self.dir.parent / "hang_report.json").write_text(json.dumps(
+                {"message": msg, "stuck_rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
+                 "where": where.get(stuck["rank"], {}).get("where"), "ranks": beats}, indent=1))
+            if self.on_hang is not None:
+                self.on_hang()
+        finally:
+            os._exit(EXIT_HANG)
+
+
+class Silence:
+    """How long (on this host's clock) a rank's heartbeat has not changed; clock skew between hosts
+    does not matter, only that the file's recorded time moves."""
+
+    def __init__(self, hb: Heartbeat, rank: int):
+        self.hb, self.rank = hb, rank
+        self._seen: float | None = None
+        self._since = time.monotonic()
+
+    def check(self) -> tuple[float, dict]:
+        """(seconds since the rank's heartbeat last changed, its heartbeat record)."""
+        beat = self.hb.read()[self.rank]
+        if beat["time"] != self._seen:
+            self._seen, self._since = beat["time"], time.monotonic()
+        return time.monotonic() - self._since, beat
+
+
+def _test_sleep(name: str) -> None:
+    """Test hook: STACKLLAMA_TEST_PHASE_SLEEP=<phase>:<seconds>[,<phase>:<seconds>...] sleeps that long
+    inside that phase (while it beats), on every rank that enters it; inert unless set."""
+    for item in filter(None, os.environ.get("STACKLLAMA_TEST_PHASE_SLEEP", "").split(",")):
+        phase_name, _, secs = item.rpartition(":")
+        if phase_name == name:
+            time.sleep(float(secs))
+
+
+@contextmanager
+def phase(name: str, step: int = -1) -> Iterator[None]:
+    """Run the body in phase ``name``, beating every few seconds from a thread while it lasts.
+
+    For long work whose loop cannot beat (a 7B export, a consolidation, a final evaluation). The
+    thread beats whatever the main thread does, so a body that hangs for good is not caught by the
+    watchdog: use it for work that ends (file I/O, compute) or that a collective timeout bounds. No-op
+    (beyond the body) when this process has no Heartbeat.
+    """
+    hb = _CURRENT
+    if hb is None:
+        _test_sleep(name)
+        yield
+        return
+    hb.beat(name, step)
+    stop = threading.Event()
+
+    def beat_on() -> None:
+        while not stop.wait(hb.beat_every_s):
             try:
-                (self.dir.parent / "hang_report.json").write_text(json.dumps(
-                    {"message": msg, "stuck_rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
-                     "where": where.get(stuck["rank"], {}).get("where"), "ranks": beats}, indent=1))
-                if self.on_hang is not None:
-                    self.on_hang()
-            finally:
-                os._exit(EXIT_HANG)
+                hb._write(name, step)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=beat_on, name=f"heartbeat-{name}", daemon=True)
+    t.start()
+    try:
+        _test_sleep(name)
+        yield
+    finally:
+        stop.set()
+        t.join()

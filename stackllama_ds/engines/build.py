@@ -67,8 +67,16 @@ def build_train_engine(
     grad_accum: int,
 ) -> deepspeed.DeepSpeedEngine:
     """A trainable engine: AdamW over the parameters that require grad, warmup + schedule."""
-    if eng.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if eng.gradient_checkpointing:
+        # HF models (peft forwards the call) and the value-head wrappers of models/load.py have it;
+        # a model without it must not train as if its activations were recomputed (plan.py counts it).
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        elif hasattr(model, "gradient_checkpointing_enable"):  # transformers 4
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        else:
+            raise ValueError(f"gradient_checkpointing: {type(model).__name__} cannot checkpoint its activations")
         if hasattr(model, "config"):
             model.config.use_cache = False
     if dist.world_size() == 1 and eng.zero_stage in (1, 2) and not eng.offload_optimizer:

@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as tdist
 
+_TIMEOUT_S = 600.0  # the process group's collective timeout, as given to init()
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
@@ -19,8 +21,10 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     The timeout bounds how long a collective waits for a dead peer, so a lost rank ends the job in
     minutes rather than after NCCL's default of 30 min or more.
     """
+    global _TIMEOUT_S
     if tdist.is_initialized():
         return
+    _TIMEOUT_S = float(timeout_s)
     if not cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
@@ -34,6 +38,12 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def collective_timeout_s() -> float:
+    """How long a collective (barrier included) waits for a peer before failing: a bound for waits
+    that are not collectives."""
+    return _TIMEOUT_S
 
 
 def _free_port() -> int:
@@ -65,6 +75,8 @@ def device() -> torch.device:
 
 
 def barrier() -> None:
+    """Bounded by the collective timeout: for waits of seconds. Rank 0's long single-rank work
+    (export) is waited for with ``runtime.on_main_rank``, which is not."""
     if tdist.is_initialized() and world_size() > 1:
         tdist.barrier()
 

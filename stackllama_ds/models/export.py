@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -31,10 +32,11 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _load_exact(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+def _load_exact(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, frozen: Collection[str]) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    # Non-persistent buffers (rotary caches) are never in a state dict; anything else is a bug.
-    missing = [k for k in missing if "rotary_emb" not in k]
+    # Non-persistent buffers (rotary caches) are never in a state dict, and frozen parameters left
+    # out of the checkpoint keep the base folder's values; anything else missing is a bug.
+    missing = [k for k in missing if "rotary_emb" not in k and k not in frozen]
     if missing or unexpected:
         raise RuntimeError(f"export of {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -47,8 +49,12 @@ def export_hf(
     mcfg: ModelConfig,
     lora: LoraConfig | None,
     dtype: str = "bf16",
+    frozen: Collection[str] = (),
 ) -> Path:
-    """Save ``state_dict`` (as trained) as a loadable HF folder at ``out``, atomically."""
+    """Save ``state_dict`` (as trained) as a loadable HF folder at ``out``, atomically.
+
+    ``frozen``: names of parameters the checkpoint left out (checkpoint.py); the base folder holds them.
+    """
     out = Path(out)
     lora_on = lora is not None and lora.enabled
     # Export from a full-precision, unquantised copy of the base so the merge is exact.
@@ -62,6 +68,7 @@ def export_hf(
     else:
         model = load_causal_lm(base_path, plain, dtype="fp32", lora=lora)
         sd = _strip(state_dict, "policy.") if kind == "actor" else state_dict
+        frozen = {k.removeprefix("policy.") for k in frozen} if kind == "actor" else frozen
     if lora_on:
         # Only adapters (and peft's modules_to_save, e.g. the score head) were trained; the base
         # comes from its folder, which also makes exports of 8-/4-bit bases exact.
@@ -70,7 +77,7 @@ def export_hf(
         if unexpected or not sd:
             raise RuntimeError(f"export of {kind}: adapter keys do not match: {unexpected[:5]}")
     else:
-        _load_exact(model, sd, kind)
+        _load_exact(model, sd, kind, frozen)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -83,7 +90,10 @@ def export_hf(
             from safetensors.torch import save_file
 
             head = _strip(state_dict, "v_head.")
-            save_file({k: v.contiguous() for k, v in head.items()}, str(value_head_path(tmp)))
+            if head:
+                save_file({k: v.contiguous() for k, v in head.items()}, str(value_head_path(tmp)))
+            elif value_head_path(base_path).exists():  # frozen (a separate critic), so not saved
+                shutil.copyfile(value_head_path(base_path), value_head_path(tmp))
         follow_umask(tmp)  # mkdtemp made it 0700, safetensors its files 0600
         if out.exists():
             shutil.rmtree(out)

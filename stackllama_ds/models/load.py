@@ -132,6 +132,24 @@ def load_reward_model(
     return model
 
 
+def enable_activation_checkpointing(model: nn.Module, kwargs: dict | None = None) -> None:
+    """Recompute each decoder layer's activations in the backward pass (HF or peft-wrapped model).
+
+    Non-reentrant by default. Frozen embeddings (LoRA, quantised bases) give inputs that do not
+    require grad; their output is made to, so a checkpointed segment always has a grad path
+    (reentrant checkpointing needs it; transformers 5 does it itself for ``input_ids`` models).
+    """
+    kwargs = {"use_reentrant": False} if kwargs is None else kwargs
+    lm, _, _ = hf_parts(model)
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if lm is not model and not getattr(lm, "_require_grads_hooks", None):  # peft
+        lm.enable_input_require_grads()
+    lm.config.use_cache = False
+
+
 def hf_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(model, decoder body, lm head) of a plain or peft-wrapped HF model (head None without one)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -166,6 +184,9 @@ class ActorWithValueHead(nn.Module):
     def config(self):
         return self.policy.config
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        enable_activation_checkpointing(self.policy, activation_checkpointing_kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -199,6 +220,9 @@ class TokenValueModel(nn.Module):
     @property
     def config(self):
         return self.model.config
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        enable_activation_checkpointing(self.model, activation_checkpointing_kwargs)
 
     def forward(
         self,

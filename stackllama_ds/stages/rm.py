@@ -27,7 +27,7 @@ from stackllama_ds.data.pairs_batch import eval_pair_batches, pair_batches, toke
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
-from stackllama_ds.heartbeat import Heartbeat
+from stackllama_ds.heartbeat import Heartbeat, phase
 from stackllama_ds.metrics import MetricsLogger
 from stackllama_ds.models.load import load_reward_model, load_tokenizer
 from stackllama_ds.models.rollout import is_partitioned, right_padded_scores
@@ -233,7 +233,8 @@ def train(cfg: RunConfig) -> None:
 
     # step 5. final held-out figures (again if a resume found the loop already finished)
     if evals and (last_eval is None or last_eval["step"] != state.step):
-        last_eval = {**evaluate(engine, evals, rc.margin), "step": state.step}
+        with phase("final evaluation", state.step):  # every rank; one pass over rm_eval can outlast hang_timeout_s
+            last_eval = {**evaluate(engine, evals, rc.margin), "step": state.step}
     if last_eval is None:
         last_eval = {"n_pairs": 0, "accuracy": None, "margin": None, "loss": None, "step": state.step}
         log.text("rm: rm_eval has no pairs; accuracy.json holds no held-out figures")

@@ -26,7 +26,7 @@ class Engine:
     def __init__(self, fail: BaseException | None = None):
         self.fail = fail
 
-    def save_checkpoint(self, save_dir, tag, save_latest=False):
+    def save_checkpoint(self, save_dir, tag, save_latest=False, exclude_frozen_parameters=False):
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
         torch.save({"w": torch.ones(3)}, d / "mp_rank_00_model_states.pt")

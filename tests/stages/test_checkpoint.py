@@ -44,12 +44,12 @@ class FakeEngine:
     def __init__(self, value: float = 0.0):
         self.w = torch.full((4,), value)
 
-    def save_checkpoint(self, save_dir, tag, save_latest=False):
+    def save_checkpoint(self, save_dir, tag, save_latest=False, exclude_frozen_parameters=False):
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
         torch.save({"w": self.w}, d / "mp_rank_00_model_states.pt")
 
-    def load_checkpoint(self, load_dir, tag, load_module_strict=True):
+    def load_checkpoint(self, load_dir, tag, load_module_strict=True, custom_load_fn=None):
         f = Path(load_dir) / tag / "mp_rank_00_model_states.pt"
         if not f.exists():
             return None, None
@@ -141,7 +141,7 @@ def test_save_error_keeps_previous_and_names_it(tmp_path):
     prev = _save(tmp_path, 2)
 
     class Failing(FakeEngine):
-        def save_checkpoint(self, save_dir, tag, save_latest=False):
+        def save_checkpoint(self, save_dir, tag, save_latest=False, exclude_frozen_parameters=False):
             raise OSError(28, "No space left on device", str(save_dir))
 
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint kept"):

@@ -164,15 +164,9 @@ def test_lora_trains_only_adapters_and_export_merges(lora_root, prepared_root):
     from stackllama_ds.engines.export import consolidated_state_dict
 
     base = AutoModelForCausalLM.from_pretrained(prepared_root / "tiny").state_dict()
-    # In the engine's own checkpoint, every non-adapter weight is still the base's.
+    # The engine's own checkpoint holds the adapters only: the frozen base comes from its folder.
     trained = consolidated_state_dict(latest_checkpoint(lora_root / "sft" / "checkpoints") / "model")
-    frozen = {
-        k.removeprefix("base_model.model.").replace(".base_layer", ""): v
-        for k, v in trained.items()
-        if "lora_" not in k
-    }
-    assert frozen and all(torch.equal(v, base[k]) for k, v in frozen.items())
-    assert any("lora_" in k for k in trained)
+    assert trained and all("lora_" in k for k in trained)
 
     out = lora_root / "sft" / "model"
     merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
