@@ -74,7 +74,6 @@ PLAIN_SAMPLING = dict(
     watermarking_config=None,
     stop_strings=None,
     max_time=None,
-    min_length=0,
     min_new_tokens=0,
     eos_token_id=None,
     bos_token_id=None,

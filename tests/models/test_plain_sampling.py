@@ -25,7 +25,7 @@ def opinionated_model(tmp_path_factory):
                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, eos_token_id=1)
     LlamaForCausalLM(cfg).save_pretrained(d)
     gen = {"do_sample": True, "temperature": 0.3, "top_k": 3, "top_p": 0.5, "repetition_penalty": 1.8,
-           "no_repeat_ngram_size": 2, "min_new_tokens": 20, "eos_token_id": list(range(1, VOCAB // 2)),
+           "no_repeat_ngram_size": 2, "min_new_tokens": 20, "min_length": 30, "eos_token_id": list(range(1, VOCAB // 2)),
            "pad_token_id": PAD, "suppress_tokens": [5, 6, 7]}
     (d / "generation_config.json").write_text(json.dumps(gen))
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
