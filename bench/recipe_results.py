@@ -3,6 +3,9 @@
     stackllama-ds pipeline configs/smollm2.yaml > runs/smollm2.log 2>&1
     .venv/bin/python bench/recipe_results.py runs/smollm2 runs/smollm2.log
 
+Times come from "[pipeline] STAGE: done in Ns" lines (a stage resumed by a rerun adds up when the
+logs are concatenated; time of an attempt that exited non-zero is not counted).
+
 Prints markdown: the machine, wall time per stage (the pipeline's own "done in Ns" lines), and every
 learning figure of eval/eval.json with its 95% interval and the baseline beside it.
 """
@@ -34,7 +37,10 @@ def machine() -> str:
 
 def stage_times(log: Path) -> dict[str, int]:
     text = log.read_text(errors="replace") if log.exists() else ""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"\[pipeline\] (\w+): done in (\d+)s", text)}
+    out: dict[str, int] = {}
+    for m in re.finditer(r"\[pipeline\] (\w+): done in (\d+)s", text):  # a resumed stage adds up
+        out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2))
+    return out
 
 
 def table(root: Path, log: Path) -> str:
