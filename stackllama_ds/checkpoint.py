@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from stackllama_ds.engines import dist
+from stackllama_ds.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
 EXIT_RESUME = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume me
@@ -56,17 +57,9 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=256)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return _sha256(Path(path))
+    return sha256_file(path)
 
 
 def _file_sha256(path: Path) -> str:
@@ -123,7 +116,7 @@ def verify_checkpoint(path: Path, part: int = 0, parts: int = 1) -> dict:
         f = path / rel
         if not f.exists():
             raise CheckpointError(f"checkpoint {path}: file missing: {rel}")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"checkpoint {path}: checksum mismatch in {rel} (altered after saving)")
     return m
 
@@ -360,7 +353,7 @@ def save_checkpoint(
         )
     # Each rank hashes a share of the files; rank 0 writes the manifest and renames.
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    mine = {str(p.relative_to(tmp)): _sha256(p) for i, p in enumerate(files) if i % dist.world_size() == dist.rank()}
+    mine = {str(p.relative_to(tmp)): sha256_file(p) for i, p in enumerate(files) if i % dist.world_size() == dist.rank()}
     digests: dict[str, str] = {}
     for part in dist.all_gather_object(mine):
         digests.update(part)

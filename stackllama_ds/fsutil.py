@@ -10,6 +10,7 @@ models, tiny models and prepared data are shared as checkpoints and metrics are.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -45,3 +46,12 @@ def follow_umask(root: str | os.PathLike[str]) -> None:
             if not p.is_symlink():
                 os.chmod(p, fmode)
         dirnames[:] = [n for n in dirnames if not (d / n).is_symlink()]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's content, read in 4 MiB blocks (checkpoint manifests, fetched models)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

