@@ -67,12 +67,12 @@ def run_ours(a, tag: str, nproc: int = 1, **extra) -> dict:
 def prompt_spec(a) -> list[dict]:
     """The prompts our run draws at each step (rank 0 of 1), for the peer to use in the same order."""
     from stackllama_ds.config import load_config
+    from stackllama_ds.data.prompts import load_prompts, prompt_batch
     from stackllama_ds.models.load import load_tokenizer
-    from stackllama_ds.stages.ppo import load_prompts, prompt_batch
 
     cfg = load_config(make_run("ppo-prompts", a), check_files=False)
     tok = load_tokenizer(common.ROOT / "tiny")
-    questions, ids, _ = load_prompts(cfg, tok)
+    questions, ids, _ = load_prompts(cfg, tok, "rl_train")
     shutil.rmtree(common.OUT / "ppo-prompts", ignore_errors=True)
     steps = []
     for s in range(a.steps):

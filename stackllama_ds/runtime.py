@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import time
 import traceback
@@ -17,10 +18,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from stackllama_ds import heartbeat
+from stackllama_ds import heartbeat, testhooks
 from stackllama_ds.checkpoint import (
-    EXIT_RESUME,
     CheckpointError,
+    StopSignal,
     TrainState,
     cleanup_partial,
     latest_checkpoint,
@@ -28,6 +29,8 @@ from stackllama_ds.checkpoint import (
 )
 from stackllama_ds.config import RunConfig, resolve_path
 from stackllama_ds.engines import dist
+from stackllama_ds.hardware import has_cuda
+from stackllama_ds.proc import EXIT_RESUME
 
 DONE = "DONE"
 T = TypeVar("T")
@@ -165,9 +168,10 @@ def setup(cfg: RunConfig) -> None:
     # DeepSpeed still calls a c10d function that torch deprecates; one warning per rank per call is noise.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     dist.init(cfg.launch.backend, cfg.launch.timeout_s)
-    if not dist.cuda_available():
+    if not has_cuda():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     seed_all(cfg.seed)
+    testhooks.setup_sleep()
 
 
 def seed_ranks(cfg: RunConfig) -> None:
@@ -200,20 +204,6 @@ def check_finite(step: int, **values: float) -> None:
         )
 
 
-def step_hook() -> None:
-    """Test hook: STACKLLAMA_TEST_STEP_SLEEP=seconds slows every step so a test can signal mid-run."""
-    delay = float(os.environ.get("STACKLLAMA_TEST_STEP_SLEEP", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-
-
-def fault_value(name: str, step: int, value):
-    """Fault injection for tests: STACKLLAMA_FAULT=nan_<name>@<step> turns ``value`` into NaN there."""
-    if os.environ.get("STACKLLAMA_FAULT") == f"nan_{name}@{step}":
-        return value * float("nan")
-    return value
-
-
 # gloo's errors in a collective whose peer process is gone.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
@@ -231,13 +221,19 @@ def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
         print(f"error on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
         code = 1
     except Exception as e:
-        if any(s in str(e) for s in _PEER_LOST):  # a consequence: the launcher names the rank that died
+        code = 1
+        if StopSignal.received is not None:
+            # Slurm signals every process of the step: a child (a build, a loader) or a peer killed by
+            # the same stop signal fails setup. Nothing is lost: the last complete checkpoint resumes.
+            print(f"stopped for resume on rank {dist.rank()}: {signal.Signals(StopSignal.received).name}, then "
+                  f"{type(e).__name__}: {' '.join(str(e).split())[:160]} (exit {EXIT_RESUME})", file=sys.stderr, flush=True)
+            code = EXIT_RESUME
+        elif any(s in str(e) for s in _PEER_LOST):  # a consequence: the launcher names the rank that died
             print(f"error on rank {dist.rank()}: lost the connection to another rank, which stopped first "
                   f"({str(e).strip().splitlines()[0][:160]})", file=sys.stderr, flush=True)
         else:
             traceback.print_exc()
             print(f"error on rank {dist.rank()}: unexpected failure (traceback above)", file=sys.stderr, flush=True)
-        code = 1
     try:
         dist.destroy()
     except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -116,6 +117,53 @@ def rm_root(sft_root, tmp_path_factory) -> Path:
     r = run_cli("rm", cfg)
     assert r.returncode == 0, r.stderr[-4000:]
     return root
+
+
+def assert_resumed_at(before: list[dict], after: list[dict], step: int) -> None:
+    """A rerun resumed from the checkpoint of ``step``: metrics rows (``read_metrics``) before and after it.
+
+    Rows 1..step are kept as they were, wall-clock fields (elapsed_s, tokens_per_s) included, which
+    a recomputation would not reproduce; the row after ``step``, where the first run had one, was
+    computed again. Every step appears once.
+    """
+    assert len(before) >= step and len(after) >= step, (len(before), len(after), step)
+    assert after[:step] == before[:step], "rows up to the checkpoint were recomputed: not resumed there"
+    assert [r["step"] for r in after] == list(range(1, len(after) + 1))
+    if len(before) > step and len(after) > step:
+        assert after[step] != before[step], f"step {step + 1} was not recomputed: resumed after step {step}"
+
+
+def assert_eval_figures_match_samples(res: dict) -> None:
+    """eval.json: each model's figures, win counts and KL means are those of its per-prompt samples."""
+    from stackllama_ds.evalstats import spearman
+
+    samples = res["samples"]
+    n = len(samples)
+    assert n == res["n_prompts"] >= 1
+    assert [s["index"] for s in samples] == list(range(n))
+    for name, m in res["models"].items():
+        rs = [s["responses"][name] for s in samples]
+        assert m["reward"]["mean"] == pytest.approx(sum(r["reward"] for r in rs) / n), name
+        assert m["length_mean"] == pytest.approx(sum(r["length"] for r in rs) / n), name
+        assert m["eos_share"] == pytest.approx(sum(r["eos"] for r in rs) / n), name
+        assert m["degenerate_share"] == pytest.approx(sum(r["degenerate"] for r in rs) / n), name
+        assert m["empty_share"] == pytest.approx(sum(r["text"] == "" for r in rs) / n), name
+        rho = spearman([r["length"] for r in rs], [r["reward"] for r in rs])  # NaN (null) for constant lengths
+        assert m["length_reward_spearman"]["mean"] == (None if math.isnan(rho) else pytest.approx(rho)), name
+    tol = res["length_match_tol"]
+    for key, w in res["win_rates"].items():
+        a, b = ([s["responses"][x] for s in samples] for x in (w["a"], w["b"]))
+        won = [float(x["reward"] > y["reward"]) + 0.5 * (x["reward"] == y["reward"]) for x, y in zip(a, b)]
+        assert (w["wins"], w["ties"], w["losses"]) == (won.count(1.0), won.count(0.5), won.count(0.0)), key
+        assert w["mean"] == pytest.approx(sum(won) / n), key
+        # length-matched: the two responses differ by at most tol of the longer one
+        matched = [o for o, x, y in zip(won, a, b)
+                   if abs(x["length"] - y["length"]) <= tol * max(x["length"], y["length"])]
+        assert w["length_matched"]["n"] == len(matched), key
+        if matched:
+            assert w["length_matched"]["mean"] == pytest.approx(sum(matched) / len(matched)), key
+    for key, kl in res["kl"].items():
+        assert kl["mean"] == pytest.approx(sum(s["kl"][kl["policy"]] for s in samples) / n), key
 
 
 def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:

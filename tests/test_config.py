@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stackllama_ds.config import ConfigError, RunConfig, load_config, resolve_grad_accum
+from stackllama_ds.config import RunConfig, resolve_grad_accum
+from stackllama_ds.config_loader import ConfigError, load_config
 from stackllama_ds.engines.ds_config import ds_config
 from tests.conftest import REPO, run_cli
 
@@ -27,6 +28,39 @@ def test_defaults_are_stackllama():
     assert (p.early_stopping, p.target_kl, p.ratio_threshold, p.response_min_length, p.response_max_length) == (
         True, 0.1, 10.0, 32, 127)
     assert (p.reward_baseline, p.max_prompt_length, p.lora.r, p.lora.alpha, p.lora.dropout) == (0.0, 512, 16, 32, 0.05)
+    # TRL's steps=20000 counted samples per process: 2500 PPO iterations of 8 prompts.
+    assert p.steps == 2500
+    # torch / transformers AdamW betas in every stage; PPOTrainer's optimizer: Adam, constant lr, no decay.
+    assert {o.betas for o in (c.sft.optim, c.rm.optim, p.optim, p.critic_optim)} == {(0.9, 0.999)}
+    assert (p.optim.weight_decay, p.optim.scheduler, p.optim.warmup_steps) == (0.0, "constant", 0)
+    # HF Trainer clips at 1.0 (SFT, RM); PPOTrainer's max_grad_norm is None.
+    assert (c.sft.engine.gradient_clipping, c.rm.engine.gradient_clipping) == (1.0, 1.0)
+    assert p.actor.gradient_clipping is None and p.critic.gradient_clipping is None
+
+
+def test_stage_defaults_hold_for_partial_sections(tmp_path):
+    """A section that sets one field keeps its stage's defaults for the others (not the base class's)."""
+    p = _write(tmp_path, "rm:\n  optim:\n    lr: 1.0e-4\n  lora:\n    enabled: true\n"
+                         "ppo:\n  optim:\n    lr: 1.0e-4\n  reference:\n    dtype: fp32\n"
+                         "sft:\n  engine:\n    zero_stage: 3\n")
+    c = load_config(p, check_files=False)
+    assert (c.rm.optim.lr, c.rm.optim.weight_decay, c.rm.optim.scheduler) == (1e-4, 0.001, "linear")
+    assert (c.rm.lora.r, c.rm.lora.dropout) == (8, 0.1)
+    assert (c.ppo.optim.weight_decay, c.ppo.optim.scheduler, c.ppo.optim.warmup_steps) == (0.0, "constant", 0)
+    assert c.ppo.reference.zero_stage == 0 and c.sft.engine.micro_batch_size == 4
+
+
+def test_ppo_engines_take_ppos_batch_and_clip_nothing():
+    c = RunConfig()
+    p = c.ppo
+    assert (p.actor.micro_batch_size, p.actor.gradient_accumulation_steps) == (p.mini_batch_size, 8)
+    d = ds_config(p.actor, world_size=2, grad_accum=p.gradient_accumulation_steps, optim=p.optim)
+    assert d["gradient_clipping"] == 0.0  # DeepSpeed's "off"; its default when the key is missing is 1.0
+    assert (d["train_micro_batch_size_per_gpu"], d["train_batch_size"]) == (1, 1 * 8 * 2)
+    assert d["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert ds_config(c.sft.engine, world_size=2, optim=c.sft.optim)["gradient_clipping"] == 1.0
+    no_clip = c.sft.engine.model_copy(update={"gradient_clipping": 0.0})
+    assert ds_config(no_clip, world_size=2, optim=c.sft.optim)["gradient_clipping"] == 0.0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -70,6 +104,16 @@ BAD = [
     ("sft: [1, 2\n", [], ["bad.yaml:2", "invalid YAML"]),
     ("- a\n- b\n", [], ["bad.yaml:1", "top level must be a mapping"]),
     ("model:\n  quantization: 8bit\n", [], ["model.quantization", "only be trained with LoRA enabled"]),
+    ("model:\n  tokenizer: /x\n", [], ["bad.yaml:2", "model.tokenizer", "unknown key (removed: every stage"]),
+    ("ppo:\n  actor:\n    micro_batch_size: 2\n", [],
+     ["bad.yaml:3", "ppo.actor.micro_batch_size", "does not apply to a PPO engine", "ppo.mini_batch_size"]),
+    ("ppo:\n  critic:\n    gradient_accumulation_steps: 4\n", [],
+     ["bad.yaml:3", "ppo.critic.gradient_accumulation_steps", "ppo.gradient_accumulation_steps"]),
+    ("seed: 1\n", ["ppo.reward.micro_batch_size=8"], ["--set ppo.reward.micro_batch_size", "PPO engine"]),
+    ("ppo:\n  reference:\n    gradient_checkpointing: true\n", [],
+     ["bad.yaml:3", "ppo.reference.gradient_checkpointing", "does not apply to a frozen engine"]),
+    ("ppo:\n  reward:\n    offload_optimizer: true\n", [], ["bad.yaml:3", "ppo.reward.offload_optimizer", "no optimizer"]),
+    ("sft:\n  engine:\n    gradient_clipping: -1\n", [], ["bad.yaml:3", "sft.engine.gradient_clipping", "greater than"]),
 ]
 
 

@@ -72,6 +72,10 @@ def test_recipe_is_the_blogs():
     assert (p.adaptive_kl, p.init_kl_coef, p.target, p.horizon) == (True, 0.2, 6.0, 10000)
     assert (p.early_stopping, p.target_kl, p.reward_baseline) == (True, 0.1, 0.0)
     assert p.steps == 20000 // p.batch_size  # TRL's steps counted samples per process
+    # PPOTrainer's optimizer: Adam (betas 0.9, 0.999) at a constant lr, no weight decay, no clipping.
+    assert (p.optim.betas, p.optim.weight_decay, p.optim.scheduler, p.optim.warmup_steps) == ((0.9, 0.999), 0.0,
+                                                                                            "constant", 0)
+    assert p.actor.gradient_clipping is None and cfg.sft.engine.gradient_clipping == 1.0
     one = load_config(REPO / "configs" / "stackllama-1node.yaml", check_files=False)
     assert (one.launch.nnodes, one.launch.nproc_per_node) == (1, 8)
     a, b = cfg.model_dump(), one.model_dump()

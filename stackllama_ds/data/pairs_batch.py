@@ -19,6 +19,7 @@ import torch
 
 from stackllama_ds.data.packing import epoch_order
 from stackllama_ds.data.template import format_qa
+from stackllama_ds.models.padding import pad
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (chosen ids, rejected ids)
 
@@ -59,13 +60,7 @@ def tokenize_pairs(split, tokenizer, max_length: int, overlength: str, batch_siz
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``/``attention_mask`` (2B, T): rows ``[:B]`` chosen, ``[B:]`` rejected, right-padded."""
-    seqs = [j for j, _ in pairs] + [k for _, k in pairs]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
+    ids, mask = pad([j for j, _ in pairs] + [k for _, k in pairs], pad_id, "right")
     return {"input_ids": ids, "attention_mask": mask}
 
 

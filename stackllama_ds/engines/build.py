@@ -13,6 +13,7 @@ import torch
 from stackllama_ds.config import EngineConfig, OptimConfig
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.ds_config import ds_config
+from stackllama_ds.hardware import has_cuda
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -83,7 +84,7 @@ def build_train_engine(
         # Nothing to partition on one rank; the ZeRO optimizer's bucket copies are pure cost.
         print(f"[note] ZeRO-{eng.zero_stage} on 1 rank partitions nothing: zero_stage 0 is faster "
               "(1.1-1.4x on the CPU benchmark model, bench/RESULTS.md)", file=sys.stderr, flush=True)
-    cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=grad_accum, optim=optim, on_cuda=dist.cuda_available())
+    cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=grad_accum, optim=optim, on_cuda=has_cuda())
     fn = lr_lambda(optim.scheduler, optim.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -102,7 +103,7 @@ def build_eval_engine(model: torch.nn.Module, eng: EngineConfig) -> deepspeed.De
     """A frozen engine (reference, reward): no optimizer state, its own ZeRO stage and dtype."""
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=1, optim=None, on_cuda=dist.cuda_available())
+    cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=1, optim=None, on_cuda=has_cuda())
     if eng.zero_stage in (1, 2):
         # ZeRO-1/2 partition optimizer state and gradients only: a frozen model gains nothing.
         cfg["zero_optimization"] = {"stage": 0}

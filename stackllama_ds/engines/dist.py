@@ -8,11 +8,10 @@ import os
 import torch
 import torch.distributed as tdist
 
+from stackllama_ds.hardware import has_cuda
+from stackllama_ds.proc import free_port
+
 _TIMEOUT_S = 600.0  # the process group's collective timeout, as given to init()
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
 
 
 def init(backend: str = "auto", timeout_s: int = 600) -> None:
@@ -25,33 +24,42 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     if tdist.is_initialized():
         return
     _TIMEOUT_S = float(timeout_s)
-    if not cuda_available():
+    if not has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     if backend == "auto":
-        backend = "nccl" if cuda_available() else "gloo"
-    if cuda_available():
+        backend = "nccl" if has_cuda() else "gloo"
+    if has_cuda():
         torch.cuda.set_device(local_rank())
     import deepspeed
 
+    _skip_unused_ops()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _skip_unused_ops() -> None:
+    """Keep init_distributed from JIT-compiling DeepSpeed's shared-memory comm op on CPU.
+
+    Its only use is ``deepspeed.comm.inference_all_reduce`` (tensor-parallel inference layers), which
+    nothing here calls. Building it cost each fresh node 90-400 s at job start (400 s on 2 Xeon
+    cores), needed a compiler there, and a stop signal that killed the build failed the job (exit 1).
+    Without it DeepSpeed uses plain torch.distributed. The CUDA accelerator has no such op.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")  # as comm/torch.py build_shm_op
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False  # build_shm_op returns None for it
 
 
 def collective_timeout_s() -> float:
     """How long a collective (barrier included) waits for a peer before failing: a bound for waits
     that are not collectives."""
     return _TIMEOUT_S
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank() -> int:
@@ -71,7 +79,17 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", local_rank()) if cuda_available() else torch.device("cpu")
+    return torch.device("cuda", local_rank()) if has_cuda() else torch.device("cpu")
+
+
+def place(x):
+    """Put a tensor, a dict of tensors or a module on this rank's device (cuda:LOCAL_RANK, else the
+    CPU): the one helper every stage uses for models, copies and batches. Quantized (bitsandbytes)
+    models stay where loading placed them: they cannot be moved."""
+    if isinstance(x, dict):
+        return {k: place(v) for k, v in x.items()}
+    quantized = getattr(x, "is_loaded_in_8bit", False) or getattr(x, "is_loaded_in_4bit", False)
+    return x if quantized else x.to(device())
 
 
 def barrier() -> None:
@@ -90,6 +108,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         tdist.all_reduce(out)
         out = out.cpu()
     return out
+
+
+def reduce_sums(sums: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Sum each named value over all ranks in one all-reduce (float64). Every rank passes the same
+    keys in the same order: the values travel as one tensor in that order."""
+    keys = list(sums)
+    total = all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, total.tolist()))
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:

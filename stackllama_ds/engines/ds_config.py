@@ -42,7 +42,8 @@ def ds_config(
         "wall_clock_breakdown": False,
     }
     if optim is not None:
-        cfg["gradient_clipping"] = eng.gradient_clipping
+        # 0.0 is DeepSpeed's "off"; leaving the key out would clip at its default 1.0.
+        cfg["gradient_clipping"] = eng.gradient_clipping or 0.0
         cfg["optimizer"] = {
             "type": "AdamW",
             "params": {
@@ -50,15 +51,15 @@ def ds_config(
                 "betas": list(optim.betas),
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
-                # No C++ build needed on CPU; the fused CUDA kernel on GPU.
-                "torch_adam": not on_cuda,
+                # torch.optim.AdamW(fused=True) on CPU and GPU alike: DeepSpeed's FusedAdam (GPU) and
+                # DeepSpeedCPUAdam (offload) are JIT builds that need nvcc/a compiler on every node at
+                # job start. On CPU fused is -32% optimizer time on the benchmark model (bench/profile_sft.py).
+                "torch_adam": True,
+                "fused": True,
             },
         }
-        if not on_cuda:
-            # torch's fused CPU AdamW: -32% optimizer time on the benchmark model (bench/profile_sft.py).
-            cfg["optimizer"]["params"]["fused"] = True
-        if eng.offload_optimizer and not on_cuda:
-            # DeepSpeedCPUAdam needs a JIT build; torch's AdamW on the offloaded states works too.
+        if eng.offload_optimizer:
+            # Offloaded states get torch's AdamW too, not the DeepSpeedCPUAdam that ZeRO-Offload prefers.
             cfg["zero_force_ds_cpu_optimizer"] = False
     _check_no_auto(cfg)
     return cfg

@@ -15,17 +15,19 @@ import deepspeed
 import torch
 from torch import nn
 
+from stackllama_ds.engines import dist
+
 
 class GenerationCopy:
     """A plain copy of a ZeRO-3 actor's policy, refreshed from the partitioned weights per rollout.
 
-    ``template`` is a module of the same structure (built before ``deepspeed.initialize``).
-    ``prefix`` is where the policy sits inside the engine's module (``"policy."`` for
-    ActorWithValueHead).
+    ``template`` is a module of the same structure (built before ``deepspeed.initialize``); it is
+    moved to the rank's device, where the prompts are. ``prefix`` is where the policy sits inside
+    the engine's module (``"policy."`` for ActorWithValueHead).
     """
 
     def __init__(self, template: nn.Module, prefix: str = "policy."):
-        self.model = template
+        self.model = dist.place(template)
         self.model.requires_grad_(False)
         self.model.eval()
         self.prefix = prefix

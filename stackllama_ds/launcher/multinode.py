@@ -37,7 +37,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from stackllama_ds.launcher import slurm, spawn
-from stackllama_ds.launcher.slurm import EXIT_RESUME, Outcome
+from stackllama_ds.launcher.slurm import Outcome
+from stackllama_ds.proc import EXIT_RESUME
 
 STATUS_ENV = "STACKLLAMA_STATUS_DIR"
 
@@ -60,7 +61,7 @@ def _stage_argv(stage: str, config: str, sets: Sequence[str]) -> list[str]:
 
 def status_dir(stage: str, config: str, sets: Sequence[str], job_id: int | str) -> Path:
     """Where the ranks of one job report their exit codes: under the stage folder (shared FS)."""
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
 
     cfg = load_config(config, list(sets), check_files=False)
     return cfg.stage_dir(stage) / ".launch" / f"job-{job_id}"

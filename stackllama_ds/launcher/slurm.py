@@ -12,9 +12,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from stackllama_ds.proc import EXIT_RESUME
+
 DEFAULT_GPUS_PER_NODE = 8  # the StackLLaMA layout: 3 nodes x 8 A100
 LAUNCHERS = ("torchrun", "srun", "deepspeed")
-EXIT_RESUME = 75  # mirrors checkpoint.EXIT_RESUME without importing torch
 
 
 class SlurmEnvError(ValueError):

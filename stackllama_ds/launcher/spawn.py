@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-EXIT_RESUME = 75
+from stackllama_ds.hardware import has_cuda
+from stackllama_ds.proc import EXIT_RESUME, free_port
 
 # glibc returns every freed block over 128 KiB to the kernel, so each step's activations, gradients
 # and fp32 copies are page-faulted and zeroed afresh. Keeping them in the heap: +19-26% SFT tokens/s
@@ -24,21 +24,6 @@ MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(4 << 30),  # and are not trimmed back to the kernel after each step
     "MALLOC_TOP_PAD_": str(512 << 20),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
-    except Exception:
-        return False
 
 
 def rank_env(nproc: int, rank: int, port: int, cuda: bool, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -6,12 +6,14 @@ The same code loads the tiny test model and a real LLaMA folder on a cluster.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stackllama_ds.config import LoraConfig, ModelConfig
+from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,6 +33,34 @@ def load_tokenizer(path: str | os.PathLike[str], padding_side: str = "left"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@contextmanager
+def zero3_init(eng: EngineConfig, mcfg: ModelConfig) -> Iterator[None]:
+    """Load models for a ZeRO-3 engine already partitioned: while open, ``from_pretrained`` builds
+    every parameter under ``deepspeed.zero.Init`` (transformers' HfDeepSpeedConfig) and reads the
+    checkpoint into the partitions, so no rank ever holds a whole copy on the host (8 ranks x 7B x
+    4 B would be 224 GB per node). No-op for other stages and for 8-/4-bit bases, which load straight
+    onto the rank's device. Adapters and heads added afterwards are partitioned by
+    ``deepspeed.initialize``; the config must be the engine's own (same stage and dtype).
+    """
+    if eng.zero_stage != 3 or mcfg.quantization != "none":
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from stackllama_ds.engines import dist
+    from stackllama_ds.engines.ds_config import ds_config
+    from stackllama_ds.hardware import has_cuda
+
+    # Process-global while referenced: every from_pretrained in the block is partitioned.
+    live = HfDeepSpeedConfig(ds_config(eng, world_size=dist.world_size(), on_cuda=has_cuda()))
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del live
 
 
 def _quant_kwargs(mcfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -174,7 +204,8 @@ class ActorWithValueHead(nn.Module):
         super().__init__()
         self.policy = policy
         _, _, head = hf_parts(policy)
-        hidden = head.weight.shape[1] if hasattr(head, "weight") else policy.config.hidden_size
+        # in_features, not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
+        hidden = getattr(head, "in_features", None) or policy.config.hidden_size
         self.v_dropout = nn.Dropout(dropout)
         self.v_head = nn.Linear(hidden, 1)
         nn.init.normal_(self.v_head.weight, std=1.0 / (hidden + 1) ** 0.5)

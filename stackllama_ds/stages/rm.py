@@ -20,17 +20,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from stackllama_ds import runtime
-from stackllama_ds.checkpoint import StopSignal, save_checkpoint
+from stackllama_ds import runtime, testhooks
 from stackllama_ds.config import RunConfig, resolve_grad_accum, resolve_path
 from stackllama_ds.data.pairs_batch import eval_pair_batches, pair_batches, tokenize_pairs
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
-from stackllama_ds.heartbeat import Heartbeat, phase
-from stackllama_ds.metrics import MetricsLogger
-from stackllama_ds.models.load import load_reward_model, load_tokenizer
-from stackllama_ds.models.rollout import is_partitioned, right_padded_scores
+from stackllama_ds.heartbeat import phase
+from stackllama_ds.lifecycle import StageRun, checkpoint_meta
+from stackllama_ds.models.forward import is_partitioned
+from stackllama_ds.models.load import load_reward_model, load_tokenizer, zero3_init
+from stackllama_ds.models.scoring import right_padded_scores
 
 ACCURACY = "accuracy.json"
 
@@ -78,17 +78,18 @@ def scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
 def evaluate(engine, batches, margin: float) -> dict[str, float]:
     """Held-out accuracy, mean margin and loss over all ranks (weight-0 rows are shard padding)."""
     engine.eval()
-    tot = torch.zeros(4, dtype=torch.float64)  # (pairs, correct, margin sum, loss sum)
+    sums = {"pairs": 0.0, "correct": 0.0, "margin": 0.0, "loss": 0.0}  # weighted sums
     for batch, w in batches:
         _, st = pairwise_loss(*scores(engine, batch), margin)
         w = w.to(torch.float64)
-        tot += torch.stack([w.sum(), (w * st.correct.cpu()).sum(), (w * st.margins.cpu()).sum(),
-                            (w * st.losses.cpu()).sum()])
+        sums["pairs"] += w.sum().item()
+        for k, v in (("correct", st.correct), ("margin", st.margins), ("loss", st.losses)):
+            sums[k] += (w * v.cpu().double()).sum().item()
     engine.train()
-    tot = dist.all_reduce_sum(tot)
-    n = max(tot[0].item(), 1.0)
-    return {"n_pairs": int(tot[0].item()), "accuracy": tot[1].item() / n, "margin": tot[2].item() / n,
-            "loss": tot[3].item() / n}
+    tot = dist.reduce_sums(sums)
+    n = max(tot["pairs"], 1.0)
+    return {"n_pairs": int(tot["pairs"]), "accuracy": tot["correct"] / n, "margin": tot["margin"] / n,
+            "loss": tot["loss"] / n}
 
 
 def init_path(cfg: RunConfig) -> Path:
@@ -116,11 +117,8 @@ def write_json(path: Path, obj: dict) -> None:
 
 def train(cfg: RunConfig) -> None:
     rc = cfg.rm
-    stage_dir = cfg.stage_dir("rm")
     init = init_path(cfg)
-    stop = StopSignal()  # first: a signal during the slow setup must not kill the rank outright
-    runtime.setup(cfg)
-    rank, world = dist.rank(), dist.world_size()
+    run = StageRun(cfg, "rm")
     tok = load_tokenizer(init, padding_side="right")
 
     # Data: pairs of rm_train to train on, rm_eval's held out; max_length policy applied (and counted).
@@ -133,103 +131,64 @@ def train(cfg: RunConfig) -> None:
             f"overlength={rc.overlength})"
         )
     over = "filtered" if rc.overlength == "filter" else "truncated"
-    counts = {
-        "overlength": rc.overlength,
-        "max_length": rc.max_length,
-        "train_pairs": len(tr.pairs),
-        f"train_{over}": tr.overlength,
-        "eval_pairs": len(ev.pairs),
-        f"eval_{over}": ev.overlength,
-    }
-    gas = resolve_grad_accum(rc.engine, rc.global_batch_size, world)
+    counts = {"overlength": rc.overlength, "max_length": rc.max_length, "train_pairs": len(tr.pairs),
+              f"train_{over}": tr.overlength, "eval_pairs": len(ev.pairs), f"eval_{over}": ev.overlength}
+    gas = resolve_grad_accum(rc.engine, rc.global_batch_size, run.world)
     mb = rc.engine.micro_batch_size
-    per_step = mb * gas * world  # pairs per optimizer step, all ranks
+    per_step = mb * gas * run.world  # pairs per optimizer step, all ranks
     max_steps = rc.max_steps or max(1, int(rc.epochs * len(tr.pairs) / per_step))
 
     # setup() seeded every rank alike: the fresh score head (and LoRA) start identical everywhere.
-    model = load_reward_model(init, cfg.model, pad_token_id=tok.pad_token_id, dtype="fp32", lora=rc.lora)
+    with zero3_init(rc.engine, cfg.model):  # ZeRO-3: each rank only ever holds its partition
+        model = load_reward_model(init, cfg.model, pad_token_id=tok.pad_token_id, dtype="fp32", lora=rc.lora)
     engine = build_train_engine(model, rc.engine, rc.optim, total_steps=max_steps, grad_accum=gas)
-    runtime.seed_ranks(cfg)
-    ckpt_root = stage_dir / "checkpoints"
-    state, _ = runtime.resume({"model": engine}, ckpt_root)
-    log = MetricsLogger(stage_dir, "rm", cfg.logging, max_steps, state.step, cfg.output_root, cfg.model_dump(),
-                        bar_keys=("loss", "accuracy", "pairs_per_s"))
-    if rank == 0:
-        log.text(
-            f"rm: init {init}; {len(tr.pairs)} train pairs ({tr.overlength} of {tr.total} over max_length "
-            f"{rc.max_length}, {over}), {len(ev.pairs)} eval pairs ({ev.overlength} of {ev.total} {over}); "
-            f"world {world}, micro {mb} pairs x accum {gas}, {max_steps} steps"
-        )
-    batches = pair_batches(tr.pairs, tok.pad_token_id, mb, rank, world, cfg.seed, start=state.samples)
-    evals = eval_pair_batches(ev.pairs, tok.pad_token_id, mb, rank, world)
-    hb = Heartbeat(stage_dir, rank, world, cfg.launch.hang_timeout_s)
-
-    def checkpoint() -> None:
-        client = {
-            "kind": "reward",
-            "base": str(init),
-            "model": cfg.model.model_dump(),
-            "lora": rc.lora.model_dump(),
-            "dtype": rc.engine.dtype,
-        }
-        hb.beat("checkpoint save", state.step)
-        save_checkpoint({"model": engine}, ckpt_root, state, cfg.checkpoint.keep_last, client)
+    state = run.resume({"model": engine}, checkpoint_meta("reward", init, cfg, rc.lora, rc.engine.dtype))
+    log = run.logger(max_steps, bar_keys=("loss", "accuracy", "pairs_per_s"), log_every=rc.log_every)
+    run.text(f"rm: init {init}; {len(tr.pairs)} train pairs ({tr.overlength} of {tr.total} over max_length "
+             f"{rc.max_length}, {over}), {len(ev.pairs)} eval pairs ({ev.overlength} of {ev.total} {over}); "
+             f"world {run.world}, micro {mb} pairs x accum {gas}, {max_steps} steps")
+    batches = pair_batches(tr.pairs, tok.pad_token_id, mb, run.rank, run.world, cfg.seed, start=state.samples)
+    evals = eval_pair_batches(ev.pairs, tok.pad_token_id, mb, run.rank, run.world)
 
     last_eval: dict | None = None
-    first_row = True
     t_start = time.time() - state.elapsed_s
     while state.step < max_steps:
         # step 1. gas micro batches -> one forward each over [chosen..., rejected...] -> backward
         t0 = time.time()
-        hb.beat("training", state.step + 1)
+        run.beat("training")
         lr = engine.get_lr()[0]  # the rate this step trains with
-        sums = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, correct pairs)
+        sums = {"loss": 0.0, "correct": 0.0}  # sum of micro-batch losses, correctly ranked pairs
         for _ in range(gas):
             loss, st = pairwise_loss(*scores(engine, next(batches)), rc.margin)
-            loss = runtime.fault_value("loss", state.step + 1, loss)
+            loss = testhooks.fault_value("loss", state.step + 1, loss)
             engine.backward(loss)
             engine.step()
-            sums += torch.tensor([loss.item(), st.correct.sum().item()], dtype=torch.float64)
+            sums["loss"] += loss.item()
+            sums["correct"] += st.correct.sum().item()
         state.step += 1
         state.samples += per_step
 
         # step 2. statistics over all ranks (every micro batch holds mb pairs: plain means are exact)
-        tot = dist.all_reduce_sum(sums)
-        loss_v = tot[0].item() / (gas * world)
+        tot = dist.reduce_sums(sums)
+        loss_v = tot["loss"] / (gas * run.world)
         runtime.check_finite(state.step, loss=loss_v)
-        dt = time.time() - t0
         gn = engine.get_global_grad_norm()
-        row = {
-            "step": state.step,
-            "loss": loss_v,
-            "accuracy": tot[1].item() / per_step,
-            "lr": lr,
-            "grad_norm": float(gn) if gn is not None else None,
-            "pairs": state.samples,
-            "pairs_per_s": per_step / dt,
-            "elapsed_s": time.time() - t_start,
-        }
-        if first_row:
+        row = {"step": state.step, "loss": loss_v, "accuracy": tot["correct"] / per_step, "lr": lr,
+               "grad_norm": float(gn) if gn is not None else None, "pairs": state.samples,
+               "pairs_per_s": per_step / (time.time() - t0), "elapsed_s": time.time() - t_start}
+        if state.step == 1:
             row.update(counts)
-            first_row = False
 
         # step 3. held-out accuracy, margin and loss (every rank runs the same number of forwards)
         if evals and (state.step % rc.eval_every == 0 or state.step == max_steps):
-            hb.beat("evaluation", state.step)
+            run.beat("evaluation", state.step)
             last_eval = {**evaluate(engine, evals, rc.margin), "step": state.step}
             row.update({f"eval_{k}": last_eval[k] for k in ("accuracy", "margin", "loss")})
         state.elapsed_s = time.time() - t_start
         log.log(row)
 
-        # step 4. checkpoint every save_every, at the end, and on a stop signal
-        runtime.step_hook()
-        stopping = stop.requested()
-        if state.step % rc.save_every == 0 or state.step == max_steps or stopping:
-            checkpoint()
-        if stopping:
-            log.close()
-            raise runtime.StopForResume(f"rm checkpointed at step {state.step}")
-    log.close()
+        # step 4. checkpoint every save_every, at the end, and on a stop signal (then exit 75)
+        run.end_step(save=state.step % rc.save_every == 0 or state.step == max_steps)
 
     # step 5. final held-out figures (again if a resume found the loop already finished)
     if evals and (last_eval is None or last_eval["step"] != state.step):
@@ -237,12 +196,11 @@ def train(cfg: RunConfig) -> None:
             last_eval = {**evaluate(engine, evals, rc.margin), "step": state.step}
     if last_eval is None:
         last_eval = {"n_pairs": 0, "accuracy": None, "margin": None, "loss": None, "step": state.step}
-        log.text("rm: rm_eval has no pairs; accuracy.json holds no held-out figures")
-    if rank == 0:
-        log.text(f"rm: held-out accuracy {last_eval['accuracy']}, margin {last_eval['margin']} "
-                 f"on {last_eval['n_pairs']} pairs")
+        run.text("rm: rm_eval has no pairs; accuracy.json holds no held-out figures")
+    run.text(f"rm: held-out accuracy {last_eval['accuracy']}, margin {last_eval['margin']} "
+             f"on {last_eval['n_pairs']} pairs")
 
     # step 6. export the final checkpoint (LoRA merged, the trained score head kept), then DONE
-    if rank == 0:
-        write_json(stage_dir / ACCURACY, {**last_eval, **counts})
-    runtime.export_and_finish(ckpt_root, runtime.rm_model_path(cfg), stage_dir, state.step)
+    if run.rank == 0:
+        write_json(run.dir / ACCURACY, {**last_eval, **counts})
+    run.finish(runtime.rm_model_path(cfg))

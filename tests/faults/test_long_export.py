@@ -5,7 +5,7 @@ covers resume (checkpoint verification), the final evaluation and the export, ea
 
     python -m pytest tests/faults/test_long_export.py -s
 
-STACKLLAMA_TEST_PHASE_SLEEP=<phase>:<seconds>[,...] sleeps inside a heartbeat phase (heartbeat.py).
+STACKLLAMA_TEST_PHASE_SLEEP=<phase>:<seconds>[,...] sleeps inside a heartbeat phase (testhooks.py).
 """
 
 from __future__ import annotations

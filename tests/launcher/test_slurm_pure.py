@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stackllama_ds.launcher import slurm
-from stackllama_ds.launcher.slurm import EXIT_RESUME, SlurmEnvError, SlurmJob
+from stackllama_ds.launcher.slurm import SlurmEnvError, SlurmJob
+from stackllama_ds.proc import EXIT_RESUME
 
 
 @pytest.mark.parametrize(

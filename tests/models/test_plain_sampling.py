@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stackllama_ds.engines.generate import sample
-from stackllama_ds.models.rollout import left_pad, position_ids_from_mask
+from stackllama_ds.models.padding import pad, position_ids_from_mask
 
 VOCAB, PAD = 64, 0
 
@@ -46,7 +46,7 @@ def _raw_softmax_sampling(model, ids, mask, new_tokens):
 
 
 def test_sampling_ignores_the_models_generation_config(opinionated_model):
-    ids, mask = left_pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD)
+    ids, mask = pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD, "left")
     new = 24
     torch.manual_seed(123)
     got = sample(opinionated_model, ids, mask, new, PAD)
@@ -61,7 +61,7 @@ def test_sampling_ignores_the_models_generation_config(opinionated_model):
 
 def test_top_k_leak_would_be_visible(opinionated_model):
     """The check above can fail: with the model's config merged in, the samples differ."""
-    ids, mask = left_pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD)
+    ids, mask = pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD, "left")
     torch.manual_seed(123)
     leaked = opinionated_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24)
     torch.manual_seed(123)

@@ -12,7 +12,7 @@ from stackllama_ds.config import PACKAGED_MODELS
 from stackllama_ds.data.packing import pad_right
 from stackllama_ds.models.fetch import KNOWN, fetch_model, is_complete
 from stackllama_ds.models.load import load_tokenizer
-from stackllama_ds.models.rollout import cut_at_eos, left_pad
+from stackllama_ds.models.padding import cut_at_eos, pad
 from tests.conftest import BEER, REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_pad_is_eos_and_masks_keep_real_eos(smollm2_dir):
     assert m[0].tolist() == [1] * (len(x) + 1) + [0] * (resp.shape[1] - len(x) - 1)
     assert m[1].tolist() == [1] * (len(y) + 1) + [0, 0]
     # prompts: a prompt that itself ends in EOS keeps it unmasked under left padding
-    ids, mask = left_pad([a, x], tok.pad_token_id)
+    ids, mask = pad([a, x], tok.pad_token_id, "left")
     assert mask[0].sum() == len(a) and ids[0, -1] == eos and mask[0, -1] == 1
     assert mask[1].sum() == len(x)
 

@@ -45,7 +45,7 @@ def test_public_names():
         "logprobs_from_logits", "entropy_from_logits", "masked_sum", "masked_mean", "masked_var",
         "masked_whiten", "masked_moments", "moments_to_mean_var", "kl_penalty", "per_token_rewards",
         "gae", "policy_loss", "value_loss", "AdaptiveKLController", "FixedKLController",
-        "RunningMoments", "Rollout", "PPOStats", "degenerate_fraction", "is_degenerate",
+        "RunningMoments", "Rollout", "degenerate_fraction", "is_degenerate",
     }  # fmt: skip
     assert expected <= set(rl.__all__)
     assert all(hasattr(rl, name) for name in rl.__all__)

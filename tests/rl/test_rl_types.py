@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from stackllama_ds.rl import PPOStats, Rollout
+from stackllama_ds.rl import Rollout
 
 
 def make_rollout(B=4, P=3, T=5):
@@ -42,9 +42,3 @@ def test_rollout_is_frozen_and_checks_shapes():
         dataclasses.replace(rollout, scores=torch.zeros(3))
     with pytest.raises(ValueError, match="per-token"):
         dataclasses.replace(rollout, values=torch.zeros(4, 6))
-
-
-def test_ppo_stats_as_dict():
-    fields = [f.name for f in dataclasses.fields(PPOStats)]
-    stats = PPOStats(**{name: torch.tensor(float(i)) for i, name in enumerate(fields)})
-    assert stats.as_dict() == {name: float(i) for i, name in enumerate(fields)}

@@ -12,10 +12,11 @@ import pytest
 
 from stackllama_ds import evalstats
 from stackllama_ds.config import load_config
+from stackllama_ds.data.eval_inputs import load_lm_texts, load_rm_pairs
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.data.template import format_prompt, format_qa
+from stackllama_ds.eval_summary import summarize, summarize_lm, summarize_rm
 from stackllama_ds.models.load import load_tokenizer
-from stackllama_ds.stages.eval import load_lm_texts, load_rm_pairs, summarize, summarize_lm, summarize_rm
 from tests.conftest import write_config
 
 

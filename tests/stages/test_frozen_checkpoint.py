@@ -22,7 +22,8 @@ from torch import nn
 
 from stackllama_ds import checkpoint as ck
 from stackllama_ds.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
-from tests.conftest import REPO, cli_env, fresh_root, run_cli, write_config
+from stackllama_ds.metrics import read_metrics
+from tests.conftest import REPO, assert_resumed_at, cli_env, fresh_root, run_cli, write_config
 
 
 # ------------------------------------------------------------------------- unit: one process
@@ -178,8 +179,6 @@ LORA_SFT = {"max_steps": 4, "save_every": 2, "eval_every": 100, "seq_length": 64
 
 
 def _losses(root: Path) -> dict[int, float]:
-    from stackllama_ds.metrics import read_metrics
-
     return {r["step"]: r["loss"] for r in read_metrics(root / "sft" / "metrics.jsonl")}
 
 
@@ -222,6 +221,7 @@ def test_lora_sft_small_checkpoint_resume_export_and_changed_base(prepared_root,
     for p in (root / "sft" / "checkpoints" / "step-4", root / "sft" / "model"):
         shutil.rmtree(p)
     (root / "sft" / "DONE").unlink()
+    before = read_metrics(root / "sft" / "metrics.jsonl")  # the reference run's 4 steps
     cfg = write_config(root / "cfg.yaml", root, sft=LORA_SFT)
     good = load_file(str(ref / "tiny" / "model.safetensors"))
     for d in (root, ref):
@@ -239,7 +239,7 @@ def test_lora_sft_small_checkpoint_resume_export_and_changed_base(prepared_root,
     shutil.copyfile(prepared_root / "tiny" / "model.safetensors", root / "tiny" / "model.safetensors")
     r = run_cli("sft", cfg, "--set", "launch.nproc_per_node=1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {root / 'sft' / 'checkpoints' / 'step-2'}" in r.stdout + r.stderr
+    assert_resumed_at(before, read_metrics(root / "sft" / "metrics.jsonl"), 2)
     want, got = _losses(ref), _losses(root)
     assert sorted(got) == [1, 2, 3, 4]
     for s in (3, 4):  # weights, Adam moments, data position carried over (reduction order differs)

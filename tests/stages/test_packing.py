@@ -1,20 +1,25 @@
-"""SFT batches (data/packing.py): packed stream coverage, rank shards, resume, padded mode. Fast, no ranks."""
+"""SFT batches (data/packing.py): packed stream coverage, rank shards, resume, padded mode, and equality
+with the list-based original (_packing_ref.py) from a memory-mapped token cache. Fast, no ranks."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from stackllama_ds.data.packing import (
     IGNORE,
     epoch_order,
+    epoch_order_array,
     eval_batches,
     packed_batches,
     packed_chunks,
     padded_batches,
 )
+from tests.stages import _packing_ref as _ref
 
 WORLD, MICRO, SEQ, SEED = 2, 2, 32, 7
 
@@ -166,3 +171,73 @@ def test_empty_split_is_an_error(tok):
         next(packed_batches([], tok, SEQ, MICRO, 0, WORLD, SEED))
     with pytest.raises(ValueError, match="no texts"):
         next(padded_batches([], tok, SEQ, MICRO, 0, WORLD, SEED))
+
+
+# --- issue 15: packing from TokenizedTexts (memory-mapped cache or in memory) == the list-based original
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tok, texts):
+    """A saved split of `texts`' pairs (3 rows repeated: dropped): its SFT texts and its memory-mapped cache."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    from stackllama_ds.data.prepare import sft_texts
+    from stackllama_ds.data.tokens import sft_tokens
+
+    qa = [t.removeprefix("Question: ").split("\n\nAnswer: ") for t in texts]
+    rows = {"question": [q for q, _ in qa + qa[:3]], "response_j": [a for _, a in qa + qa[:3]]}
+    root = tmp_path_factory.mktemp("cached") / "data"
+    DatasetDict({"sft": Dataset.from_dict(rows)}).save_to_disk(str(root))
+    split = load_from_disk(str(root))["sft"]
+    tokens = sft_tokens(split, tok)
+    assert isinstance(tokens.ids, np.memmap) and len(tokens) == len(texts)
+    return sft_texts(split), tokens
+
+
+def _ref_chunks(gen, n: int) -> list:
+    return [next(gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("seq", [7, 32, 100])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_memmap_packing_equals_the_list_based_original(tok, cached, seed, seq, world):
+    """Same chunks, same rank assignment, same stream across passes, from any start (resume)."""
+    ref_texts, tokens = cached
+    per_pass = tokens.n_tokens // seq  # chunks in one pass: starts past 1 and 2 passes cross boundaries
+    for start in (0, 5, per_pass + 1, 2 * per_pass + 3):
+        for rank in range(world):
+            want = _ref_chunks(_ref.packed_batches(ref_texts, tok, seq, 2, rank, world, seed, start=start), 4)
+            for src in (tokens, ref_texts):  # the memory-mapped cache, and a list tokenized in memory
+                got = _ref_chunks(packed_batches(src, tok, seq, 2, rank, world, seed, start=start), 4)
+                assert all(torch.equal(a[k], b[k]) for a, b in zip(got, want) for k in a), (start, rank)
+    gen, ref = packed_chunks(tokens, tok, seq, seed, start=3), _ref.packed_chunks(ref_texts, tok, seq, seed, start=3)
+    assert _ref_chunks(gen, 2 * per_pass + 5) == _ref_chunks(ref, 2 * per_pass + 5)
+
+
+def test_chunk_longer_than_a_pass_spans_several_passes(tok):
+    one = ["beer hops"]  # 4 tokens a pass, 16 a chunk
+    for start in (0, 2, 6):
+        for r in range(2):
+            got = _ref_chunks(packed_batches(one, tok, 16, 2, r, 2, 0, start=start), 3)
+            want = _ref_chunks(_ref.packed_batches(one, tok, 16, 2, r, 2, 0, start=start), 3)
+            assert all(torch.equal(a[k], b[k]) for a, b in zip(got, want) for k in a)
+
+
+def test_memmap_eval_and_padded_equal_the_original(tok, cached):
+    ref_texts, tokens = cached
+    for seq, max_b in ((SEQ, 3), (512, 3), (16, 50)):
+        for r in range(WORLD):
+            got = eval_batches(tokens, tok, seq, MICRO, r, WORLD, max_b)
+            want = _ref.eval_batches(ref_texts, tok, seq, MICRO, r, WORLD, max_b)
+            assert len(got) == len(want) and all(torch.equal(a[k], b[k]) for a, b in zip(got, want) for k in a)
+    for cycle, start in ((False, 0), (True, 0), (True, 3 * len(ref_texts) + 1)):
+        for r in range(WORLD):
+            rows = []  # each row without its padding
+            for b in itertools.islice(padded_batches(tokens, tok, 24, 3, r, WORLD, SEED, start, cycle), 40):
+                rows += [ids[:n] for ids, n in zip(b["input_ids"].tolist(), b["attention_mask"].sum(1).tolist())]
+            want = list(itertools.islice(_ref.padded_rows(ref_texts, tok, 24, r, WORLD, SEED, start, cycle), len(rows)))
+            assert rows == want and rows
+
+
+def test_epoch_order_array_is_epoch_order():
+    for n, seed, epoch in ((1, 0, 0), (23, 7, 3), (1000, 5, 1)):
+        assert epoch_order_array(n, seed, epoch).tolist() == epoch_order(n, seed, epoch)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from stackllama_ds.models.forward import critic_values, policy_forward, response_logprobs
 from stackllama_ds.models.load import ActorWithValueHead, TokenValueModel
-from stackllama_ds.models.rollout import position_ids_from_mask, response_logprobs, trim_left_padding
+from stackllama_ds.models.padding import position_ids_from_mask, trim_left_padding
 from stackllama_ds.rl import logprobs_from_logits
-from stackllama_ds.stages.ppo import critic_values, policy_forward
 
 CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0)

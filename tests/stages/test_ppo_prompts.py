@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from stackllama_ds.stages import ppo
+from stackllama_ds.data import prompts as ppo
 
 
 def prompt_batch_reference(n: int, start: int, batch: int, rank: int, world: int, seed: int) -> list[int]:

@@ -1,0 +1,250 @@
+"""Peak RSS per rank of the SFT data path at two input sizes: tokenize once, memory-mapped (issue 15).
+
+    python bench/sft_data_rss.py --sizes 250,1000
+
+For each size (MB) a Posts.xml is built by repeating the rows of the beer dump with fresh Ids
+(ParentId and AcceptedAnswerId remapped consistently) and the repetition's number appended to every
+Title: the questions, hence the SFT texts, stay distinct (identical repeats would be deduplicated
+back to the beer dump's ~300 texts). Then, each in fresh processes:
+
+1. ``stackllama-ds prepare``: seconds, peak RSS of its largest process (getrusage of the children);
+2. ``stackllama-ds sft`` on 2 ranks, one step, configs/tiny.yaml's tiny model: the first start builds
+   the token cache (rank 0); peak RSS per rank is each rank process's VmHWM, polled from /proc;
+   seconds from launch to the first step's metrics row;
+3. the same run resumed for a second step: the cache is read, nothing is tokenized;
+4. the data path alone as rank 0 of 2, one process per path: "old" is the list-based code kept in
+   tests/stages/_packing_ref.py (``sft_texts`` lists, packing that re-tokenizes), "new" the
+   memory-mapped cache; the held-out batches, the first micro batch, and the first micro batch
+   of a resume half a pass in; peak RSS above the process's RSS after imports and tokenizer.
+
+The tiny model is built once from the beer dump (make_tiny trains its tokenizer on its data, which
+we do not want to time at 1 GB). Everything lands in --workdir (default bench/out/sft_data_rss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+_IDS = re.compile(rb'( (?:Id|ParentId|AcceptedAnswerId)=")(\d+)"')
+_TITLE = re.compile(rb'( Title="[^"]*)"')
+SEQ, MICRO, WORLD = 256, 4, 2  # configs/tiny.yaml's SFT
+
+
+def build_dump(src: Path, dest: Path, size_mb: int) -> Path:
+    """Repeat src's rows with Ids shifted by rep x (max Id + 1) and " [rN]" added to titles, to size_mb."""
+    if dest.exists() and dest.stat().st_size >= size_mb * 1e6:
+        return dest
+    rows = [ln.strip() for ln in src.read_bytes().split(b"\n") if ln.strip().startswith(b"<row")]
+    span = max(int(m.group(2)) for r in rows for m in _IDS.finditer(r)) + 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".partial")
+    with open(tmp, "wb") as f:
+        f.write(b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n<posts>\r\n')
+        written, rep = 0, 0
+        while written < size_mb * 1_000_000:
+            off, tag = rep * span, f" [r{rep}]".encode()
+            block = b"".join(
+                b"  " + _TITLE.sub(lambda m, tag=tag: m.group(1) + tag + b'"', _IDS.sub(
+                    lambda m, off=off: m.group(1) + str(int(m.group(2)) + off).encode() + b'"', r)) + b"\r\n"
+                for r in rows
+            )
+            f.write(block)
+            written += len(block)
+            rep += 1
+        f.write(b"</posts>")
+    os.replace(tmp, dest)
+    return dest
+
+
+def ensure_tiny(work: Path) -> Path:
+    from stackllama_ds.config import load_config
+    from stackllama_ds.data.prepare import prepare
+    from stackllama_ds.models.tiny import make_tiny
+
+    tiny = work / "tiny"
+    if not (tiny / "DONE").exists():
+        cfg = load_config(common.TINY_YAML, check_files=False)
+        prepare(common.BEER, work / "beer-data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
+        make_tiny(work / "beer-data", tiny, seed=0, cfg=cfg.model.tiny)
+        (tiny / "DONE").write_text("make-tiny\n")
+    return tiny
+
+
+def write_config(run: Path, posts: Path, tiny: Path) -> Path:
+    cfg = yaml.safe_load(common.TINY_YAML.read_text())
+    cfg["output_root"] = str(run)
+    cfg["data"]["posts"] = str(posts)
+    cfg["logging"] = {"progress": False}
+    cfg["sft"].update(max_steps=1, save_every=1000, eval_every=1000, eval_batches=1)
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / "tiny").exists():
+        (run / "tiny").symlink_to(tiny)
+    path = run / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_sft(cfg: Path, *extra: str) -> dict:
+    """One ``stackllama-ds sft`` launch: peak VmHWM per rank, seconds to the first new metrics row."""
+    import psutil
+
+    from stackllama_ds.metrics import read_metrics
+
+    metrics = cfg.parent / "sft" / "metrics.jsonl"
+    before = len(read_metrics(metrics)) if metrics.exists() else 0
+    out = cfg.parent / f"sft-{before}.log"
+    t0 = time.perf_counter()
+    with open(out, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "stackllama_ds.cli", "sft", str(cfg), *extra],
+                                cwd=common.REPO, env=common.env(), stdout=log, stderr=subprocess.STDOUT)
+        peak: dict[int, float] = {}
+        first = None
+        while proc.poll() is None:
+            try:
+                kids = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                kids = []
+            for p in kids:
+                try:
+                    rank = p.environ().get("RANK")
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                mb = _vm_hwm_mb(p.pid)
+                if rank is not None and mb is not None:
+                    peak[int(rank)] = max(peak.get(int(rank), 0.0), mb)
+            if first is None and metrics.exists() and len(read_metrics(metrics)) > before:
+                first = time.perf_counter() - t0
+            time.sleep(0.2)
+    text = out.read_text()
+    common.check(subprocess.CompletedProcess(proc.args, proc.returncode, text, text), f"sft {cfg}")
+    m = re.search(r"tokenized (\d+) texts \((\d+) tokens\) of sft into .* in ([\d.]+) s", text)
+    return {"peak": [peak.get(r, float("nan")) for r in range(WORLD)], "first_step_s": first,
+            "total_s": time.perf_counter() - t0, "tokenize_s": float(m.group(3)) if m else None,
+            "texts": int(m.group(1)) if m else None}
+
+
+# ------------------------------------------------------------------- the data path in one process
+def data_path(root: Path, path: str, resume_at: int) -> None:
+    """Rank 0 of 2's SFT data path, old or new; prints one JSON line (seconds, MB)."""
+    def status_mb(key: str) -> float:
+        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+    import datasets  # noqa: F401  (imported by load_prepared: its import is not data)
+
+    from stackllama_ds.data.packing import eval_batches, packed_batches
+    from stackllama_ds.data.prepare import load_prepared, sft_texts
+    from stackllama_ds.data.tokens import sft_tokens
+    from stackllama_ds.models.load import load_tokenizer
+    from tests.stages import _packing_ref as ref
+
+    tok = load_tokenizer(root / "tiny")
+    base = status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts here: imports' peak left out
+    t0 = time.perf_counter()
+    data = load_prepared(root / "data")
+    if path == "old":
+        texts, held = sft_texts(data["sft"]), sft_texts(data["rm_eval"])
+        ref.eval_batches(held, tok, SEQ, MICRO, 0, WORLD, 1)
+        next(ref.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0))
+        t1 = time.perf_counter()
+        next(ref.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0, start=resume_at))
+    else:
+        texts, held = (sft_tokens(data[s], tok, build=False) for s in ("sft", "rm_eval"))
+        eval_batches(held, tok, SEQ, MICRO, 0, WORLD, 1)
+        next(packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0))
+        t1 = time.perf_counter()
+        next(packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0, start=resume_at))
+    t2 = time.perf_counter()
+    print(json.dumps({"base_mb": base, "peak_mb": status_mb("VmHWM"), "first_s": t1 - t0, "resume_s": t2 - t1}))
+
+
+def measure_path(root: Path, path: str, resume_at: int) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--data-path", path, "--root", str(root),
+                        "--resume-at", str(resume_at)], cwd=common.REPO, env=common.env(),
+                       capture_output=True, text=True, timeout=3600)
+    common.check(r, f"data path {path}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="250,1000", help="Posts.xml sizes in MB")
+    ap.add_argument("--workers", type=int, default=2, help="prepare's parse workers")
+    ap.add_argument("--workdir", type=Path, default=common.OUT / "sft_data_rss")
+    ap.add_argument("--skip-old", action="store_true", help="do not run the old data path")
+    ap.add_argument("--data-path", choices=["old", "new"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--resume-at", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.data_path:
+        return data_path(a.root, a.data_path, a.resume_at)
+
+    work = a.workdir.resolve()
+    tiny = ensure_tiny(work)
+    rows, paths = [], []
+    for size in [int(s) for s in a.sizes.split(",")]:
+        posts = build_dump(common.BEER, work / f"posts-{size}MB" / "Posts.xml", size)
+        run = work / f"run-{size}MB"
+        cfg = write_config(run, posts, tiny)
+        common.log(f"[{size} MB] prepare ...")
+        r, prep_rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", "prepare", "--config", str(cfg),
+                                           "--posts", str(posts), "--out", str(run / "data"),
+                                           "--workers", str(a.workers)], timeout=7200)
+        common.check(r, "prepare")
+        report = json.loads((run / "data" / "report.json").read_text())
+        shutil.rmtree(run / "sft", ignore_errors=True)  # a rerun of this script starts from step 0 again
+        common.log(f"[{size} MB] sft: first start (tokenizes) ...")
+        first = run_sft(cfg)
+        common.log(f"[{size} MB] sft: resume for step 2 (cache hit) ...")
+        again = run_sft(cfg, "--set", "sft.max_steps=2")
+        (meta_path,) = (run / "data" / "tokens").glob("sft-*/meta.json")
+        meta = json.loads(meta_path.read_text())
+        resume_at = meta["n_tokens"] // SEQ // 2 // (MICRO * WORLD) * (MICRO * WORLD)  # half a pass in
+        rows.append([size, posts.stat().st_size / 1e6, report["seconds"], prep_rss, meta["n_texts"],
+                     meta["n_tokens"] / 1e6, first["tokenize_s"], first["first_step_s"], *first["peak"],
+                     again["first_step_s"], *again["peak"], again["tokenize_s"] is None])
+        common.log(f"  {rows[-1]}")
+        for path in ("new",) if a.skip_old else ("new", "old"):
+            common.log(f"[{size} MB] data path {path} ...")
+            d = measure_path(run, path, resume_at)
+            paths.append([size, path, d["base_mb"], d["peak_mb"], d["peak_mb"] - d["base_mb"], d["first_s"],
+                          d["resume_s"]])
+            common.log(f"  {paths[-1]}")
+    print(f"# SFT data: {common.machine()}; tiny model (configs/tiny.yaml), seq {SEQ}, micro {MICRO}, "
+          f"{WORLD} ranks, ZeRO-2; prepare --workers {a.workers}")
+    print(common.table(
+        ["size MB", "Posts.xml MB", "prepare s", "prepare peak MB", "SFT texts", "tokens M", "tokenize s",
+         "start -> step 1 s", "rank 0 peak MB", "rank 1 peak MB", "resume -> step 2 s", "rank 0 peak MB",
+         "rank 1 peak MB", "resume re-tokenized nothing"],
+        rows, "Prepare, then SFT on 2 ranks: first start (builds the cache), then a resume (reads it)"))
+    print(common.table(["size MB", "data path", "base MB", "peak MB", "data MB", "to first batch s",
+                        "to resume batch s"], paths,
+                       "The data path alone as rank 0 of 2 (held-out batches, first micro batch; then a resume "
+                       "half a pass in)"))
+
+
+if __name__ == "__main__":
+    main()

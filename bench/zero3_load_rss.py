@@ -1,0 +1,127 @@
+"""Peak host memory per rank while PPO builds its engines, with and without partitioned loading.
+
+    python bench/zero3_load_rss.py [--hidden 1536 --layers 16]    # ~0.55B-parameter Llama, 2 ranks
+
+Builds (once) a random Llama of ~0.5B parameters saved in fp32 as ``sft/model`` (causal LM, SmolLM2's
+tokenizer when fetched, else the tiny kit's) and ``rm/model`` (the same body with a score head), then
+runs ``stages.ppo_steps.build_engines`` on 2 CPU ranks with the actor and the reward model at ZeRO-3,
+LoRA on (the reference is the adapter disabled) and the generation copy on, twice:
+  before: every model read whole on every rank, then partitioned by ``deepspeed.initialize``;
+  after:  ZeRO-3 models built partitioned under ``zero3_init`` (deepspeed.zero.Init), so a rank
+          only ever holds its shard (the generation copy stays whole: it is a plain copy by design).
+Each rank reports its VmHWM (peak RSS) after each engine; the table prints the per-rank peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out" / "zero3_load"
+
+
+def vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_models(root: Path, hidden: int, layers: int) -> int:
+    """sft/model and rm/model of one random Llama; returns its parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    smol = Path(os.environ.get("STACKLLAMA_CACHE", Path.home() / ".cache" / "stackllama-ds")) / "models" / "smollm2-135m"
+    tok_dir = smol if (smol / "tokenizer.json").exists() else REPO / "runs" / "tiny" / "tiny"
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=tok.pad_token_id or 0,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg)
+    n = sum(p.numel() for p in lm.parameters())
+    for name in ("sft", "rm"):
+        (root / name / "model").mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(root / name / "model")
+    lm.save_pretrained(root / "sft" / "model")
+    rm = LlamaForSequenceClassification(cfg.__class__(**{**cfg.to_dict(), "num_labels": 1}))
+    rm.model.load_state_dict(lm.model.state_dict())
+    del lm
+    rm.save_pretrained(root / "rm" / "model")
+    (root / "params.json").write_text(json.dumps({"params": n}))
+    return n
+
+
+def worker(root: Path, variant: str) -> None:
+    """One rank: build PPO's engines, recording peak RSS after each (variant 'before' loads whole)."""
+    import yaml
+
+    from stackllama_ds import ppo_steps, runtime
+    from stackllama_ds.config import RunConfig
+    from stackllama_ds.models.load import load_tokenizer
+
+    cfg = RunConfig.model_validate(yaml.safe_load((root / "cfg.yaml").read_text()))
+    if variant == "before":
+        ppo_steps.zero3_init = lambda *a, **k: contextlib.nullcontext()  # the old path: whole models per rank
+    runtime.setup(cfg)
+    marks = {"start": vm_hwm_mb()}
+    tok = load_tokenizer(runtime.sft_model_path(cfg))
+    engines = ppo_steps.build_engines(cfg, tok, n_updates=10)
+    marks["engines built"] = vm_hwm_mb()
+    assert engines.ref is None and engines.gen_copy is not None and engines.reward is not None
+    out = OUT / f"{variant}-rank{os.environ['RANK']}.json"
+    out.write_text(json.dumps(marks))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--worker", choices=["before", "after"])
+    a = ap.parse_args()
+    root = OUT / "root"
+    if a.worker:
+        worker(root, a.worker)
+        return
+    if not (root / "params.json").exists():
+        make_models(root, a.hidden, a.layers)
+    n = json.loads((root / "params.json").read_text())["params"]
+    cfg = {
+        "output_root": str(root), "model": {"name_or_path": str(root / "sft" / "model")},
+        "launch": {"nproc_per_node": 2},
+        "ppo": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05},
+                "actor": {"zero_stage": 3, "dtype": "fp32"}, "reward": {"zero_stage": 3, "dtype": "fp32"},
+                "gather_generation": True},
+    }
+    import yaml
+
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    rows = {}
+    for variant in ("before", "after"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               __file__, "--worker", variant]
+        subprocess.run(cmd, check=True, env=env, cwd=REPO)
+        rows[variant] = [json.loads((OUT / f"{variant}-rank{r}.json").read_text()) for r in range(2)]
+    fp32_gb = n * 4 / 2**30
+    print(f"\nPPO engine construction, 2 CPU ranks, Llama {n / 1e6:.0f}M parameters (fp32 {fp32_gb:.2f} GiB), "
+          "actor + reward at ZeRO-3, LoRA, generation copy")
+    print("| variant | rank 0 peak RSS (GiB) | rank 1 peak RSS (GiB) |")
+    print("|---|---|---|")
+    for v, rs in rows.items():
+        print(f"| {v} | " + " | ".join(f"{r['engines built'] / 1024:.2f}" for r in rs) + " |")
+    saved = [(b["engines built"] - c["engines built"]) / 1024 for b, c in zip(rows["before"], rows["after"])]
+    print(f"saved per rank: {', '.join(f'{s:.2f}' for s in saved)} GiB (full fp32 model: {fp32_gb:.2f} GiB)")
+    (OUT / "result.json").write_text(json.dumps({"params": n, "rows": rows, "saved_gib": saved}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The lifecycle every training stage shares, so that a stage file is its loop and nothing else.
+
+    run = StageRun(cfg, "sft")                       # signal handler first, then process group, seeds
+    ...load data, build engines...
+    state = run.resume({"model": engine}, meta)      # heartbeat, then the newest complete checkpoint
+    log = run.logger(total_steps)
+    while state.step < total_steps:
+        run.beat("training")
+        ...one step; state.step += 1; log.log(row)...
+        run.end_step(save=state.step % save_every == 0 or state.step == total_steps)
+    run.finish(export_dir)                           # export on rank 0, then DONE
+
+``end_step`` checkpoints when asked and on SIGTERM/SIGUSR1, after which it raises StopForResume
+(exit 75: requeue me). What a stage keeps beside ``TrainState`` (a KL controller, running moments)
+lives in an object with ``state_dict``/``load_state_dict`` handed to ``resume`` as ``extra``; its
+keys sit beside ``meta``'s in the checkpoint's client state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from stackllama_ds import runtime, testhooks
+from stackllama_ds.checkpoint import StopSignal, TrainState, save_checkpoint
+from stackllama_ds.config import RunConfig
+from stackllama_ds.engines import dist
+from stackllama_ds.heartbeat import Heartbeat
+from stackllama_ds.metrics import MetricsLogger
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+def checkpoint_meta(kind: str, base: Path | str, cfg: RunConfig, lora, dtype: str) -> dict[str, Any]:
+    """What a checkpoint records of the model it holds (read back by export)."""
+    return {"kind": kind, "base": str(base), "model": cfg.model.model_dump(), "lora": lora.model_dump(),
+            "dtype": dtype}
+
+
+class StageRun:
+    """One stage on this rank: setup, resume, heartbeat, metrics, checkpoints, stop, export."""
+
+    def __init__(self, cfg: RunConfig, name: str):
+        # First: a SIGUSR1/SIGTERM during the (slow) setup would otherwise kill the rank outright.
+        self.stop = StopSignal()
+        runtime.setup(cfg)
+        self.cfg, self.name = cfg, name
+        self.dir = cfg.stage_dir(name)
+        self.ckpt_root = self.dir / "checkpoints"
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.state = TrainState()
+        self.engines: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {}
+        self.extra: Stateful | None = None
+        self.hb: Heartbeat | None = None
+        self.log: MetricsLogger | None = None
+
+    def resume(self, engines: dict[str, Any], meta: dict[str, Any], extra: Stateful | None = None) -> TrainState:
+        """Seed each rank's own stream, start the heartbeat, then load the newest complete checkpoint
+        (its ``extra`` state too). Returns the loop's TrainState (fresh when there is none).
+        A stop signal during setup ends the stage here: StopForResume (exit 75), nothing to save."""
+        if self.stop.requested():  # every rank gets here once its engines are built
+            raise runtime.StopForResume(f"{self.name}: stop signal during setup, before any step")
+        self.engines, self.meta, self.extra = engines, meta, extra
+        runtime.seed_ranks(self.cfg)
+        # Before the load: verifying and loading a 7B checkpoint beats in its own phase.
+        self.hb = Heartbeat(self.dir, self.rank, self.world, self.cfg.launch.hang_timeout_s)
+        self.state, client = runtime.resume(engines, self.ckpt_root)
+        if client and extra is not None:
+            extra.load_state_dict(client)
+        if self.stop.requested():  # during the checkpoint load (minutes at 7B): the state is the checkpoint's
+            raise runtime.StopForResume(f"{self.name}: stop signal while resuming step {self.state.step}")
+        return self.state
+
+    def logger(self, total_steps: int, bar_keys: tuple[str, ...] = ("loss", "tokens_per_s"),
+               log_every: int = 1) -> MetricsLogger:
+        c = self.cfg
+        self.log = MetricsLogger(self.dir, self.name, c.logging, total_steps, self.state.step, c.output_root,
+                                 c.model_dump(), bar_keys=bar_keys, log_every=log_every)
+        return self.log
+
+    def text(self, msg: str) -> None:
+        """A line for the log, from rank 0 only."""
+        if self.rank == 0 and self.log is not None:
+            self.log.text(msg)
+
+    def beat(self, phase: str, step: int | None = None) -> None:
+        """This rank enters ``phase`` of step ``step`` (default: the step being trained)."""
+        assert self.hb is not None, "resume() starts the heartbeat"
+        self.hb.beat(phase, self.state.step + 1 if step is None else step)
+
+    def checkpoint(self) -> None:
+        """Save every engine, the RNG streams, TrainState and the extra state. Collective."""
+        self.beat("checkpoint save", self.state.step)
+        client = {**self.meta, **(self.extra.state_dict() if self.extra is not None else {})}
+        save_checkpoint(self.engines, self.ckpt_root, self.state, self.cfg.checkpoint.keep_last, client)
+
+    def end_step(self, save: bool) -> None:
+        """After a step: checkpoint when ``save`` or on a stop signal; after a signal, exit 75."""
+        testhooks.after_step()
+        stopping = self.stop.requested()
+        if save or stopping:
+            self.checkpoint()
+        if stopping:
+            self.close()
+            raise runtime.StopForResume(f"{self.name} checkpointed at step {self.state.step}")
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    def finish(self, export_to: Path) -> None:
+        """Rank 0 exports the last checkpoint as a HF folder; DONE once every rank is through."""
+        self.close()
+        runtime.export_and_finish(self.ckpt_root, export_to, self.dir, self.state.step)
