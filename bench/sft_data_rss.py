@@ -152,7 +152,7 @@ def data_path(root: Path, path: str, resume_at: int) -> None:
     def status_mb(key: str) -> float:
         return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
-    import datasets  # noqa: F401  (imported by load_prepared: its import is not data)
+    import datasets  # noqa: F401  (the old path's load_prepared imports it: an import is not data)
 
     from stackllama_ds.data.packing import eval_batches, packed_batches
     from stackllama_ds.data.prepare import load_prepared, sft_texts
@@ -164,15 +164,15 @@ def data_path(root: Path, path: str, resume_at: int) -> None:
     base = status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts here: imports' peak left out
     t0 = time.perf_counter()
-    data = load_prepared(root / "data")
     if path == "old":
+        data = load_prepared(root / "data")
         texts, held = sft_texts(data["sft"]), sft_texts(data["rm_eval"])
         ref.eval_batches(held, tok, SEQ, MICRO, 0, WORLD, 1)
         next(ref.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0))
         t1 = time.perf_counter()
         next(ref.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0, start=resume_at))
     else:
-        texts, held = (sft_tokens(data[s], tok, build=False) for s in ("sft", "rm_eval"))
+        texts, held = (sft_tokens(root / "data", s, tok, build=False) for s in ("sft", "rm_eval"))
         eval_batches(held, tok, SEQ, MICRO, 0, WORLD, 1)
         next(packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0))
         t1 = time.perf_counter()
@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="prepare's parse workers")
     ap.add_argument("--workdir", type=Path, default=common.OUT / "sft_data_rss")
     ap.add_argument("--skip-old", action="store_true", help="do not run the old data path")
+    ap.add_argument("--reuse-prepared", action="store_true",
+                    help="keep each size's prepared data (and prepare figures) from an earlier run; drop its token cache")
     ap.add_argument("--data-path", choices=["old", "new"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--resume-at", type=int, default=0, help=argparse.SUPPRESS)
@@ -209,12 +211,18 @@ def main() -> None:
         posts = build_dump(common.BEER, work / f"posts-{size}MB" / "Posts.xml", size)
         run = work / f"run-{size}MB"
         cfg = write_config(run, posts, tiny)
-        common.log(f"[{size} MB] prepare ...")
-        r, prep_rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", "prepare", "--config", str(cfg),
-                                           "--posts", str(posts), "--out", str(run / "data"),
-                                           "--workers", str(a.workers)], timeout=7200)
-        common.check(r, "prepare")
-        report = json.loads((run / "data" / "report.json").read_text())
+        prep_json = run / "prepare.json"
+        if a.reuse_prepared and prep_json.exists() and (run / "data" / "report.json").exists():
+            prep = json.loads(prep_json.read_text())
+            shutil.rmtree(run / "data" / "tokens", ignore_errors=True)  # the first start builds it again
+        else:
+            common.log(f"[{size} MB] prepare ...")
+            r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", "prepare", "--config", str(cfg),
+                                          "--posts", str(posts), "--out", str(run / "data"),
+                                          "--workers", str(a.workers)], timeout=7200)
+            common.check(r, "prepare")
+            prep = {"seconds": json.loads((run / "data" / "report.json").read_text())["seconds"], "peak_mb": rss}
+            prep_json.write_text(json.dumps(prep))
         shutil.rmtree(run / "sft", ignore_errors=True)  # a rerun of this script starts from step 0 again
         common.log(f"[{size} MB] sft: first start (tokenizes) ...")
         first = run_sft(cfg)
@@ -223,7 +231,7 @@ def main() -> None:
         (meta_path,) = (run / "data" / "tokens").glob("sft-*/meta.json")
         meta = json.loads(meta_path.read_text())
         resume_at = meta["n_tokens"] // SEQ // 2 // (MICRO * WORLD) * (MICRO * WORLD)  # half a pass in
-        rows.append([size, posts.stat().st_size / 1e6, report["seconds"], prep_rss, meta["n_texts"],
+        rows.append([size, posts.stat().st_size / 1e6, prep["seconds"], prep["peak_mb"], meta["n_texts"],
                      meta["n_tokens"] / 1e6, first["tokenize_s"], first["first_step_s"], *first["peak"],
                      again["first_step_s"], *again["peak"], again["tokenize_s"] is None])
         common.log(f"  {rows[-1]}")

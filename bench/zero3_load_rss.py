@@ -9,7 +9,8 @@ LoRA on (the reference is the adapter disabled) and the generation copy on, twic
   before: every model read whole on every rank, then partitioned by ``deepspeed.initialize``;
   after:  ZeRO-3 models built partitioned under ``zero3_init`` (deepspeed.zero.Init), so a rank
           only ever holds its shard (the generation copy stays whole: it is a plain copy by design).
-Each rank reports its VmHWM (peak RSS) after each engine; the table prints the per-rank peak.
+Each rank reports its VmHWM (peak RSS, file-backed pages of mapped checkpoints included) after
+each model; the table prints them per rank.
 """
 
 from __future__ import annotations
@@ -26,11 +27,31 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "zero3_load"
 
 
-def vm_hwm_mb() -> float:
+def status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def vm_hwm_mb() -> float:
+    return status_mb("VmHWM")
+
+
+class AnonPeak:
+    """Peak RssAnon (private memory, without the page cache of mapped checkpoint files), sampled."""
+
+    def __init__(self, every_s: float = 0.02):
+        import threading
+
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._t.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.peak = max(self.peak, status_mb("RssAnon"))
 
 
 def make_models(root: Path, hidden: int, layers: int) -> int:
@@ -51,11 +72,11 @@ def make_models(root: Path, hidden: int, layers: int) -> int:
     for name in ("sft", "rm"):
         (root / name / "model").mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(root / name / "model")
-    lm.save_pretrained(root / "sft" / "model")
+    lm.to(torch.bfloat16).save_pretrained(root / "sft" / "model")  # as checkpoints are published
     rm = LlamaForSequenceClassification(cfg.__class__(**{**cfg.to_dict(), "num_labels": 1}))
     rm.model.load_state_dict(lm.model.state_dict())
     del lm
-    rm.save_pretrained(root / "rm" / "model")
+    rm.to(torch.bfloat16).save_pretrained(root / "rm" / "model")
     (root / "params.json").write_text(json.dumps({"params": n}))
     return n
 
@@ -69,13 +90,20 @@ def worker(root: Path, variant: str) -> None:
     from stackllama_ds.models.load import load_tokenizer
 
     cfg = RunConfig.model_validate(yaml.safe_load((root / "cfg.yaml").read_text()))
-    if variant == "before":
-        ppo_steps.zero3_init = lambda *a, **k: contextlib.nullcontext()  # the old path: whole models per rank
+    if variant == "before":  # the old path: whole models per rank, the copy read from disk
+        ppo_steps.zero3_init = lambda *a, **k: contextlib.nullcontext()
+        ppo_steps.empty_causal_lm = lambda path, m, dtype, device, lora: ppo_steps.load_causal_lm(path, m, dtype=dtype,
+                                                                                                lora=lora)
     runtime.setup(cfg)
+    anon = AnonPeak()
     marks = {"start": vm_hwm_mb()}
     tok = load_tokenizer(runtime.sft_model_path(cfg))
+    for name in ("GenerationCopy", "build_train_engine", "build_eval_engine"):  # peak after each
+        fn = getattr(ppo_steps, name)
+        setattr(ppo_steps, name, lambda *a, _fn=fn, _n=name, **k: (_fn(*a, **k), marks.__setitem__(_n, vm_hwm_mb()))[0])
     engines = ppo_steps.build_engines(cfg, tok, n_updates=10)
     marks["engines built"] = vm_hwm_mb()
+    marks["anon peak"] = max(anon.peak, status_mb("RssAnon"))
     assert engines.ref is None and engines.gen_copy is not None and engines.reward is not None
     out = OUT / f"{variant}-rank{os.environ['RANK']}.json"
     out.write_text(json.dumps(marks))
@@ -85,6 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--dtype", default="auto", help="engines' dtype (auto: bf16 where the CPU runs it natively)")
     ap.add_argument("--worker", choices=["before", "after"])
     a = ap.parse_args()
     root = OUT / "root"
@@ -98,7 +127,7 @@ def main() -> None:
         "output_root": str(root), "model": {"name_or_path": str(root / "sft" / "model")},
         "launch": {"nproc_per_node": 2},
         "ppo": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05},
-                "actor": {"zero_stage": 3, "dtype": "fp32"}, "reward": {"zero_stage": 3, "dtype": "fp32"},
+                "actor": {"zero_stage": 3, "dtype": a.dtype}, "reward": {"zero_stage": 3, "dtype": a.dtype},
                 "gather_generation": True},
     }
     import yaml
@@ -114,13 +143,18 @@ def main() -> None:
     fp32_gb = n * 4 / 2**30
     print(f"\nPPO engine construction, 2 CPU ranks, Llama {n / 1e6:.0f}M parameters (fp32 {fp32_gb:.2f} GiB), "
           "actor + reward at ZeRO-3, LoRA, generation copy")
-    print("| variant | rank 0 peak RSS (GiB) | rank 1 peak RSS (GiB) |")
-    print("|---|---|---|")
+    marks = list(rows["before"][0])
+    print("| variant | rank | " + " | ".join(f"peak after {k}" for k in marks) + " |")
+    print("|---|---|" + "---|" * len(marks))
     for v, rs in rows.items():
-        print(f"| {v} | " + " | ".join(f"{r['engines built'] / 1024:.2f}" for r in rs) + " |")
+        for r, row in enumerate(rs):
+            print(f"| {v} | {r} | " + " | ".join(f"{row.get(k, float('nan')) / 1024:.2f} GiB" for k in marks) + " |")
     saved = [(b["engines built"] - c["engines built"]) / 1024 for b, c in zip(rows["before"], rows["after"])]
-    print(f"saved per rank: {', '.join(f'{s:.2f}' for s in saved)} GiB (full fp32 model: {fp32_gb:.2f} GiB)")
-    (OUT / "result.json").write_text(json.dumps({"params": n, "rows": rows, "saved_gib": saved}, indent=1))
+    saved_anon = [(b["anon peak"] - c["anon peak"]) / 1024 for b, c in zip(rows["before"], rows["after"])]
+    print(f"saved per rank, VmHWM: {', '.join(f'{s:.2f}' for s in saved)} GiB; private (RssAnon) peak: "
+          f"{', '.join(f'{s:.2f}' for s in saved_anon)} GiB (full fp32 model: {fp32_gb:.2f} GiB)")
+    (OUT / "result.json").write_text(json.dumps({"params": n, "rows": rows, "saved_gib": saved, "saved_anon_gib": saved_anon},
+                                                   indent=1))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch
 from stackllama_ds import testhooks
 from stackllama_ds.engines import dist
 from stackllama_ds.fsutil import sha256_file
+from stackllama_ds.proc import early_stop_signal
 
 MANIFEST = "manifest.json"
 
@@ -380,28 +381,38 @@ def save_checkpoint(
 
 
 def universal_checkpoint(path: Path, name: str) -> Path:
-    """Convert (once, on rank 0) an engine's folder to DeepSpeed's universal checkpoint. Collective."""
+    """Convert (once, on rank 0) an engine's folder to DeepSpeed's universal checkpoint. Collective.
+
+    Minutes at 7B: the other ranks wait beyond the collective timeout, beating their heartbeat
+    (``runtime.on_main_rank``), rather than in a barrier.
+    """
+    from stackllama_ds.runtime import on_main_rank  # runtime builds on this module
+
     out = path / "universal" / name
-    if dist.is_main() and not (out / "latest_universal").exists():
-        import argparse
-        import contextlib
-        import io
-
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        tmp = path / "universal" / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        args = argparse.Namespace(
-            input_folder=str(path / name / "ds"), output_folder=str(tmp / "ds"), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
-        )
-        with contextlib.redirect_stdout(io.StringIO()):
-            ds_to_universal(args)
-        (tmp / "latest_universal").write_text("ds")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    dist.barrier()
+    on_main_rank(f"universal checkpoint {name}", lambda: _to_universal(path, name, out))
     return out
+
+
+def _to_universal(path: Path, name: str, out: Path) -> None:
+    if (out / "latest_universal").exists():
+        return
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = path / "universal" / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(path / name / "ds"), output_folder=str(tmp / "ds"), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds_to_universal(args)
+    (tmp / "latest_universal").write_text("ds")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def verify_for_resume(path: Path, engines: dict[str, Any]) -> dict:
@@ -470,6 +481,8 @@ class StopSignal:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.flag = False
         self.signum: int | None = None
+        if early_stop_signal() is not None:  # arrived while the rank was still importing
+            self._handler(early_stop_signal(), None)
         for s in signals:
             signal.signal(s, self._handler)
 

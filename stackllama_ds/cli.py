@@ -23,6 +23,7 @@ from pathlib import Path
 
 from stackllama_ds.config import RunConfig
 from stackllama_ds.config_loader import ConfigError, load_config
+from stackllama_ds.proc import catch_stop_signals_early
 
 STAGES = ("sft", "rm", "ppo", "eval")
 
@@ -52,6 +53,8 @@ def _stage_fn(stage: str):
 def run_stage(stage: str, config: str, overrides: list[str] | None) -> int:
     """Validate, then either run this rank (under a launcher) or spawn the node's ranks."""
     if _under_launcher():
+        if stage != "eval":  # training stages checkpoint on a stop signal (checkpoint.StopSignal)
+            catch_stop_signals_early()
         cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
         from stackllama_ds.runtime import run_entry
 

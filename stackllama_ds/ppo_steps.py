@@ -16,6 +16,7 @@ from stackllama_ds.models.forward import critic_values, policy_forward, response
 from stackllama_ds.models.load import (
     ActorWithValueHead,
     TokenValueModel,
+    empty_causal_lm,
     load_causal_lm,
     load_reward_model,
     zero3_init,
@@ -42,8 +43,10 @@ def build_engines(cfg: RunConfig, tok, n_updates: int) -> Engines:
     frozen ones in their engine's dtype, ZeRO-3 ones already partitioned (``zero3_init``)."""
     p, sft, m = cfg.ppo, runtime.sft_model_path(cfg), cfg.model
     gen_copy = None
-    if p.actor.zero_stage == 3 and p.gather_generation:  # whole by design: loaded outside zero3_init
-        gen_copy = GenerationCopy(load_causal_lm(sft, m, dtype=p.actor.dtype, lora=p.lora))
+    if p.actor.zero_stage == 3 and p.gather_generation:  # whole by design; filled from the actor
+        template = (empty_causal_lm(sft, m, dtype=p.actor.dtype, device=dist.device(), lora=p.lora)
+                    if m.quantization == "none" else load_causal_lm(sft, m, dtype=p.actor.dtype, lora=p.lora))
+        gen_copy = GenerationCopy(template)
     with zero3_init(p.actor, m):
         actor_mod = ActorWithValueHead(load_causal_lm(sft, m, dtype="fp32", lora=p.lora))
     load_value_head(actor_mod, sft)

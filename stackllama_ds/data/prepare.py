@@ -43,7 +43,7 @@ from stackllama_ds.data.store import PostStore
 from stackllama_ds.data.template import format_qa
 from stackllama_ds.fsutil import follow_umask
 
-__all__ = ["DataError", "load_prepared", "prepare", "sft_texts"]
+__all__ = ["DataError", "check_prepared", "load_prepared", "prepare", "sft_texts"]
 
 REPORT = "report.json"
 ORPHAN_NOTE = (
@@ -395,8 +395,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ readers
-def load_prepared(path: str | os.PathLike[str]):
-    """``load_from_disk`` for a ``prepare`` output, with an error naming the folder when it is not one."""
+def check_prepared(path: str | os.PathLike[str]) -> Path:
+    """``path`` when it holds a complete ``prepare`` output, else a DataError naming the folder and what is missing."""
     p = Path(path)
     if not p.is_dir():
         raise DataError("prepared data folder not found (run prepare first)", p)
@@ -404,6 +404,12 @@ def load_prepared(path: str | os.PathLike[str]):
     missing += [n for n in SPLITS if not (p / n / "state.json").exists()]
     if missing:
         raise DataError(f"incomplete prepared data folder, missing {', '.join(missing)} (run prepare again)", p)
+    return p
+
+
+def load_prepared(path: str | os.PathLike[str]):
+    """``load_from_disk`` for a ``prepare`` output, with an error naming the folder when it is not one."""
+    p = check_prepared(path)
     from datasets import load_from_disk
 
     return load_from_disk(str(p))

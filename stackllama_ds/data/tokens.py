@@ -1,6 +1,6 @@
 """SFT texts tokenized once per (prepared split, tokenizer), cached beside the prepared data, memory-mapped.
 
-    python -c "from stackllama_ds.data.prepare import load_prepared; from stackllama_ds.data.tokens import sft_tokens; from stackllama_ds.models.load import load_tokenizer; print(len(sft_tokens(load_prepared('runs/tiny/data')['sft'], load_tokenizer('runs/tiny/tiny'))))"
+    python -c "from stackllama_ds.data.tokens import sft_tokens; from stackllama_ds.models.load import load_tokenizer; print(len(sft_tokens('runs/tiny/data', 'sft', load_tokenizer('runs/tiny/tiny'))))"
 
 ``<data>/tokens/<split>-<key>/`` holds
 
@@ -19,9 +19,10 @@ seq_length, packed and padded mode alike.
 One process builds (the stage: rank 0 inside ``runtime.on_main_rank``) into a temporary folder that
 is renamed into place, so a reader never sees a partial cache; every rank then memory-maps it and
 touches only the pages of its own chunks (file-backed: shared through the page cache, reclaimable).
-Building streams the split's Arrow files in record batches (never the whole split, never
-memory-mapped: mapped pages would count in the RSS), so its memory is flat in the data size but for
-the duplicate check, 16 bytes per row plus numpy's sort.
+Nothing here goes through datasets (its import and its mapping of every split's Arrow files
+cost each rank ~90 MB plus ~64 KB per record batch). Building streams the split's Arrow files in
+record batches (never the whole split, never memory-mapped: mapped pages count in the RSS), so its
+memory is flat in the data size but for the duplicate check, 16 bytes per row plus numpy's sort.
 """
 
 from __future__ import annotations
@@ -66,35 +67,40 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _split_files(split) -> list[Path]:
-    files = [Path(f["filename"]) for f in getattr(split, "cache_files", [])]
-    if not files or getattr(split, "_indices", None) is not None:
-        raise ValueError("sft_tokens needs a split as load_prepared returns it (on disk, not selected or shuffled)")
-    return files
+def split_identity(data_dir: Path, split: str) -> tuple[list[Path], str]:
+    """The split's Arrow files, and its identity for the key, from ``<data>/<split>/state.json`` (what
+    load_from_disk reads, without datasets): datasets' fingerprint (prepare sets it from the source
+    and the content's size) and the files' names, sizes and mtimes."""
+    state_path = data_dir / split / "state.json"
+    try:
+        state = json.loads(state_path.read_text())
+        files = [data_dir / split / f["filename"] for f in state["_data_files"]]
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    except FileNotFoundError as e:
+        raise DataError("missing from the prepared data (run prepare again)", e.filename) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"unreadable split state ({e}; run prepare again)", state_path) from None
+    return files, json.dumps([state.get("_fingerprint"), stats])
 
 
-def split_fingerprint(split) -> str:
-    """The split's identity: datasets' fingerprint (prepare sets it from the source and content size)
-    and its Arrow files' names, sizes and mtimes."""
-    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in _split_files(split)]
-    return json.dumps([getattr(split, "_fingerprint", None), split.num_rows, files])
-
-
-def cache_key(split, tokenizer) -> str:
-    parts = [VERSION, split_fingerprint(split), tokenizer_fingerprint(tokenizer), format_qa("Q", "A")]
+def cache_key(identity: str, tokenizer) -> str:
+    parts = [VERSION, identity, tokenizer_fingerprint(tokenizer), format_qa("Q", "A")]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
 # ------------------------------------------------------------------------------ open and build
-def sft_tokens(split, tokenizer, *, build: bool = True, log: Callable[[str], None] | None = None) -> TokenizedTexts:
-    """The split's SFT texts, tokenized: opened from ``<data>/tokens/`` or, when ``build``, built first.
+def sft_tokens(data_dir: str | os.PathLike[str], split: str, tokenizer, *, build: bool = True,
+               log: Callable[[str], None] | None = None) -> TokenizedTexts:
+    """Split ``split`` of the prepared data in ``data_dir`` as SFT texts, tokenized: opened from
+    ``<data_dir>/tokens/`` or, when ``build``, built there first.
 
-    ``split`` is one split of ``load_prepared``. A missing, partial or corrupt cache is rebuilt when
-    ``build`` is true; otherwise it raises a DataError naming the file (the caller meant rank 0 to
-    have built it).
+    A missing, partial or corrupt cache is rebuilt when ``build`` is true; otherwise it raises a
+    DataError naming the file (the caller meant rank 0 to have built it). Neither reads the split
+    through datasets: a cache hit touches no Arrow file at all.
     """
-    files = _split_files(split)
-    folder = files[0].parent.parent / TOKENS / f"{files[0].parent.name}-{cache_key(split, tokenizer)}"
+    data_dir = Path(data_dir)
+    files, identity = split_identity(data_dir, split)
+    folder = data_dir / TOKENS / f"{split}-{cache_key(identity, tokenizer)}"
     try:
         return open_tokens(folder)
     except DataError as e:
@@ -106,8 +112,8 @@ def sft_tokens(split, tokenizer, *, build: bool = True, log: Callable[[str], Non
     t0 = time.perf_counter()
     meta = _build(files, folder, tokenizer)
     if log is not None:
-        log(f"sft data: tokenized {meta['n_texts']} texts ({meta['n_tokens']} tokens) of "
-            f"{files[0].parent.name} into {folder} in {time.perf_counter() - t0:.1f} s")
+        log(f"sft data: tokenized {meta['n_texts']} texts ({meta['n_tokens']} tokens) of {split} "
+            f"into {folder} in {time.perf_counter() - t0:.1f} s")
     return open_tokens(folder)
 
 
@@ -167,7 +173,8 @@ def _rows(files: list[Path], batch: int = 256):
                     yield from zip(qs.slice(i, batch).to_pylist(), ans.slice(i, batch).to_pylist())
 
 
-def _build(files: list[Path], folder: Path, tokenizer, batch: int = 1024) -> dict:
+def _build(files: list[Path], folder: Path, tokenizer, batch: int = 256) -> dict:
+    """Tokenize the kept rows ``batch`` texts a call (the tokenizer's Python output for 1024 held ~60 MB)."""
     keep = _first_rows(files)
     n_texts = int(keep.sum())
     dtype = np.dtype(np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32)

@@ -21,9 +21,10 @@ from stackllama_ds.engines import dist
 class GenerationCopy:
     """A plain copy of a ZeRO-3 actor's policy, refreshed from the partitioned weights per rollout.
 
-    ``template`` is a module of the same structure (built before ``deepspeed.initialize``); it is
-    moved to the rank's device, where the prompts are. ``prefix`` is where the policy sits inside
-    the engine's module (``"policy."`` for ActorWithValueHead).
+    ``template`` is a module of the same structure, on the rank's device or moved there (where the
+    prompts are); its values do not matter (``models.load.empty_causal_lm``): ``refresh`` copies
+    every parameter and buffer. ``prefix`` is where the policy sits inside the engine's module
+    (``"policy."`` for ActorWithValueHead).
     """
 
     def __init__(self, template: nn.Module, prefix: str = "policy."):
@@ -41,6 +42,11 @@ class GenerationCopy:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             for n, p in dst.items():
                 p.data.copy_(src[n].data.to(p.dtype))
+        # Buffers (rotary frequencies) are never partitioned: a plain copy.
+        bufs = {n[len(self.prefix) :]: b for n, b in engine.module.named_buffers() if n.startswith(self.prefix)}
+        for n, b in self.model.named_buffers():
+            if n in bufs:
+                b.copy_(bufs[n].to(b.dtype))
         return self.model
 
 

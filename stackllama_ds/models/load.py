@@ -134,6 +134,22 @@ def load_causal_lm(
     return model
 
 
+def empty_causal_lm(path: str | os.PathLike[str], mcfg: ModelConfig, *, dtype: str, device: torch.device,
+                    lora: LoraConfig | None = None) -> nn.Module:
+    """The structure of ``load_causal_lm(path, ...)`` with uninitialised storage on ``device``: built
+    on the meta device, so the checkpoint is never read and the host never holds a copy (for
+    ``GenerationCopy``, which overwrites every parameter and buffer from the actor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
+                                                 attn_implementation=mcfg.attn_implementation)
+        if lora is not None and lora.enabled:
+            model = apply_lora(model, lora, "CAUSAL_LM", quantized=False)
+    return model.to_empty(device=device)
+
+
 def load_reward_model(
     path: str | os.PathLike[str],
     mcfg: ModelConfig,

@@ -17,7 +17,7 @@ import torch
 from stackllama_ds import runtime, testhooks
 from stackllama_ds.config import RunConfig, resolve_grad_accum
 from stackllama_ds.data.packing import eval_batches, packed_batches, padded_batches
-from stackllama_ds.data.prepare import load_prepared
+from stackllama_ds.data.prepare import check_prepared
 from stackllama_ds.data.tokens import sft_tokens
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
@@ -48,7 +48,7 @@ def train(cfg: RunConfig) -> None:
     tok = load_tokenizer(base)
 
     # Data: SFT texts are the distinct (question, response_j) of the sft split; eval on rm_eval's.
-    data = load_prepared(runtime.data_dir(cfg))
+    data = check_prepared(runtime.data_dir(cfg))  # fail here, before the model loads
     gas = resolve_grad_accum(sc.engine, sc.global_batch_size, run.world)
     mb = sc.engine.micro_batch_size
     per_step = mb * gas * run.world  # sequences per optimizer step, all ranks
@@ -61,8 +61,8 @@ def train(cfg: RunConfig) -> None:
     # Tokenized once per (split, tokenizer) by rank 0 into <data>/tokens/ while the others wait (beating),
     # then memory-mapped by every rank: a start or resume re-tokenizes nothing.
     splits = ("sft", "rm_eval")
-    runtime.on_main_rank("tokenize", lambda: [sft_tokens(data[s], tok, log=run.text) for s in splits])
-    texts, held_out = (sft_tokens(data[s], tok, build=False) for s in splits)
+    runtime.on_main_rank("tokenize", lambda: [sft_tokens(data, s, tok, log=run.text) for s in splits])
+    texts, held_out = (sft_tokens(data, s, tok, build=False) for s in splits)
     run.text(f"sft: {len(texts)} texts, world {run.world}, micro {mb} x accum {gas}, seq {sc.seq_length}")
     make = packed_batches if sc.packing else padded_batches
     batches = make(texts, tok, sc.seq_length, mb, run.rank, run.world, cfg.seed, start=state.samples)

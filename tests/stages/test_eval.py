@@ -81,7 +81,7 @@ def test_eval_sft_vs_base_and_rerun_identical(first_eval):
 
     tok = AutoTokenizer.from_pretrained(eval_root / "sft" / "model")
     pairs = load_prepared(eval_root / "data")["rm_eval"].select(range(rm["n_pairs"]))
-    lc, lr = ([len(x) for x in tok(pairs[k], add_special_tokens=False)["input_ids"]]
+    lc, lr = ([len(x) for x in tok(list(pairs[k]), add_special_tokens=False)["input_ids"]]
               for k in ("response_j", "response_k"))
     longer = [float(c > r) + 0.5 * (c == r) for c, r in zip(lc, lr)]
     assert rm["length_baseline"]["mean"] == pytest.approx(sum(longer) / len(longer))

@@ -186,10 +186,9 @@ def cached(tmp_path_factory, tok, texts):
     rows = {"question": [q for q, _ in qa + qa[:3]], "response_j": [a for _, a in qa + qa[:3]]}
     root = tmp_path_factory.mktemp("cached") / "data"
     DatasetDict({"sft": Dataset.from_dict(rows)}).save_to_disk(str(root))
-    split = load_from_disk(str(root))["sft"]
-    tokens = sft_tokens(split, tok)
+    tokens = sft_tokens(root, "sft", tok)
     assert isinstance(tokens.ids, np.memmap) and len(tokens) == len(texts)
-    return sft_texts(split), tokens
+    return sft_texts(load_from_disk(str(root))["sft"]), tokens
 
 
 def _ref_chunks(gen, n: int) -> list:

@@ -60,7 +60,7 @@ def baseline(sft_root, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 def test_early_stopping_takes_fewer_updates(sft_root, baseline, tmp_path):
-    """target_kl 1e-9: the first check after an update that moved the policy stops the step's epochs."""
+    """target_kl 1e-9: once an update has moved the policy, the next check (KL > 1.5e-9) ends the epochs."""
     stage, rows = _run(sft_root, tmp_path / "early", early_stopping=True, target_kl=1e-9, **NO_SCORE)
     base_stage, base_rows = baseline
     assert optimizer_steps(base_stage, PPO["steps"]) == UPDATES  # every minibatch of every epoch
