@@ -6,9 +6,11 @@ Builds (once) a random Llama of ~0.5B parameters saved in fp32 as ``sft/model`` 
 tokenizer when fetched, else the tiny kit's) and ``rm/model`` (the same body with a score head), then
 runs ``stages.ppo_steps.build_engines`` on 2 CPU ranks with the actor and the reward model at ZeRO-3,
 LoRA on (the reference is the adapter disabled) and the generation copy on, twice:
-  before: every model read whole on every rank, then partitioned by ``deepspeed.initialize``;
-  after:  ZeRO-3 models built partitioned under ``zero3_init`` (deepspeed.zero.Init), so a rank
-          only ever holds its shard (the generation copy stays whole: it is a plain copy by design).
+  before: every model read whole on every rank (the trainable actor in fp32), then partitioned by
+          ``deepspeed.initialize``; the generation copy read from the checkpoint;
+  after:  ZeRO-3 models built partitioned under ``zero3_init`` (deepspeed.zero.Init) in the engine's
+          dtype, so a rank only ever holds its shard; the generation copy built empty on the
+          device (``empty_causal_lm``) and filled from the actor (it stays whole by design).
 Each rank reports its VmHWM (peak RSS, file-backed pages of mapped checkpoints included) after
 each model; the table prints them per rank.
 """
@@ -92,6 +94,7 @@ def worker(root: Path, variant: str) -> None:
     cfg = RunConfig.model_validate(yaml.safe_load((root / "cfg.yaml").read_text()))
     if variant == "before":  # the old path: whole models per rank, the copy read from disk
         ppo_steps.zero3_init = lambda *a, **k: contextlib.nullcontext()
+        ppo_steps.trainable_dtype = lambda eng: "fp32"
         ppo_steps.empty_causal_lm = lambda path, m, dtype, device, lora: ppo_steps.load_causal_lm(path, m, dtype=dtype,
                                                                                                 lora=lora)
     runtime.setup(cfg)

@@ -19,6 +19,7 @@ from stackllama_ds.models.load import (
     empty_causal_lm,
     load_causal_lm,
     load_reward_model,
+    trainable_dtype,
     zero3_init,
 )
 
@@ -39,8 +40,8 @@ class Engines(NamedTuple):
 
 
 def build_engines(cfg: RunConfig, tok, n_updates: int) -> Engines:
-    """Each model loaded once per rank: trainable ones in fp32 (the engine keeps its master copy),
-    frozen ones in their engine's dtype, ZeRO-3 ones already partitioned (``zero3_init``)."""
+    """Each model loaded once per rank: trainable ones in ``trainable_dtype``, frozen ones in their
+    engine's dtype, ZeRO-3 ones already partitioned (``zero3_init``)."""
     p, sft, m = cfg.ppo, runtime.sft_model_path(cfg), cfg.model
     gen_copy = None
     if p.actor.zero_stage == 3 and p.gather_generation:  # whole by design; filled from the actor
@@ -48,7 +49,7 @@ def build_engines(cfg: RunConfig, tok, n_updates: int) -> Engines:
                     if m.quantization == "none" else load_causal_lm(sft, m, dtype=p.actor.dtype, lora=p.lora))
         gen_copy = GenerationCopy(template)
     with zero3_init(p.actor, m):
-        actor_mod = ActorWithValueHead(load_causal_lm(sft, m, dtype="fp32", lora=p.lora))
+        actor_mod = ActorWithValueHead(load_causal_lm(sft, m, dtype=trainable_dtype(p.actor), lora=p.lora))
     load_value_head(actor_mod, sft)
     if p.separate_critic:
         actor_mod.v_head.requires_grad_(False)  # the critic engine owns the values
@@ -58,7 +59,8 @@ def build_engines(cfg: RunConfig, tok, n_updates: int) -> Engines:
     if p.separate_critic:
         src = runtime.rm_model_path(cfg) if p.critic_init_from == "reward" else sft
         with zero3_init(p.critic, m):
-            vm = TokenValueModel(load_reward_model(src, m, pad_token_id=tok.pad_token_id, dtype="fp32"))
+            vm = TokenValueModel(load_reward_model(src, m, pad_token_id=tok.pad_token_id,
+                                                   dtype=trainable_dtype(p.critic)))
         critic = build_train_engine(vm, p.critic, p.critic_optim, total_steps=n_updates,
                                     grad_accum=p.gradient_accumulation_steps)
     ref = None

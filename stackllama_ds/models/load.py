@@ -63,6 +63,13 @@ def zero3_init(eng: EngineConfig, mcfg: ModelConfig) -> Iterator[None]:
         del live
 
 
+def trainable_dtype(eng: EngineConfig) -> str:
+    """What a trainable model is loaded in: fp32, except under ZeRO-3, where it is the engine's own
+    dtype. A ZeRO-3 engine casts its partitions to that dtype and takes its fp32 master copy from
+    them, so the numbers are the same, and the host never holds fp32 partitions on the way."""
+    return eng.dtype if eng.zero_stage == 3 else "fp32"
+
+
 def _quant_kwargs(mcfg: ModelConfig, dtype: torch.dtype) -> dict:
     if mcfg.quantization == "none":
         return {}

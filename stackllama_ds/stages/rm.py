@@ -29,7 +29,7 @@ from stackllama_ds.engines.build import build_train_engine
 from stackllama_ds.heartbeat import phase
 from stackllama_ds.lifecycle import StageRun, checkpoint_meta
 from stackllama_ds.models.forward import is_partitioned
-from stackllama_ds.models.load import load_reward_model, load_tokenizer, zero3_init
+from stackllama_ds.models.load import load_reward_model, load_tokenizer, trainable_dtype, zero3_init
 from stackllama_ds.models.scoring import right_padded_scores
 
 ACCURACY = "accuracy.json"
@@ -140,7 +140,8 @@ def train(cfg: RunConfig) -> None:
 
     # setup() seeded every rank alike: the fresh score head (and LoRA) start identical everywhere.
     with zero3_init(rc.engine, cfg.model):  # ZeRO-3: each rank only ever holds its partition
-        model = load_reward_model(init, cfg.model, pad_token_id=tok.pad_token_id, dtype="fp32", lora=rc.lora)
+        model = load_reward_model(init, cfg.model, pad_token_id=tok.pad_token_id, dtype=trainable_dtype(rc.engine),
+                                  lora=rc.lora)
     engine = build_train_engine(model, rc.engine, rc.optim, total_steps=max_steps, grad_accum=gas)
     state = run.resume({"model": engine}, checkpoint_meta("reward", init, cfg, rc.lora, rc.engine.dtype))
     log = run.logger(max_steps, bar_keys=("loss", "accuracy", "pairs_per_s"), log_every=rc.log_every)

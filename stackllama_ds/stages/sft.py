@@ -22,7 +22,7 @@ from stackllama_ds.data.tokens import sft_tokens
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
 from stackllama_ds.lifecycle import StageRun, checkpoint_meta
-from stackllama_ds.models.load import load_causal_lm, load_tokenizer, zero3_init
+from stackllama_ds.models.load import load_causal_lm, load_tokenizer, trainable_dtype, zero3_init
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def train(cfg: RunConfig) -> None:
     per_step = mb * gas * run.world  # sequences per optimizer step, all ranks
 
     with zero3_init(sc.engine, cfg.model):  # ZeRO-3: each rank only ever holds its partition
-        model = load_causal_lm(base, cfg.model, dtype="fp32", lora=sc.lora)
+        model = load_causal_lm(base, cfg.model, dtype=trainable_dtype(sc.engine), lora=sc.lora)
     engine = build_train_engine(model, sc.engine, sc.optim, total_steps=sc.max_steps, grad_accum=gas)
     state = run.resume({"model": engine}, checkpoint_meta("causal_lm", base, cfg, sc.lora, sc.engine.dtype))
     log = run.logger(sc.max_steps, log_every=sc.log_every)

@@ -1,0 +1,620 @@
+"""LoRA on SmolLM2-135M: our SFT / RM / PPO loops vs TRL, side by side in one run (issue 16).
+
+    python bench/lora_bench.py --stage sft            # tokens/s vs TRL 1.16 SFTTrainer (packing)
+    python bench/lora_bench.py --stage rm             # pairs/s vs TRL 1.16 RewardTrainer
+    python bench/lora_bench.py --stage ppo            # step time vs TRL 0.11.4 PPOTrainer
+    python bench/lora_bench.py --stage sft-scaling    # ours: 1 rank x 1 core, 1 rank x 2 cores, 2 ranks x 1 core
+    python bench/lora_bench.py --stage ppo-scaling
+    python bench/lora_bench.py --stage sft --rounds 3 --steps 12 --peer-base fp32
+
+Model: SmolLM2-135M-Instruct (``stackllama-ds fetch-model smollm2-135m``), data: the beer dump in
+data/ prepared with configs/smollm2.yaml's splits (bench/out/smol/data). Our side is the real stage
+run by the CLI from configs/smollm2.yaml with only the benchmark's overrides (1 rank, the steps, no
+mid-run eval or checkpoint, ZeRO-0 on 1 rank: ZeRO-1/2 partition nothing there; RM ``overlength:
+filter`` so both sides train on the same pairs); LoRA exactly as that file: SFT/PPO r16 alpha 32
+dropout 0.05 on q_proj,v_proj, RM r8 alpha 32 dropout 0.1 SEQ_CLS with a trained score head, PPO's
+reference = the adapter disabled. The peers get the same LoRA as a ``peft.LoraConfig``, the same
+sequence length, batch, optimizer settings and precision (``dtype: auto``: bf16 where the CPU has
+avx512_bf16/AMX). The peer's frozen base is loaded in bf16 by default (``--peer-base fp32``: TRL's
+default for this fp32 checkpoint, autocasting every matmul). Rounds alternate ours / TRL in fresh
+processes, so a ratio within a round holds on a noisy machine; the load average is printed.
+Peak RSS is the largest process's (per rank).
+
+FLOPs of a step (``step_flops``), for a sequence of n tokens of which h go through the LM head, on
+a Llama with L layers, hidden H, attention width d = heads x head_dim, KV width d_kv, MLP width I,
+vocab V, LoRA rank r on modules (d_in -> d_out):
+    N_body = L * (H*d + 2*H*d_kv + d*H + 3*H*I)          decoder matmul weights
+    N_lora = L * sum_modules r * (d_in + d_out)
+    A(n)   = 4 * L * d * n(n+1)/2                        QK^T and PV over the causal pairs
+    forward           F(n, h) = 2*N_body*n + 2*N_lora*n + A(n) + 2*V*H*h
+    LoRA train step   T(n, h) = 4*N_body*n + 6*N_lora*n + 3*A(n) + 4*V*H*h
+The frozen base's backward computes input gradients only (one matmul per weight, as many FLOPs as
+the forward; no weight gradients); LoRA's A and B need input and weight gradients (2x their
+forward); attention's backward is 4 matmuls to the forward's 2. Heads of one output (value, score)
+are left out. SFT: T(seq, seq) per packed row. RM: T(n_c, 0) + T(n_r, 0) per pair, real tokens only
+(padding is not useful work). PPO per rollout of prompt p and response R, n = p + R:
+F(n, R) generate + F(n, 0) score (question + response ~ n tokens, no LoRA) + F(n, R) actor and
+F(n, R) reference (no LoRA) log-probs + epochs x T(n, R) training. Both sides get the same FLOP
+count (same work), so the achieved FLOP/s compare as the speeds do.
+
+Ceiling: a matmul rate measured with torch at the step's shapes, in the run's dtype, on the threads
+one rank uses: F.linear of (rows x d_in) by every (d_in -> d_out) of the model (q, k, v, o, gate,
+up, down, LM head; rows = the tokens of one micro batch), combined as FLOP-weighted harmonic mean
+(the time an ideal step would spend). Ceiling tokens/s = rate / (T(n, h) per token); a 2048^3
+matmul is printed beside it for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import peers  # noqa: E402
+
+SMOL_YAML = common.REPO / "configs" / "smollm2.yaml"
+SROOT = common.OUT / "smol"  # beer data prepared with smollm2.yaml's splits, shared by every run
+MODEL = "smollm2-135m"
+# issue 16's targets: speed-up over the peer, share of the ceiling, peak RSS over the peer's
+TARGETS = {"sft": 1.5, "rm": 1.5, "ppo": 2.0}
+CEILING_TARGET = 0.5
+RSS_TARGET = 1.10
+
+
+# ------------------------------------------------------------------------------------ setup
+def model_dir() -> Path:
+    from stackllama_ds.models.fetch import fetch_model
+
+    return fetch_model(MODEL, log=common.log)
+
+
+def smol() -> dict:
+    return yaml.safe_load(SMOL_YAML.read_text())
+
+
+def ensure_data() -> Path:
+    """The beer dump prepared once with configs/smollm2.yaml's splits and seed."""
+    from stackllama_ds.config import load_config
+
+    done = SROOT / "DATA_DONE"
+    if not done.exists():
+        from stackllama_ds.data.prepare import prepare
+
+        cfg = load_config(SMOL_YAML, check_files=False)
+        common.log("[bench] preparing the beer dump with smollm2.yaml's splits ...")
+        shutil.rmtree(SROOT / "data", ignore_errors=True)
+        prepare(common.BEER, SROOT / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
+        done.write_text("prepare\n")
+    return SROOT / "data"
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_config(run: Path, nproc: int, **sections) -> Path:
+    """configs/smollm2.yaml on the beer data, ``nproc`` ranks, with ``sections`` merged in."""
+    cfg = smol()
+    cfg["output_root"] = str(run)
+    cfg["data"]["posts"] = str(common.BEER)
+    cfg["logging"] = {"progress": False}
+    cfg["launch"]["nproc_per_node"] = nproc
+    cfg = merge(cfg, sections)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "data").symlink_to(ensure_data())
+    path = run / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def resolved_dtype() -> str:
+    from stackllama_ds.hardware import auto_dtype
+
+    return auto_dtype()
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run_cli(stage: str, cfg: Path, threads: int | None, what: str) -> float:
+    """Our stage through the CLI in a fresh process; returns the peak RSS (MB) of its largest process.
+    A failure is retried once after a pause: others edit stackllama_ds/ in this working tree."""
+    for attempt in range(2):
+        r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)],
+                                     extra_env={"OMP_NUM_THREADS": str(threads)} if threads else None)
+        if r.returncode == 0:
+            return rss
+        if attempt == 0:
+            common.log(f"[bench] {what} failed (exit {r.returncode}); retrying in 120 s:\n{r.stderr[-1500:]}")
+            time.sleep(120)
+            shutil.rmtree(cfg.parent / stage, ignore_errors=True)
+    common.check(r, what)
+    return rss
+
+
+def run_peer(py: Path, script: str, args: list[str], heap: bool, what: str) -> tuple[dict, float]:
+    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / script), *args],
+                                 extra_env=common.heap_env() if heap else None)
+    common.check(r, what)
+    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:]), rss
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    inter: int
+    layers: int
+    d: int  # heads x head_dim
+    d_kv: int  # kv heads x head_dim
+
+    @classmethod
+    def of(cls, folder: Path) -> Shape:
+        c = json.loads((folder / "config.json").read_text())
+        hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        kv = c.get("num_key_value_heads") or c["num_attention_heads"]
+        return cls(c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                   c["num_attention_heads"] * hd, kv * hd)
+
+    def linears(self) -> list[tuple[int, int, int]]:
+        """(d_in, d_out, count) of every matmul one token passes: q, k+v, o, gate+up, down per layer, LM head."""
+        H, L = self.hidden, self.layers
+        return [(H, self.d, L), (H, self.d_kv, 2 * L), (self.d, H, L), (H, self.inter, 2 * L), (self.inter, H, L),
+                (H, self.vocab, 1)]
+
+    def n_body(self) -> int:
+        return sum(i * o * c for i, o, c in self.linears()[:-1])
+
+    def n_lora(self, r: int, targets: list[str]) -> int:
+        dims = {"q_proj": (self.hidden, self.d), "k_proj": (self.hidden, self.d_kv), "v_proj": (self.hidden, self.d_kv),
+                "o_proj": (self.d, self.hidden), "gate_proj": (self.hidden, self.inter),
+                "up_proj": (self.hidden, self.inter), "down_proj": (self.inter, self.hidden)}
+        return self.layers * sum(r * sum(dims[t]) for t in targets)
+
+
+def fwd_flops(s: Shape, n: int, h: int, n_lora: int = 0) -> float:
+    """F(n, h): forward of n tokens, h of them through the LM head."""
+    return 2 * s.n_body() * n + 2 * n_lora * n + 4 * s.layers * s.d * n * (n + 1) / 2 + 2 * s.vocab * s.hidden * h
+
+
+def train_flops(s: Shape, n: int, h: int, n_lora: int) -> float:
+    """T(n, h): forward + backward of a LoRA step over a frozen base (input gradients only)."""
+    return (4 * s.n_body() * n + 6 * n_lora * n + 3 * 4 * s.layers * s.d * n * (n + 1) / 2
+            + 4 * s.vocab * s.hidden * h)
+
+
+def shape_rate(s: Shape, rows: int, dtype: str, threads: int, head: bool = True, reps: int = 3) -> float:
+    """FLOP/s of F.linear at the step's shapes: the FLOP-weighted harmonic mean over the model's matmuls."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    td = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    flops = secs = 0.0
+    for d_in, d_out, count in s.linears() if head else s.linears()[:-1]:
+        x, w = torch.randn(rows, d_in, dtype=td), torch.randn(d_out, d_in, dtype=td)
+        F.linear(x, w)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            F.linear(x, w)
+            best = min(best, time.perf_counter() - t)
+        f = 2 * rows * d_in * d_out * count
+        flops += f
+        secs += best * count
+    return flops / secs
+
+
+def ceiling_lines(s: Shape, rows: int, dtype: str, threads: int, head: bool, per_unit: float, unit: str,
+                  sides: dict[str, float]) -> tuple[str, float]:
+    """Print-ready share of the ceiling of each side's median throughput (in ``unit``/s), and ours'."""
+    rate = max(shape_rate(s, rows, dtype, threads, head) for _ in range(2))
+    big = common.matmul_rate(dtype, threads=threads)
+    ceiling = rate / per_unit
+    shares = {k: v / ceiling for k, v in sides.items()}
+    txt = (f"\n{dtype} matmul at the step's shapes ({rows} rows, {threads} threads): {rate / 1e9:.0f} GFLOP/s "
+           f"(2048^3: {big / 1e9:.0f}); LoRA step {per_unit / 1e6:,.1f} MFLOP per {unit} -> ceiling "
+           f"{ceiling:,.2f} {unit}/s; " + ", ".join(f"{k} {v:,.2f} {unit}/s = {100 * shares[k]:.0f}% of the ceiling"
+                                                    for k, v in sides.items()))
+    return txt, shares["ours"]
+
+
+# ------------------------------------------------------------------------------------ SFT
+def sft_texts() -> Path:
+    from stackllama_ds.data.prepare import load_prepared, sft_texts
+
+    path = SROOT / "sft_texts.jsonl"
+    if not path.exists():
+        texts = sft_texts(load_prepared(ensure_data())["sft"])
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def sft_ours(a, tag: str, nproc: int = 1, threads: int | None = None, zero: int | None = None) -> dict:
+    run = common.OUT / f"lora-sft-{tag}"
+    eng = {"zero_stage": a.zero if zero is None else zero}
+    cfg = write_config(run, nproc, sft={"max_steps": a.steps, "eval_every": 10_000, "eval_batches": 1,
+                                        "save_every": 10_000, "engine": eng})
+    rss = run_cli("sft", cfg, threads, f"our sft ({tag})")
+    rows = [x for x in common.read_jsonl(run / "sft" / "metrics.jsonl") if "elapsed_s" in x]
+    dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)  # the last step also evaluates
+    sc = smol()["sft"]
+    shutil.rmtree(run, ignore_errors=True)
+    return {"tps": sc["engine"]["micro_batch_size"] * sc["seq_length"] * nproc / (sum(dts) / len(dts)), "rss": rss}
+
+
+def lora_spec(section: dict) -> dict:
+    from stackllama_ds.config import LoraConfig
+
+    lo = LoraConfig(**{k: v for k, v in section.items() if k != "enabled"})
+    return {"r": lo.r, "alpha": lo.alpha, "dropout": lo.dropout, "target_modules": list(lo.target_modules)}
+
+
+def sft_peer(a, py: Path, tag: str, heap: bool) -> dict:
+    from stackllama_ds.config import OptimConfig
+
+    out = common.OUT / f"lora-peer-sft-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    sc = smol()["sft"]
+    opt = OptimConfig(**sc["optim"])
+    spec = {"model": str(model_dir()), "data": str(sft_texts()), "out": str(out), "seq_length": sc["seq_length"],
+            "micro_batch": sc["engine"]["micro_batch_size"], "steps": a.steps, "dtype": a.dtype, "lr": opt.lr,
+            "weight_decay": opt.weight_decay, "betas": list(opt.betas), "scheduler": opt.scheduler,
+            "warmup_steps": opt.warmup_steps, "threads": a.threads, "base_dtype": a.peer_base,
+            "lora": lora_spec(sc["lora"])}
+    (out / "spec.json").write_text(json.dumps(spec))
+    res, rss = run_peer(py, "peer_trl_lora.py", ["sft", str(out / "spec.json")], heap, f"TRL SFTTrainer ({tag})")
+    dts = common.step_times(res["stamps"][:-1], a.warmup)  # same steps as ours
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tps": res["per_step"] / (sum(dts) / len(dts)), "rss": rss, "info": res}
+
+
+def stage_sft(a, shape: Shape) -> float:
+    sc = smol()["sft"]
+    seq, mb = sc["seq_length"], sc["engine"]["micro_batch_size"]
+    py = peer("trl116")
+    print(f"# SFT, LoRA: {header(a)}; seq {seq}, micro batch {mb}, packing, LoRA {lora_text(sc['lora'])}; "
+          f"{a.steps} steps ({a.warmup} warm-up); peer: TRL 1.16.0 SFTTrainer (packing wrapped, same peft LoRA, "
+          f"base in {a.peer_base}, gradient checkpointing off as ours){peer_heap_note(a)}")
+    res = common.alternate(a.rounds, common.peer_sides(
+        lambda i: sft_ours(a, str(i)), lambda i, heap: sft_peer(a, py, f"{i}{'-heap' * heap}", heap), a.peer_heap),
+        lambda r: f"{r['tps']:.0f} tok/s, {r['rss']:.0f} MB")
+    print(common.compare_table(res, "tps", "tok/s", f"SFT LoRA ({a.dtype})"))
+    n_lora = shape.n_lora(sc["lora"]["r"], lora_spec(sc["lora"])["target_modules"])
+    per_tok = train_flops(shape, seq, seq, n_lora) / seq
+    txt, share = ceiling_lines(shape, mb * seq, a.dtype, a.threads, True, per_tok, "tokens",
+                               {k: common.median([x["tps"] for x in v]) for k, v in res.items()})
+    print(txt)
+    info = res["TRL"][0]["info"]
+    print(f"\npeer: {info['trainable']:,} trainable parameters, base {info['base_dtype']}, optimizer {info['optim']}, "
+          f"gradient checkpointing {info['gradient_checkpointing']}; ours: DeepSpeed bf16 engine, AdamW (torch fused)")
+    return verdict(a, "sft", res, "tps", True, share)
+
+
+# ------------------------------------------------------------------------------------ RM
+def pairs_file(max_length: int) -> Path:
+    """rm_train pairs whose two texts fit ``max_length`` tokens: what ``overlength: filter`` keeps."""
+    from stackllama_ds.data.prepare import load_prepared
+    from stackllama_ds.data.template import format_qa
+    from stackllama_ds.models.load import load_tokenizer
+
+    path = SROOT / f"rm_pairs_{max_length}.jsonl"
+    if not path.exists():
+        tok = load_tokenizer(model_dir())
+        split = load_prepared(ensure_data())["rm_train"]
+        lines = []
+        for q, j, k in zip(split["question"], split["response_j"], split["response_k"]):
+            cj, ck = format_qa(q, j), format_qa(q, k)
+            lens = [len(x) for x in tok([cj, ck])["input_ids"]]
+            if max(lens) <= max_length:
+                lines.append(json.dumps({"chosen": cj, "rejected": ck, "lens": lens}) + "\n")
+        path.write_text("".join(lines))
+    return path
+
+
+def rm_ours(a, tag: str) -> dict:
+    run = common.OUT / f"lora-rm-{tag}"
+    cfg = write_config(run, 1, rm={"init_from": str(model_dir()), "max_steps": a.steps, "eval_every": 10_000,
+                                   "save_every": 10_000, "overlength": "filter", "engine": {"zero_stage": a.zero}})
+    rss = run_cli("rm", cfg, None, f"our rm ({tag})")
+    rows = [x for x in common.read_jsonl(run / "rm" / "metrics.jsonl") if "elapsed_s" in x]
+    dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)  # the last step also evaluates
+    shutil.rmtree(run, ignore_errors=True)
+    return {"pps": smol()["rm"]["engine"]["micro_batch_size"] / (sum(dts) / len(dts)), "rss": rss}
+
+
+def rm_peer(a, py: Path, tag: str, heap: bool) -> dict:
+    from stackllama_ds.config import RMOptimConfig
+
+    out = common.OUT / f"lora-peer-rm-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rc = smol()["rm"]
+    opt = RMOptimConfig(**rc["optim"])
+    spec = {"model": str(model_dir()), "data": str(pairs_file(rc["max_length"])), "out": str(out),
+            "seq_length": rc["max_length"], "micro_batch": rc["engine"]["micro_batch_size"], "steps": a.steps,
+            "dtype": a.dtype, "lr": opt.lr, "weight_decay": opt.weight_decay, "betas": list(opt.betas),
+            "scheduler": opt.scheduler, "warmup_steps": opt.warmup_steps, "threads": a.threads,
+            "base_dtype": a.peer_base, "lora": lora_spec(rc["lora"])}
+    (out / "spec.json").write_text(json.dumps(spec))
+    res, rss = run_peer(py, "peer_trl_lora.py", ["rm", str(out / "spec.json")], heap, f"TRL RewardTrainer ({tag})")
+    dts = common.step_times(res["stamps"][:-1], a.warmup)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"pps": res["per_step"] / (sum(dts) / len(dts)), "rss": rss, "info": res}
+
+
+def stage_rm(a, shape: Shape) -> float:
+    rc = smol()["rm"]
+    L, mb = rc["max_length"], rc["engine"]["micro_batch_size"]
+    pairs = [json.loads(x)["lens"] for x in open(pairs_file(L))]
+    py = peer("trl116")
+    print(f"# RM, LoRA: {header(a)}; {len(pairs)} rm_train pairs within {L} tokens (ours: overlength filter), "
+          f"micro batch {mb} pairs, LoRA {lora_text(rc['lora'])} SEQ_CLS + trained score head; {a.steps} steps "
+          f"({a.warmup} warm-up); peer: TRL 1.16.0 RewardTrainer (same peft LoRA, base in {a.peer_base}, "
+          f"gradient checkpointing off as ours){peer_heap_note(a)}")
+    res = common.alternate(a.rounds, common.peer_sides(
+        lambda i: rm_ours(a, str(i)), lambda i, heap: rm_peer(a, py, f"{i}{'-heap' * heap}", heap), a.peer_heap),
+        lambda r: f"{r['pps']:.2f} pairs/s, {r['rss']:.0f} MB")
+    print(common.compare_table(res, "pps", "pairs/s", f"RM LoRA ({a.dtype})"))
+    n_lora = shape.n_lora(rc["lora"]["r"], lora_spec(rc["lora"])["target_modules"])
+    per_pair = sum(train_flops(shape, c, 0, n_lora) + train_flops(shape, r, 0, n_lora) for c, r in pairs) / len(pairs)
+    mean_tokens = sum(c + r for c, r in pairs) / len(pairs)
+    txt, share = ceiling_lines(shape, int(mb * mean_tokens), a.dtype, a.threads, False, per_pair, "pairs",
+                               {k: common.median([x["pps"] for x in v]) for k, v in res.items()})
+    print(txt + f" (a pair holds {mean_tokens:.0f} real tokens on average)")
+    info = res["TRL"][0]["info"]
+    print(f"\npeer: {info['trainable']:,} trainable parameters, base {info['base_dtype']}, optimizer {info['optim']}")
+    return verdict(a, "rm", res, "pps", True, share)
+
+
+# ------------------------------------------------------------------------------------ PPO
+def ppo_section(a, zero: int, steps: int | None = None) -> dict:
+    eng = {"zero_stage": zero}
+    return {"steps": steps or a.steps, "response_min_length": a.response_len, "response_max_length": a.response_len,
+            "early_stopping": False, "save_every": 10_000, "log_samples": 0, "actor": eng, "critic": eng}
+
+
+def ppo_run(a, name: str, nproc: int, zero: int, steps: int | None = None) -> Path:
+    """A run whose sft/model and rm/model are SmolLM2 (the reward: a fresh score head on it)."""
+    cfg = write_config(common.OUT / name, nproc, ppo=ppo_section(a, zero, steps))
+    for stage in ("sft", "rm"):
+        (cfg.parent / stage).mkdir()
+        (cfg.parent / stage / "model").symlink_to(model_dir())
+    return cfg
+
+
+def ppo_ours(a, tag: str, nproc: int = 1, threads: int | None = None, zero: int | None = None) -> dict:
+    cfg = ppo_run(a, f"lora-ppo-{tag}", nproc, a.zero if zero is None else zero)
+    rss = run_cli("ppo", cfg, threads, f"our ppo ({tag})")
+    rows = [x for x in common.read_jsonl(cfg.parent / "ppo" / "metrics.jsonl") if "t_generate" in x][a.warmup:]
+    keys = ("t_generate", "t_score", "t_logprobs", "t_train")
+    out = {k: sum(x[k] for x in rows) / len(rows) for k in keys}
+    out["total"] = sum(out[k] for k in keys)
+    out["rps"] = smol()["ppo"]["batch_size"] * nproc / out["total"]  # rollouts per second, all ranks
+    out["rss"] = rss
+    shutil.rmtree(cfg.parent, ignore_errors=True)
+    return out
+
+
+def prompt_spec(a) -> list[dict]:
+    """The prompts our 1-rank run draws at each step, for the peer to use in the same order."""
+    from stackllama_ds.config import load_config
+    from stackllama_ds.data.prompts import load_prompts, prompt_batch
+    from stackllama_ds.models.load import load_tokenizer
+
+    cfg = load_config(ppo_run(a, "lora-ppo-prompts", 1, a.zero), check_files=False)
+    questions, ids, _ = load_prompts(cfg, load_tokenizer(model_dir()), "rl_train")
+    shutil.rmtree(common.OUT / "lora-ppo-prompts", ignore_errors=True)
+    B = cfg.ppo.batch_size
+    return [{"prompt_ids": [ids[i] for i in idx], "questions": [questions[i] for i in idx]}
+            for idx in (prompt_batch(len(questions), s * B, B, 0, 1, cfg.seed) for s in range(a.steps))]
+
+
+def ppo_peer(a, py: Path, tag: str, steps: list[dict], heap: bool) -> dict:
+    out = common.OUT / f"lora-peer-ppo-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    p = smol()["ppo"]
+    spec = {"model": str(model_dir()), "lr": p["optim"]["lr"], "batch_size": p["batch_size"],
+            "mini_batch_size": p["mini_batch_size"], "ppo_epochs": p["ppo_epochs"], "response_len": a.response_len,
+            "max_grad_norm": p["actor"].get("gradient_clipping"), "dtype": a.dtype, "steps": steps,
+            "threads": a.threads, "base_dtype": a.peer_base, "lora": lora_spec(p["lora"])}
+    (out / "spec.json").write_text(json.dumps(spec))
+    res, rss = run_peer(py, "peer_trl_ppo_lora.py", [str(out / "spec.json")], heap, f"TRL PPOTrainer ({tag})")
+    rows = res["rows"][a.warmup:]
+    o = {k: sum(x[k] for x in rows) / len(rows) for k in ("t_generate", "t_score", "t_step", "total")}
+    o["rss"], o["info"] = rss, res
+    shutil.rmtree(out, ignore_errors=True)
+    return o
+
+
+def ppo_step_flops(shape: Shape, n_lora: int, prompt_lens: list[int], R: int, epochs: int) -> dict[str, float]:
+    """FLOPs of one PPO step's phases for these rollouts (module docstring)."""
+    f = {"generate": 0.0, "score": 0.0, "logprobs": 0.0, "train": 0.0}
+    for p in prompt_lens:
+        n = p + R
+        f["generate"] += fwd_flops(shape, n, R, n_lora)
+        f["score"] += fwd_flops(shape, n, 0)
+        f["logprobs"] += fwd_flops(shape, n, R, n_lora) + fwd_flops(shape, n, R)
+        f["train"] += epochs * train_flops(shape, n, R, n_lora)
+    return f
+
+
+def stage_ppo(a, shape: Shape) -> float:
+    p = smol()["ppo"]
+    py = peer("trl011")
+    steps = prompt_spec(a)
+    lens = [len(x) for s in steps[a.warmup:] for x in s["prompt_ids"]]
+    print(f"# PPO, LoRA: {header(a)}; batch {p['batch_size']}, mini batch {p['mini_batch_size']}, {p['ppo_epochs']} PPO "
+          f"epochs, {a.response_len} new tokens, prompts <= {p['max_prompt_length']} tokens (mean "
+          f"{sum(lens) / len(lens):.0f} over the timed steps), LoRA {lora_text(p['lora'])}, reference = adapter "
+          f"disabled, reward = SmolLM2 + fresh score head; {a.steps} steps ({a.warmup} warm-up), KL early stopping "
+          f"off; peer: TRL 0.11.4 PPOTrainer (transformers 4.46.3, peft 0.13.2; "
+          f"AutoModelForCausalLMWithValueHead(peft_config), ref_model=None, base in {a.peer_base}){peer_heap_note(a)}")
+    res = common.alternate(a.rounds, common.peer_sides(
+        lambda i: ppo_ours(a, str(i)), lambda i, heap: ppo_peer(a, py, f"{i}{'-heap' * heap}", steps, heap),
+        a.peer_heap), lambda r: f"{r['total']:.2f} s/step, {r['rss']:.0f} MB")
+    print(common.compare_table(res, "total", "s/step", f"PPO step, LoRA ({a.dtype})", higher_is_better=False))
+    med = {k: {c: common.median([x[c] for x in v]) for c in v[0] if c not in ("info", "rss")} for k, v in res.items()}
+    split = [["ours", *(med["ours"][k] for k in ("t_generate", "t_score", "t_logprobs", "t_train")),
+              med["ours"]["t_logprobs"] + med["ours"]["t_train"], med["ours"]["total"]]]
+    for k in res:
+        if k != "ours":
+            split.append([k, med[k]["t_generate"], med[k]["t_score"], float("nan"), float("nan"), med[k]["t_step"],
+                          med[k]["total"]])
+    print(common.table(["", "generate s", "score s", "log-probs s", "train s", "log-probs + train s", "step s"], split,
+                       "time split (median of rounds; TRL's step() holds its log-probs and training)"))
+    n_lora = shape.n_lora(p["lora"]["r"], lora_spec(p["lora"])["target_modules"])
+    per_step = len(steps) - a.warmup
+    fl = ppo_step_flops(shape, n_lora, lens, a.response_len, p["ppo_epochs"])
+    fl = {k: v / per_step for k, v in fl.items()}
+    total = sum(fl.values())
+    rows_train = int(p["mini_batch_size"] * (sum(lens) / len(lens) + a.response_len))
+    rate = max(shape_rate(shape, rows_train, a.dtype, a.threads) for _ in range(2))
+    big = common.matmul_rate(a.dtype, threads=a.threads)
+    fr = [["FLOPs (G)", fl["generate"] / 1e9, fl["score"] / 1e9, fl["logprobs"] / 1e9, fl["train"] / 1e9,
+           (fl["logprobs"] + fl["train"]) / 1e9, total / 1e9]]
+    for k in res:
+        m = med[k]
+        if k == "ours":
+            t = [m["t_generate"], m["t_score"], m["t_logprobs"], m["t_train"], m["t_logprobs"] + m["t_train"]]
+        else:
+            t = [m["t_generate"], m["t_score"], float("nan"), float("nan"), m["t_step"]]
+        fl5 = [fl["generate"], fl["score"], fl["logprobs"], fl["train"], fl["logprobs"] + fl["train"]]
+        fr.append([f"{k} GFLOP/s", *(f / x / 1e9 if x == x else float("nan") for f, x in zip(fl5, t)),
+                   total / m["total"] / 1e9])
+    fr.append(["matmul GFLOP/s", float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), rate / 1e9])
+    print(common.table(["", "generate", "score", "log-probs", "train", "log-probs + train", "step"], fr,
+                       f"step FLOPs over time vs the {a.dtype} matmul rate at the training shapes ({rows_train} rows, "
+                       f"{a.threads} threads; 2048^3: {big / 1e9:.0f} GFLOP/s)"))
+    share = total / med["ours"]["total"] / rate
+    print(f"\nours {100 * share:.0f}% of the matmul rate over the whole step, TRL "
+          f"{100 * total / med['TRL']['total'] / rate:.0f}%; training phase alone: ours "
+          f"{100 * fl['train'] / med['ours']['t_train'] / rate:.0f}%")
+    info = res["TRL"][0]["info"]
+    print(f"\npeer: {info['trainable']:,} trainable parameters (LoRA + value head), base {info['base_dtype']}")
+    return verdict(a, "ppo", res, "total", False, None)
+
+
+# ------------------------------------------------------------------------------------ scaling
+def stage_scaling(a, which: str) -> float:
+    """Ours on 1 rank x 1 core, 1 rank x every core and 2 ranks x cores/2, ZeRO as smollm2.yaml (2)."""
+    cores = os.cpu_count() or 1
+    per = max(1, cores // 2)
+    zero = smol()[which]["engine" if which == "sft" else "actor"]["zero_stage"]
+    if which == "sft":
+        run, key, unit = sft_ours, "tps", "tok/s"
+    else:
+        run, key, unit = ppo_ours, "rps", "rollouts/s"
+    print(f"# {which.upper()} scaling, LoRA, ours: {header(a)}; ZeRO-{zero} on every side; 1 rank has {per} or "
+          f"{cores} cores, each of 2 ranks has {per} (OMP_NUM_THREADS); per rank as smollm2.yaml "
+          f"({'seq 512 x micro 2' if which == 'sft' else f'batch 8, mini batch 2, {a.response_len} new tokens'}); "
+          f"{a.steps} steps ({a.warmup} warm-up)")
+    res = common.alternate(a.rounds, {
+        f"1 rank x {per} core": lambda i: run(a, f"s1c-{i}", 1, per, zero),
+        f"1 rank x {cores} cores": lambda i: run(a, f"s1-{i}", 1, None, zero),
+        f"2 ranks x {per} core": lambda i: run(a, f"s2-{i}", 2, None, zero),
+    }, lambda r: f"{r[key]:.2f} {unit}, {r['rss']:.0f} MB")
+    small, one, two = res.values()
+    rows = [[f"round {i + 1}", small[i][key], one[i][key], two[i][key], two[i][key] / (2 * small[i][key]),
+             two[i][key] / one[i][key], one[i]["rss"], two[i]["rss"]] for i in range(a.rounds)]
+    s_, o, t = (common.median([x[key] for x in v]) for v in (small, one, two))
+    rows.append(["median", s_, o, t, t / (2 * s_), t / o, max(x["rss"] for x in one), max(x["rss"] for x in two)])
+    print(common.table(["", *(f"{k} {unit}" for k in res), "efficiency (equal cores/rank)",
+                        "speed-up on the same machine", "1-rank peak RSS MB", "2-rank peak RSS MB per rank"], rows,
+                       f"{which.upper()} scaling, LoRA ({a.dtype}, ZeRO-{zero})"))
+    if which == "ppo":
+        split = [[k, *(common.median([x[c] for x in v]) for c in ("t_generate", "t_score", "t_logprobs", "t_train",
+                                                                   "total"))] for k, v in res.items()]
+        print(common.table(["", "generate s", "score s", "log-probs s", "train s", "step s"], split,
+                           "time split per step (median of rounds; each rank's own batch of 8)"))
+    print(f"\n{which}-scaling: 2 ranks / (2 x 1 rank), {per} core per rank = {t / (2 * s_):.2f}")
+    return t / (2 * s_)
+
+
+# ------------------------------------------------------------------------------------ report
+def peer(name: str) -> Path:
+    py, why = peers.ensure(name, log=common.log)
+    if py is None:
+        raise SystemExit(f"peer {name} could not be set up: {why}")
+    return py
+
+
+def header(a) -> str:
+    return (f"{common.machine()}; load average {load_avg()}; SmolLM2-135M-Instruct (134.5M params, 30 layers, "
+            f"hidden 576), {a.dtype} (dtype auto), 1 rank x {a.threads} threads unless named, our ZeRO-{a.zero}")
+
+
+def lora_text(section: dict) -> str:
+    lo = lora_spec(section)
+    return f"r{lo['r']} alpha {lo['alpha']} dropout {lo['dropout']} on {','.join(lo['target_modules'])}"
+
+
+def peer_heap_note(a) -> str:
+    return common.HEAP_NOTE if a.peer_heap else ""
+
+
+def verdict(a, stage: str, res: dict, key: str, higher: bool, share: float | None) -> float:
+    """The targets of issue 16 against the medians; the last line is ``<stage>: ours/TRL = <ratio>``."""
+    o, t = (common.median([x[key] for x in res[k]]) for k in ("ours", "TRL"))
+    ratio = o / t if higher else t / o
+    rss = max(x["rss"] for x in res["ours"]) / max(x["rss"] for x in res["TRL"])
+    lines = [f"speed-up {ratio:.2f}x (target >= {TARGETS[stage]}x: "
+             f"{'met' if ratio >= TARGETS[stage] else f'missed by {100 * (1 - ratio / TARGETS[stage]):.0f}%'})",
+             f"peak RSS {100 * rss:.0f}% of TRL's (target <= {100 * RSS_TARGET:.0f}%: "
+             f"{'met' if rss <= RSS_TARGET else 'missed'})"]
+    if share is not None:
+        lines.append(f"{100 * share:.0f}% of the ceiling (target >= {100 * CEILING_TARGET:.0f}%: "
+                     f"{'met' if share >= CEILING_TARGET else 'missed'})")
+    print(f"\ntargets: {'; '.join(lines)}; load average now {load_avg()}")
+    print(f"\n{stage}: ours/TRL = {ratio:.2f}")
+    return ratio
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", required=True, choices=["sft", "rm", "ppo", "sft-scaling", "ppo-scaling"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="default: 10 (SFT, RM), 4 (PPO)")
+    ap.add_argument("--warmup", type=int, default=None, help="default: 2 (SFT, RM), 1 (PPO)")
+    ap.add_argument("--response-len", type=int, default=36, help="PPO: the mean of smollm2.yaml's 24-48")
+    ap.add_argument("--zero", type=int, default=0, help="our ZeRO stage on 1 rank")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of a 1-rank run (peer and matmul)")
+    ap.add_argument("--peer-base", choices=["bf16", "fp32"], default=None,
+                    help="dtype of the peer's frozen base (default: the run's dtype)")
+    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=False,
+                    help="also run the peer with our launcher's MALLOC_* settings")
+    a = ap.parse_args()
+    ppo_like = a.stage.startswith("ppo")
+    a.steps = a.steps or (4 if ppo_like else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if ppo_like else 2)
+    a.dtype = resolved_dtype()
+    a.peer_base = a.peer_base or a.dtype
+    folder = model_dir()
+    ensure_data()
+    shape = Shape.of(folder)
+    if a.stage.endswith("-scaling"):
+        stage_scaling(a, a.stage.split("-")[0])
+    else:
+        {"sft": stage_sft, "rm": stage_rm, "ppo": stage_ppo}[a.stage](a, shape)
+
+
+if __name__ == "__main__":
+    main()
