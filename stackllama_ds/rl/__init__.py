@@ -29,14 +29,13 @@ from .kl import (
 )
 from .losses import policy_loss, value_loss
 from .moments import RunningMoments
-from .types import PPOStats, Rollout
+from .types import Rollout
 
 __all__ = [
     "DEGENERATE_SUBSTRINGS",
     "KL_KINDS",
     "AdaptiveKLController",
     "FixedKLController",
-    "PPOStats",
     "Rollout",
     "RunningMoments",
     "degenerate_fraction",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PPOStats", "Rollout"]
+__all__ = ["Rollout"]
 
 _PER_TOKEN = ("response_mask", "logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns")
 
@@ -74,23 +74,3 @@ class Rollout:
     def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor on `device`."""
         return self._map(lambda t: t.to(device))
-
-
-@dataclass(frozen=True)
-class PPOStats:
-    """Detached scalar statistics of one PPO minibatch update (the stats of `policy_loss` and
-    `value_loss` plus the losses), so that a stage can average them over minibatches and epochs."""
-
-    loss: torch.Tensor
-    policy_loss: torch.Tensor
-    value_loss: torch.Tensor
-    policy_clipfrac: torch.Tensor
-    value_clipfrac: torch.Tensor
-    approx_kl: torch.Tensor
-    policy_kl: torch.Tensor
-    ratio_mean: torch.Tensor
-    value_error: torch.Tensor
-
-    def as_dict(self) -> dict[str, float]:
-        """Python floats keyed by field name, for logging."""
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
