@@ -307,7 +307,7 @@ def preflight(argv: list[str]) -> int:
         r = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=20)
         info["nvcc"] = (r.stdout.strip().splitlines() or [""])[-1]
     except (OSError, subprocess.TimeoutExpired):
-        info["nvcc"] = None  # DeepSpeed's FusedAdam is built with nvcc at first use
+        info["nvcc"] = None  # not needed: the engines use torch's fused AdamW
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(info, indent=1))
     missing = [m for m in REQUIRED if not info["imports"][m]["ok"]]

@@ -11,7 +11,7 @@
 # $OUT/steps.tsv records each, $OUT/summary.md and summary.json sum up):
 #   1. env         carried wheels (GPU_CHECK_WHEELS, default .whl) -> pip --no-index --target $OUT/work/site
 #   2. preflight   python, torch/CUDA, GPU, package versions and imports -> $OUT/env.json
-#   3. fused-adam  DeepSpeed's FusedAdam, JIT-built once with nvcc (every later process loads it)
+#   3. fused-adam  torch's fused AdamW steps on the GPU (what every engine uses: no nvcc, no JIT build)
 #   4. prepare     beer dump -> data; the model: SmolLM2-135M from $STACKLLAMA_CACHE, else make-tiny
 #   5. in parallel (one GPU, separate processes; GPU_CHECK_PARALLEL=0 runs them one after another):
 #      z2        `stackllama-ds pipeline`: SFT -> RM -> PPO (actor ZeRO-2) -> eval
@@ -200,14 +200,13 @@ do_prepare() {
 do_build_ops() {
   "$PY" - <<'EOF'
 import time, torch
-from deepspeed.ops.adam import FusedAdam
 t = time.time()
 p = torch.nn.Parameter(torch.randn(1024, device="cuda"))
-opt = FusedAdam([p], lr=1e-3)
+opt = torch.optim.AdamW([p], lr=1e-3, fused=True)  # engines/ds_config.py: torch_adam + fused on GPU
 p.grad = torch.randn_like(p)
 opt.step()
 torch.cuda.synchronize()
-print(f"FusedAdam built/loaded and stepped in {time.time() - t:.1f}s")
+print(f"torch fused AdamW stepped in {time.time() - t:.1f}s (nothing compiled)")
 EOF
 }
 
@@ -350,7 +349,7 @@ SITE=$WORK/site
 export PYTHONPATH=$WORK/hook:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 export GPU_CHECK_MEMLOG=$OUT/mem WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error DISABLE_TQDM=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} # FusedAdam for this GPU only: a shorter build
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} # should anything JIT-build (bitsandbytes): this GPU only
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} WORK OUT MODEL STACKLLAMA_CACHE
 unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT DS_ACCELERATOR
 
@@ -367,7 +366,7 @@ else
   # shellcheck disable=SC2086
   step env 180 "$PY" -m pip install -q --no-deps --timeout 15 --retries 0 --target "$SITE" $WHEEL_SET "$DEEPSPEED"
 fi
-# 2. preflight; 3-4. the FusedAdam build (nvcc) and the data/model preparation (CPU) side by side
+# 2. preflight; 3-4. the fused AdamW check and the data/model preparation (CPU) side by side
 step preflight 90 "$PY" bench/gpu.py preflight --json "$OUT/env.json"
 step fused-adam 240 bash "$SELF" __build_ops &
 step prepare 180 bash "$SELF" __prepare &
