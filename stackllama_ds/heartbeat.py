@@ -41,17 +41,20 @@ def current() -> Heartbeat | None:
 
 _COLLECTIVE_DIRS = (os.path.join("torch", "distributed", ""), os.path.join("deepspeed", "comm", ""))
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Frames that only relay a beat (the stage skeleton, this file, the test hooks): the report names
+# the caller, the line of the stage or helper that was running.
+_RELAY_FILES = {os.path.join(_PACKAGE_DIR, f) for f in ("heartbeat.py", "lifecycle.py", "testhooks.py")}
 
 
 def main_thread_where() -> dict:
-    """Where the main thread is: innermost stackllama_ds frame (outside this file), and whether
+    """Where the main thread is: innermost stackllama_ds frame outside the beat relays, and whether
     any frame of its stack is inside torch.distributed or deepspeed.comm (waiting for a peer)."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     in_collective, where = False, "?"
     while frame is not None:
         fn = frame.f_code.co_filename
         in_collective = in_collective or any(d in fn for d in _COLLECTIVE_DIRS)
-        if where == "?" and fn.startswith(_PACKAGE_DIR) and fn != os.path.abspath(__file__):
+        if where == "?" and fn.startswith(_PACKAGE_DIR) and fn not in _RELAY_FILES:
             where = f"{os.path.relpath(fn, os.path.dirname(_PACKAGE_DIR))}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
     return {"in_collective": in_collective, "where": where}
