@@ -5,24 +5,31 @@
     python bench/lora_bench.py --stage ppo            # step time vs TRL 0.11.4 PPOTrainer
     python bench/lora_bench.py --stage sft-scaling    # ours: 1 rank x 1 core, 1 rank x 2 cores, 2 ranks x 1 core
     python bench/lora_bench.py --stage ppo-scaling
-    python bench/lora_bench.py --stage sft --rounds 3 --steps 12 --peer-base fp32
+    python bench/lora_bench.py --stage sft --rounds 3 --steps 8 --peer-base fp32
 
 Model: SmolLM2-135M-Instruct (``stackllama-ds fetch-model smollm2-135m``), data: the beer dump in
-data/ prepared with configs/smollm2.yaml's splits (bench/out/smol/data). Our side is the real stage
-run by the CLI from configs/smollm2.yaml with only the benchmark's overrides (1 rank, the steps, no
-mid-run eval or checkpoint, ZeRO-0 on 1 rank: ZeRO-1/2 partition nothing there; RM ``overlength:
-filter`` so both sides train on the same pairs); LoRA exactly as that file: SFT/PPO r16 alpha 32
-dropout 0.05 on q_proj,v_proj, RM r8 alpha 32 dropout 0.1 SEQ_CLS with a trained score head, PPO's
-reference = the adapter disabled. The peers get the same LoRA as a ``peft.LoraConfig``, the same
-sequence length, batch, optimizer settings and precision (``dtype: auto``: bf16 where the CPU has
-avx512_bf16/AMX). The peer's frozen base is loaded in bf16 by default (``--peer-base fp32``: TRL's
-default for this fp32 checkpoint, autocasting every matmul). Rounds alternate ours / TRL in fresh
-processes, so a ratio within a round holds on a noisy machine; the load average is printed.
-Peak RSS is the largest process's (per rank).
+data/ prepared with configs/smollm2.yaml's splits (bench/out/smol/data; rm_eval cut to 2%, see
+``ensure_data``). Our side is the real stage run by the CLI from configs/smollm2.yaml with only the
+benchmark's overrides (1 rank, the steps, no mid-run eval or checkpoint, ZeRO-0 on 1 rank: ZeRO-1/2
+partition nothing there; RM ``overlength: filter`` so both sides train on the same pairs; PPO's
+response length fixed). LoRA exactly as that file: SFT/PPO r16 alpha 32 dropout 0.05 on
+q_proj,v_proj, RM r8 alpha 32 dropout 0.1 SEQ_CLS with a trained score head, PPO's reference = the
+adapter disabled. The peers get the same LoRA as a ``peft.LoraConfig``, the same sequence length,
+batch, optimizer settings and precision (``dtype: auto``: bf16 where the CPU has avx512_bf16/AMX);
+the peer's frozen base is loaded in that dtype (``--peer-base fp32``: TRL's default for this fp32
+checkpoint, autocasting every matmul); TRL 1.16's default gradient checkpointing is off, as ours.
 
-FLOPs of a step (``step_flops``), for a sequence of n tokens of which h go through the LM head, on
-a Llama with L layers, hidden H, attention width d = heads x head_dim, KV width d_kv, MLP width I,
-vocab V, LoRA rank r on modules (d_in -> d_out):
+Timing on a shared machine: both sides of a round start at once and take turns step by step
+(bench/turns.py; our stage is gated through bench/turnhook/sitecustomize.py, the peers through a
+callback), so each step runs alone next to the other side's same step and their ratio is taken
+under the same load; the side that goes first alternates by round. A step is timed from its start
+to its end (waiting excluded); the first ``--warmup`` steps are dropped, and for SFT and RM the
+last (our loop evaluates in it). Peak RSS is the largest process's (per rank). The load average
+at each round's start is printed.
+
+FLOPs of a step (``fwd_flops``, ``train_flops``), for a sequence of n tokens of which h go through
+the LM head, on a Llama with L layers, hidden H, attention width d = heads x head_dim, KV width
+d_kv, MLP width I, vocab V, LoRA rank r on modules (d_in -> d_out):
     N_body = L * (H*d + 2*H*d_kv + d*H + 3*H*I)          decoder matmul weights
     N_lora = L * sum_modules r * (d_in + d_out)
     A(n)   = 4 * L * d * n(n+1)/2                        QK^T and PV over the causal pairs
@@ -40,8 +47,8 @@ count (same work), so the achieved FLOP/s compare as the speeds do.
 Ceiling: a matmul rate measured with torch at the step's shapes, in the run's dtype, on the threads
 one rank uses: F.linear of (rows x d_in) by every (d_in -> d_out) of the model (q, k, v, o, gate,
 up, down, LM head; rows = the tokens of one micro batch), combined as FLOP-weighted harmonic mean
-(the time an ideal step would spend). Ceiling tokens/s = rate / (T(n, h) per token); a 2048^3
-matmul is printed beside it for reference.
+(the time an ideal step would spend), best of two passes. Ceiling tokens/s = rate / (T(n, h) per
+token); a 2048^3 matmul is printed beside it for reference.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +70,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import peers  # noqa: E402
+import turns  # noqa: E402
 
 SMOL_YAML = common.REPO / "configs" / "smollm2.yaml"
 SROOT = common.OUT / "smol"  # beer data prepared with smollm2.yaml's splits, shared by every run
+TURNS = common.OUT / "lora-turns"
+HOOK = common.REPO / "bench" / "turnhook"
 MODEL = "smollm2-135m"
 # issue 16's targets: speed-up over the peer, share of the ceiling, peak RSS over the peer's
 TARGETS = {"sft": 1.5, "rm": 1.5, "ppo": 2.0}
 CEILING_TARGET = 0.5
 RSS_TARGET = 1.10
+BENCH_RM_EVAL = 0.02
+STEP_PHASE = {"sft": "training", "rm": "training", "ppo": "actor generation"}  # the beat that opens a step
+LOADS: list[str] = []  # load average at each round's start
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -83,7 +98,9 @@ def smol() -> dict:
 
 
 def ensure_data() -> Path:
-    """The beer dump prepared once with configs/smollm2.yaml's splits and seed."""
+    """The beer dump prepared once with smollm2.yaml's seed and splits, but for rm_eval: 2% instead of
+    10% (the rest to rl_eval), since our RM run evaluates on all of it after its last step, which
+    takes minutes on a busy 2-core box and is not what is timed."""
     from stackllama_ds.config import load_config
 
     done = SROOT / "DATA_DONE"
@@ -91,10 +108,12 @@ def ensure_data() -> Path:
         from stackllama_ds.data.prepare import prepare
 
         cfg = load_config(SMOL_YAML, check_files=False)
+        sp = cfg.data.splits
+        sp.rl_eval, sp.rm_eval = sp.rl_eval + sp.rm_eval - BENCH_RM_EVAL, BENCH_RM_EVAL
         common.log("[bench] preparing the beer dump with smollm2.yaml's splits ...")
         shutil.rmtree(SROOT / "data", ignore_errors=True)
         prepare(common.BEER, SROOT / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
-        done.write_text("prepare\n")
+        done.write_text(f"prepare, rm_eval {BENCH_RM_EVAL}\n")
     return SROOT / "data"
 
 
@@ -112,6 +131,7 @@ def write_config(run: Path, nproc: int, **sections) -> Path:
     cfg["data"]["posts"] = str(common.BEER)
     cfg["logging"] = {"progress": False}
     cfg["launch"]["nproc_per_node"] = nproc
+    cfg["launch"]["hang_timeout_s"] = 3600  # a rank waits out the other sides' steps, on a busy box
     cfg = merge(cfg, sections)
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -131,27 +151,67 @@ def load_avg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def run_cli(stage: str, cfg: Path, threads: int | None, what: str) -> float:
-    """Our stage through the CLI in a fresh process; returns the peak RSS (MB) of its largest process.
-    A failure is retried once after a pause: others edit stackllama_ds/ in this working tree."""
-    for attempt in range(2):
-        r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)],
-                                     extra_env={"OMP_NUM_THREADS": str(threads)} if threads else None)
-        if r.returncode == 0:
-            return rss
-        if attempt == 0:
-            common.log(f"[bench] {what} failed (exit {r.returncode}); retrying in 120 s:\n{r.stderr[-1500:]}")
-            time.sleep(120)
-            shutil.rmtree(cfg.parent / stage, ignore_errors=True)
+Turn = dict  # {"folder", "index", "n"}: this side's place in a round (bench/turns.py)
+
+
+def run_cli(stage: str, cfg: Path, threads: int | None, turn: Turn, what: str) -> tuple[list[float], float]:
+    """Our stage through the CLI in a fresh process, gated step by step; (step seconds, peak RSS MB)."""
+    extra = {"BENCH_TURNS": json.dumps(turn), "BENCH_TURN_PHASE": STEP_PHASE[stage],
+             "PYTHONPATH": f"{HOOK}{os.pathsep}{common.REPO}"}
+    if threads:
+        extra["OMP_NUM_THREADS"] = str(threads)
+    r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)], extra_env=extra)
     common.check(r, what)
-    return rss
+    return turns.read_times(Path(turn["folder"]), turn["index"]), rss
 
 
-def run_peer(py: Path, script: str, args: list[str], heap: bool, what: str) -> tuple[dict, float]:
-    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / script), *args],
-                                 extra_env=common.heap_env() if heap else None)
+def run_peer(py: Path, script: str, args: list[str], what: str) -> tuple[dict, float]:
+    r, rss = common.run_measured([str(py), str(common.REPO / "bench" / script), *args])
     common.check(r, what)
     return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:]), rss
+
+
+def timed(times: list[float], warmup: int, drop_last: bool) -> list[float]:
+    kept = times[warmup:len(times) - 1 if drop_last else len(times)]
+    if not kept:
+        raise RuntimeError(f"no timed steps left of {len(times)} (warm-up {warmup})")
+    return kept
+
+
+def interleaved(rounds: int, sides: dict[str, Callable[[int, Turn], dict]], show: Callable[[dict], str],
+                retry_s: float = 120) -> dict[str, list[dict]]:
+    """Each round starts every side at once, taking turns step by step (bench/turns.py); the order
+    rotates by round. ``sides[name](round, turn)`` returns a dict. A failed round is retried once
+    (others edit stackllama_ds/ in this working tree)."""
+    res: dict[str, list[dict]] = {k: [] for k in sides}
+    names = list(sides)
+    for i in range(rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for attempt in range(2):
+            if attempt == 0:
+                LOADS.append(load_avg())
+            turns.setup(TURNS, len(order))
+
+            def go(name: str, idx: int, i: int = i, n: int = len(order)) -> dict:  # bound now: runs in this round
+                try:
+                    return sides[name](i, {"folder": str(TURNS), "index": idx, "n": n})
+                finally:
+                    turns.mark_done(TURNS, idx)  # the others stop waiting for this side
+
+            with ThreadPoolExecutor(len(order)) as ex:
+                futs = {n: ex.submit(go, n, idx) for idx, n in enumerate(order)}
+            errs = {n: f.exception() for n, f in futs.items() if f.exception() is not None}
+            if not errs:
+                break
+            if attempt == 1:
+                raise next(iter(errs.values()))
+            common.log(f"[bench] round {i + 1} failed ({', '.join(errs)}): {str(next(iter(errs.values())))[-1500:]}"
+                       f"\n[bench] retrying in {retry_s:.0f} s")
+            time.sleep(retry_s)
+        for n in names:
+            res[n].append(futs[n].result())
+            common.log(f"  {n} round {i + 1} ({order.index(n) + 1}. of {len(order)}): {show(res[n][-1])}")
+    return res
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -215,21 +275,25 @@ def shape_rate(s: Shape, rows: int, dtype: str, threads: int, head: bool = True,
             t = time.perf_counter()
             F.linear(x, w)
             best = min(best, time.perf_counter() - t)
-        f = 2 * rows * d_in * d_out * count
-        flops += f
+        flops += 2 * rows * d_in * d_out * count
         secs += best * count
     return flops / secs
+
+
+def rates(s: Shape, rows: int, dtype: str, threads: int, head: bool = True) -> tuple[float, float]:
+    """(rate at the step's shapes, 2048^3 rate), best of two passes each."""
+    return (max(shape_rate(s, rows, dtype, threads, head) for _ in range(2)),
+            common.matmul_rate(dtype, threads=threads))
 
 
 def ceiling_lines(s: Shape, rows: int, dtype: str, threads: int, head: bool, per_unit: float, unit: str,
                   sides: dict[str, float]) -> tuple[str, float]:
     """Print-ready share of the ceiling of each side's median throughput (in ``unit``/s), and ours'."""
-    rate = max(shape_rate(s, rows, dtype, threads, head) for _ in range(2))
-    big = common.matmul_rate(dtype, threads=threads)
+    rate, big = rates(s, rows, dtype, threads, head)
     ceiling = rate / per_unit
     shares = {k: v / ceiling for k, v in sides.items()}
     txt = (f"\n{dtype} matmul at the step's shapes ({rows} rows, {threads} threads): {rate / 1e9:.0f} GFLOP/s "
-           f"(2048^3: {big / 1e9:.0f}); LoRA step {per_unit / 1e6:,.1f} MFLOP per {unit} -> ceiling "
+           f"(2048^3: {big / 1e9:.0f}); LoRA step {per_unit / 1e9:,.2f} GFLOP per {unit} -> ceiling "
            f"{ceiling:,.2f} {unit}/s; " + ", ".join(f"{k} {v:,.2f} {unit}/s = {100 * shares[k]:.0f}% of the ceiling"
                                                     for k, v in sides.items()))
     return txt, shares["ours"]
@@ -246,15 +310,14 @@ def sft_texts() -> Path:
     return path
 
 
-def sft_ours(a, tag: str, nproc: int = 1, threads: int | None = None, zero: int | None = None) -> dict:
+def sft_ours(a, tag: str, turn: Turn, nproc: int = 1, threads: int | None = None, zero: int | None = None) -> dict:
     run = common.OUT / f"lora-sft-{tag}"
     eng = {"zero_stage": a.zero if zero is None else zero}
     cfg = write_config(run, nproc, sft={"max_steps": a.steps, "eval_every": 10_000, "eval_batches": 1,
                                         "save_every": 10_000, "engine": eng})
-    rss = run_cli("sft", cfg, threads, f"our sft ({tag})")
-    rows = [x for x in common.read_jsonl(run / "sft" / "metrics.jsonl") if "elapsed_s" in x]
-    dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)  # the last step also evaluates
+    times, rss = run_cli("sft", cfg, threads, turn, f"our sft ({tag})")
     sc = smol()["sft"]
+    dts = timed(times, a.warmup, drop_last=True)  # our last step also evaluates
     shutil.rmtree(run, ignore_errors=True)
     return {"tps": sc["engine"]["micro_batch_size"] * sc["seq_length"] * nproc / (sum(dts) / len(dts)), "rss": rss}
 
@@ -266,7 +329,7 @@ def lora_spec(section: dict) -> dict:
     return {"r": lo.r, "alpha": lo.alpha, "dropout": lo.dropout, "target_modules": list(lo.target_modules)}
 
 
-def sft_peer(a, py: Path, tag: str, heap: bool) -> dict:
+def sft_peer(a, py: Path, tag: str, turn: Turn) -> dict:
     from stackllama_ds.config import OptimConfig
 
     out = common.OUT / f"lora-peer-sft-{tag}"
@@ -278,10 +341,10 @@ def sft_peer(a, py: Path, tag: str, heap: bool) -> dict:
             "micro_batch": sc["engine"]["micro_batch_size"], "steps": a.steps, "dtype": a.dtype, "lr": opt.lr,
             "weight_decay": opt.weight_decay, "betas": list(opt.betas), "scheduler": opt.scheduler,
             "warmup_steps": opt.warmup_steps, "threads": a.threads, "base_dtype": a.peer_base,
-            "lora": lora_spec(sc["lora"])}
+            "lora": lora_spec(sc["lora"]), "turns": turn}
     (out / "spec.json").write_text(json.dumps(spec))
-    res, rss = run_peer(py, "peer_trl_lora.py", ["sft", str(out / "spec.json")], heap, f"TRL SFTTrainer ({tag})")
-    dts = common.step_times(res["stamps"][:-1], a.warmup)  # same steps as ours
+    res, rss = run_peer(py, "peer_trl_lora.py", ["sft", str(out / "spec.json")], f"TRL SFTTrainer ({tag})")
+    dts = timed(res["times"], a.warmup, drop_last=True)  # the same steps as ours
     shutil.rmtree(out, ignore_errors=True)
     return {"tps": res["per_step"] / (sum(dts) / len(dts)), "rss": rss, "info": res}
 
@@ -291,11 +354,11 @@ def stage_sft(a, shape: Shape) -> float:
     seq, mb = sc["seq_length"], sc["engine"]["micro_batch_size"]
     py = peer("trl116")
     print(f"# SFT, LoRA: {header(a)}; seq {seq}, micro batch {mb}, packing, LoRA {lora_text(sc['lora'])}; "
-          f"{a.steps} steps ({a.warmup} warm-up); peer: TRL 1.16.0 SFTTrainer (packing wrapped, same peft LoRA, "
-          f"base in {a.peer_base}, gradient checkpointing off as ours){peer_heap_note(a)}")
-    res = common.alternate(a.rounds, common.peer_sides(
-        lambda i: sft_ours(a, str(i)), lambda i, heap: sft_peer(a, py, f"{i}{'-heap' * heap}", heap), a.peer_heap),
-        lambda r: f"{r['tps']:.0f} tok/s, {r['rss']:.0f} MB")
+          f"{a.steps} steps ({a.warmup} warm-up, the last not timed); peer: TRL 1.16.0 SFTTrainer (packing "
+          f"wrapped, same peft LoRA, base in {a.peer_base}, gradient checkpointing off as ours)")
+    res = interleaved(a.rounds, {"ours": lambda i, t: sft_ours(a, str(i), t),
+                                 "TRL": lambda i, t: sft_peer(a, py, str(i), t)},
+                      lambda r: f"{r['tps']:.1f} tok/s, {r['rss']:.0f} MB")
     print(common.compare_table(res, "tps", "tok/s", f"SFT LoRA ({a.dtype})"))
     n_lora = shape.n_lora(sc["lora"]["r"], lora_spec(sc["lora"])["target_modules"])
     per_tok = train_flops(shape, seq, seq, n_lora) / seq
@@ -329,18 +392,17 @@ def pairs_file(max_length: int) -> Path:
     return path
 
 
-def rm_ours(a, tag: str) -> dict:
+def rm_ours(a, tag: str, turn: Turn) -> dict:
     run = common.OUT / f"lora-rm-{tag}"
     cfg = write_config(run, 1, rm={"init_from": str(model_dir()), "max_steps": a.steps, "eval_every": 10_000,
                                    "save_every": 10_000, "overlength": "filter", "engine": {"zero_stage": a.zero}})
-    rss = run_cli("rm", cfg, None, f"our rm ({tag})")
-    rows = [x for x in common.read_jsonl(run / "rm" / "metrics.jsonl") if "elapsed_s" in x]
-    dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)  # the last step also evaluates
+    times, rss = run_cli("rm", cfg, None, turn, f"our rm ({tag})")
+    dts = timed(times, a.warmup, drop_last=True)  # our last step also evaluates
     shutil.rmtree(run, ignore_errors=True)
     return {"pps": smol()["rm"]["engine"]["micro_batch_size"] / (sum(dts) / len(dts)), "rss": rss}
 
 
-def rm_peer(a, py: Path, tag: str, heap: bool) -> dict:
+def rm_peer(a, py: Path, tag: str, turn: Turn) -> dict:
     from stackllama_ds.config import RMOptimConfig
 
     out = common.OUT / f"lora-peer-rm-{tag}"
@@ -352,10 +414,10 @@ def rm_peer(a, py: Path, tag: str, heap: bool) -> dict:
             "seq_length": rc["max_length"], "micro_batch": rc["engine"]["micro_batch_size"], "steps": a.steps,
             "dtype": a.dtype, "lr": opt.lr, "weight_decay": opt.weight_decay, "betas": list(opt.betas),
             "scheduler": opt.scheduler, "warmup_steps": opt.warmup_steps, "threads": a.threads,
-            "base_dtype": a.peer_base, "lora": lora_spec(rc["lora"])}
+            "base_dtype": a.peer_base, "lora": lora_spec(rc["lora"]), "turns": turn}
     (out / "spec.json").write_text(json.dumps(spec))
-    res, rss = run_peer(py, "peer_trl_lora.py", ["rm", str(out / "spec.json")], heap, f"TRL RewardTrainer ({tag})")
-    dts = common.step_times(res["stamps"][:-1], a.warmup)
+    res, rss = run_peer(py, "peer_trl_lora.py", ["rm", str(out / "spec.json")], f"TRL RewardTrainer ({tag})")
+    dts = timed(res["times"], a.warmup, drop_last=True)
     shutil.rmtree(out, ignore_errors=True)
     return {"pps": res["per_step"] / (sum(dts) / len(dts)), "rss": rss, "info": res}
 
@@ -367,46 +429,54 @@ def stage_rm(a, shape: Shape) -> float:
     py = peer("trl116")
     print(f"# RM, LoRA: {header(a)}; {len(pairs)} rm_train pairs within {L} tokens (ours: overlength filter), "
           f"micro batch {mb} pairs, LoRA {lora_text(rc['lora'])} SEQ_CLS + trained score head; {a.steps} steps "
-          f"({a.warmup} warm-up); peer: TRL 1.16.0 RewardTrainer (same peft LoRA, base in {a.peer_base}, "
-          f"gradient checkpointing off as ours){peer_heap_note(a)}")
-    res = common.alternate(a.rounds, common.peer_sides(
-        lambda i: rm_ours(a, str(i)), lambda i, heap: rm_peer(a, py, f"{i}{'-heap' * heap}", heap), a.peer_heap),
-        lambda r: f"{r['pps']:.2f} pairs/s, {r['rss']:.0f} MB")
+          f"({a.warmup} warm-up, the last not timed); peer: TRL 1.16.0 RewardTrainer (same peft LoRA, base in "
+          f"{a.peer_base}, gradient checkpointing off as ours)")
+    res = interleaved(a.rounds, {"ours": lambda i, t: rm_ours(a, str(i), t),
+                                 "TRL": lambda i, t: rm_peer(a, py, str(i), t)},
+                      lambda r: f"{r['pps']:.3f} pairs/s, {r['rss']:.0f} MB")
     print(common.compare_table(res, "pps", "pairs/s", f"RM LoRA ({a.dtype})"))
     n_lora = shape.n_lora(rc["lora"]["r"], lora_spec(rc["lora"])["target_modules"])
     per_pair = sum(train_flops(shape, c, 0, n_lora) + train_flops(shape, r, 0, n_lora) for c, r in pairs) / len(pairs)
     mean_tokens = sum(c + r for c, r in pairs) / len(pairs)
     txt, share = ceiling_lines(shape, int(mb * mean_tokens), a.dtype, a.threads, False, per_pair, "pairs",
                                {k: common.median([x["pps"] for x in v]) for k, v in res.items()})
-    print(txt + f" (a pair holds {mean_tokens:.0f} real tokens on average)")
+    print(txt + f" (a pair holds {mean_tokens:.0f} real tokens on average; both sides process pairs in their own "
+                "shuffled order, so the timed steps hold different pairs)")
     info = res["TRL"][0]["info"]
     print(f"\npeer: {info['trainable']:,} trainable parameters, base {info['base_dtype']}, optimizer {info['optim']}")
     return verdict(a, "rm", res, "pps", True, share)
 
 
 # ------------------------------------------------------------------------------------ PPO
-def ppo_section(a, zero: int, steps: int | None = None) -> dict:
+PHASES = ("t_generate", "t_score", "t_logprobs", "t_train")
+
+
+def ppo_section(a, zero: int) -> dict:
     eng = {"zero_stage": zero}
-    return {"steps": steps or a.steps, "response_min_length": a.response_len, "response_max_length": a.response_len,
+    return {"steps": a.steps, "response_min_length": a.response_len, "response_max_length": a.response_len,
             "early_stopping": False, "save_every": 10_000, "log_samples": 0, "actor": eng, "critic": eng}
 
 
-def ppo_run(a, name: str, nproc: int, zero: int, steps: int | None = None) -> Path:
+def ppo_run(a, name: str, nproc: int, zero: int) -> Path:
     """A run whose sft/model and rm/model are SmolLM2 (the reward: a fresh score head on it)."""
-    cfg = write_config(common.OUT / name, nproc, ppo=ppo_section(a, zero, steps))
+    cfg = write_config(common.OUT / name, nproc, ppo=ppo_section(a, zero))
     for stage in ("sft", "rm"):
         (cfg.parent / stage).mkdir()
         (cfg.parent / stage / "model").symlink_to(model_dir())
     return cfg
 
 
-def ppo_ours(a, tag: str, nproc: int = 1, threads: int | None = None, zero: int | None = None) -> dict:
+def ppo_ours(a, tag: str, turn: Turn, nproc: int = 1, threads: int | None = None, zero: int | None = None) -> dict:
     cfg = ppo_run(a, f"lora-ppo-{tag}", nproc, a.zero if zero is None else zero)
-    rss = run_cli("ppo", cfg, threads, f"our ppo ({tag})")
-    rows = [x for x in common.read_jsonl(cfg.parent / "ppo" / "metrics.jsonl") if "t_generate" in x][a.warmup:]
-    keys = ("t_generate", "t_score", "t_logprobs", "t_train")
-    out = {k: sum(x[k] for x in rows) / len(rows) for k in keys}
-    out["total"] = sum(out[k] for k in keys)
+    times, rss = run_cli("ppo", cfg, threads, turn, f"our ppo ({tag})")
+    rows = [x for x in common.read_jsonl(cfg.parent / "ppo" / "metrics.jsonl") if "t_generate" in x]
+    steps = timed(times, a.warmup, drop_last=False)
+    rows = rows[a.warmup:a.warmup + len(steps)]
+    out = {k: sum(x[k] for x in rows) / len(rows) for k in PHASES}
+    out["total"] = sum(steps) / len(steps)
+    # The stage's t_generate starts before the turn gate: generation = the step less the other phases
+    # (so it also holds GAE, whitening and the statistics, a few ms).
+    out["t_generate"] = out["total"] - sum(out[k] for k in PHASES[1:])
     out["rps"] = smol()["ppo"]["batch_size"] * nproc / out["total"]  # rollouts per second, all ranks
     out["rss"] = rss
     shutil.rmtree(cfg.parent, ignore_errors=True)
@@ -427,7 +497,7 @@ def prompt_spec(a) -> list[dict]:
             for idx in (prompt_batch(len(questions), s * B, B, 0, 1, cfg.seed) for s in range(a.steps))]
 
 
-def ppo_peer(a, py: Path, tag: str, steps: list[dict], heap: bool) -> dict:
+def ppo_peer(a, py: Path, tag: str, steps: list[dict], turn: Turn) -> dict:
     out = common.OUT / f"lora-peer-ppo-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -435,9 +505,9 @@ def ppo_peer(a, py: Path, tag: str, steps: list[dict], heap: bool) -> dict:
     spec = {"model": str(model_dir()), "lr": p["optim"]["lr"], "batch_size": p["batch_size"],
             "mini_batch_size": p["mini_batch_size"], "ppo_epochs": p["ppo_epochs"], "response_len": a.response_len,
             "max_grad_norm": p["actor"].get("gradient_clipping"), "dtype": a.dtype, "steps": steps,
-            "threads": a.threads, "base_dtype": a.peer_base, "lora": lora_spec(p["lora"])}
+            "threads": a.threads, "base_dtype": a.peer_base, "lora": lora_spec(p["lora"]), "turns": turn}
     (out / "spec.json").write_text(json.dumps(spec))
-    res, rss = run_peer(py, "peer_trl_ppo_lora.py", [str(out / "spec.json")], heap, f"TRL PPOTrainer ({tag})")
+    res, rss = run_peer(py, "peer_trl_ppo_lora.py", [str(out / "spec.json")], f"TRL PPOTrainer ({tag})")
     rows = res["rows"][a.warmup:]
     o = {k: sum(x[k] for x in rows) / len(rows) for k in ("t_generate", "t_score", "t_step", "total")}
     o["rss"], o["info"] = rss, res
@@ -446,7 +516,7 @@ def ppo_peer(a, py: Path, tag: str, steps: list[dict], heap: bool) -> dict:
 
 
 def ppo_step_flops(shape: Shape, n_lora: int, prompt_lens: list[int], R: int, epochs: int) -> dict[str, float]:
-    """FLOPs of one PPO step's phases for these rollouts (module docstring)."""
+    """FLOPs of the PPO phases over these rollouts (module docstring)."""
     f = {"generate": 0.0, "score": 0.0, "logprobs": 0.0, "train": 0.0}
     for p in prompt_lens:
         n = p + R
@@ -467,47 +537,35 @@ def stage_ppo(a, shape: Shape) -> float:
           f"{sum(lens) / len(lens):.0f} over the timed steps), LoRA {lora_text(p['lora'])}, reference = adapter "
           f"disabled, reward = SmolLM2 + fresh score head; {a.steps} steps ({a.warmup} warm-up), KL early stopping "
           f"off; peer: TRL 0.11.4 PPOTrainer (transformers 4.46.3, peft 0.13.2; "
-          f"AutoModelForCausalLMWithValueHead(peft_config), ref_model=None, base in {a.peer_base}){peer_heap_note(a)}")
-    res = common.alternate(a.rounds, common.peer_sides(
-        lambda i: ppo_ours(a, str(i)), lambda i, heap: ppo_peer(a, py, f"{i}{'-heap' * heap}", steps, heap),
-        a.peer_heap), lambda r: f"{r['total']:.2f} s/step, {r['rss']:.0f} MB")
+          f"AutoModelForCausalLMWithValueHead(peft_config), ref_model=None, base in {a.peer_base})")
+    res = interleaved(a.rounds, {"ours": lambda i, t: ppo_ours(a, str(i), t),
+                                 "TRL": lambda i, t: ppo_peer(a, py, str(i), steps, t)},
+                      lambda r: f"{r['total']:.1f} s/step, {r['rss']:.0f} MB")
     print(common.compare_table(res, "total", "s/step", f"PPO step, LoRA ({a.dtype})", higher_is_better=False))
     med = {k: {c: common.median([x[c] for x in v]) for c in v[0] if c not in ("info", "rss")} for k, v in res.items()}
-    split = [["ours", *(med["ours"][k] for k in ("t_generate", "t_score", "t_logprobs", "t_train")),
-              med["ours"]["t_logprobs"] + med["ours"]["t_train"], med["ours"]["total"]]]
-    for k in res:
-        if k != "ours":
-            split.append([k, med[k]["t_generate"], med[k]["t_score"], float("nan"), float("nan"), med[k]["t_step"],
-                          med[k]["total"]])
-    print(common.table(["", "generate s", "score s", "log-probs s", "train s", "log-probs + train s", "step s"], split,
-                       "time split (median of rounds; TRL's step() holds its log-probs and training)"))
+    o, t = med["ours"], med["TRL"]
     n_lora = shape.n_lora(p["lora"]["r"], lora_spec(p["lora"])["target_modules"])
-    per_step = len(steps) - a.warmup
-    fl = ppo_step_flops(shape, n_lora, lens, a.response_len, p["ppo_epochs"])
-    fl = {k: v / per_step for k, v in fl.items()}
+    fl = {k: v / (len(steps) - a.warmup) for k, v in
+          ppo_step_flops(shape, n_lora, lens, a.response_len, p["ppo_epochs"]).items()}
     total = sum(fl.values())
     rows_train = int(p["mini_batch_size"] * (sum(lens) / len(lens) + a.response_len))
-    rate = max(shape_rate(shape, rows_train, a.dtype, a.threads) for _ in range(2))
-    big = common.matmul_rate(a.dtype, threads=a.threads)
-    fr = [["FLOPs (G)", fl["generate"] / 1e9, fl["score"] / 1e9, fl["logprobs"] / 1e9, fl["train"] / 1e9,
-           (fl["logprobs"] + fl["train"]) / 1e9, total / 1e9]]
-    for k in res:
-        m = med[k]
-        if k == "ours":
-            t = [m["t_generate"], m["t_score"], m["t_logprobs"], m["t_train"], m["t_logprobs"] + m["t_train"]]
-        else:
-            t = [m["t_generate"], m["t_score"], float("nan"), float("nan"), m["t_step"]]
-        fl5 = [fl["generate"], fl["score"], fl["logprobs"], fl["train"], fl["logprobs"] + fl["train"]]
-        fr.append([f"{k} GFLOP/s", *(f / x / 1e9 if x == x else float("nan") for f, x in zip(fl5, t)),
-                   total / m["total"] / 1e9])
-    fr.append(["matmul GFLOP/s", float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), rate / 1e9])
-    print(common.table(["", "generate", "score", "log-probs", "train", "log-probs + train", "step"], fr,
-                       f"step FLOPs over time vs the {a.dtype} matmul rate at the training shapes ({rows_train} rows, "
-                       f"{a.threads} threads; 2048^3: {big / 1e9:.0f} GFLOP/s)"))
-    share = total / med["ours"]["total"] / rate
-    print(f"\nours {100 * share:.0f}% of the matmul rate over the whole step, TRL "
-          f"{100 * total / med['TRL']['total'] / rate:.0f}%; training phase alone: ours "
-          f"{100 * fl['train'] / med['ours']['t_train'] / rate:.0f}%")
+    rate, big = rates(shape, rows_train, a.dtype, a.threads)
+    nan = float("nan")
+    ours_t = [o["t_generate"], o["t_score"], o["t_logprobs"], o["t_train"], o["t_logprobs"] + o["t_train"], o["total"]]
+    trl_t = [t["t_generate"], t["t_score"], nan, nan, t["t_step"], t["total"]]
+    fls = [fl["generate"], fl["score"], fl["logprobs"], fl["train"], fl["logprobs"] + fl["train"], total]
+    rows = [["ours s", *ours_t], ["TRL s", *trl_t], ["GFLOP", *(f / 1e9 for f in fls)],
+            ["ours GFLOP/s", *(f / x / 1e9 for f, x in zip(fls, ours_t))],
+            ["TRL GFLOP/s", *(f / x / 1e9 if x == x else nan for f, x in zip(fls, trl_t))],
+            ["speed-up", *(y / x if y == y else nan for x, y in zip(ours_t, trl_t))]]
+    print(common.table(["", "generate", "score", "log-probs", "train", "log-probs + train", "step"], rows,
+                       "step split, FLOPs and FLOP/s (median of rounds; TRL's step() holds its log-probs and "
+                       "training; our generate is the step less the other phases)"))
+    print(f"\n{a.dtype} matmul at the training shapes ({rows_train} rows, {a.threads} threads): {rate / 1e9:.0f} GFLOP/s "
+          f"(2048^3: {big / 1e9:.0f}); the step's FLOPs over its time: ours {total / o['total'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * total / o['total'] / rate:.0f}% of it, TRL {total / t['total'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * total / t['total'] / rate:.0f}%; our training phase alone "
+          f"{100 * fl['train'] / o['t_train'] / rate:.0f}%")
     info = res["TRL"][0]["info"]
     print(f"\npeer: {info['trainable']:,} trainable parameters (LoRA + value head), base {info['base_dtype']}")
     return verdict(a, "ppo", res, "total", False, None)
@@ -526,12 +584,13 @@ def stage_scaling(a, which: str) -> float:
     print(f"# {which.upper()} scaling, LoRA, ours: {header(a)}; ZeRO-{zero} on every side; 1 rank has {per} or "
           f"{cores} cores, each of 2 ranks has {per} (OMP_NUM_THREADS); per rank as smollm2.yaml "
           f"({'seq 512 x micro 2' if which == 'sft' else f'batch 8, mini batch 2, {a.response_len} new tokens'}); "
-          f"{a.steps} steps ({a.warmup} warm-up)")
-    res = common.alternate(a.rounds, {
-        f"1 rank x {per} core": lambda i: run(a, f"s1c-{i}", 1, per, zero),
-        f"1 rank x {cores} cores": lambda i: run(a, f"s1-{i}", 1, None, zero),
-        f"2 ranks x {per} core": lambda i: run(a, f"s2-{i}", 2, None, zero),
-    }, lambda r: f"{r[key]:.2f} {unit}, {r['rss']:.0f} MB")
+          f"{a.steps} steps ({a.warmup} warm-up{', the last not timed' if which == 'sft' else ''}); the three "
+          f"sides take turns step by step")
+    res = interleaved(a.rounds, {
+        f"1 rank x {per} core": lambda i, t: run(a, f"s1c-{i}", t, 1, per, zero),
+        f"1 rank x {cores} cores": lambda i, t: run(a, f"s1-{i}", t, 1, None, zero),
+        f"2 ranks x {per} core": lambda i, t: run(a, f"s2-{i}", t, 2, None, zero),
+    }, lambda r: f"{r[key]:.3f} {unit}, {r['rss']:.0f} MB")
     small, one, two = res.values()
     rows = [[f"round {i + 1}", small[i][key], one[i][key], two[i][key], two[i][key] / (2 * small[i][key]),
              two[i][key] / one[i][key], one[i]["rss"], two[i]["rss"]] for i in range(a.rounds)]
@@ -541,10 +600,10 @@ def stage_scaling(a, which: str) -> float:
                         "speed-up on the same machine", "1-rank peak RSS MB", "2-rank peak RSS MB per rank"], rows,
                        f"{which.upper()} scaling, LoRA ({a.dtype}, ZeRO-{zero})"))
     if which == "ppo":
-        split = [[k, *(common.median([x[c] for x in v]) for c in ("t_generate", "t_score", "t_logprobs", "t_train",
-                                                                   "total"))] for k, v in res.items()]
+        split = [[k, *(common.median([x[c] for x in v]) for c in (*PHASES, "total"))] for k, v in res.items()]
         print(common.table(["", "generate s", "score s", "log-probs s", "train s", "step s"], split,
                            "time split per step (median of rounds; each rank's own batch of 8)"))
+    print(f"\nload average at each round's start: {'; '.join(LOADS)}; now {load_avg()}")
     print(f"\n{which}-scaling: 2 ranks / (2 x 1 rank), {per} core per rank = {t / (2 * s_):.2f}")
     return t / (2 * s_)
 
@@ -567,10 +626,6 @@ def lora_text(section: dict) -> str:
     return f"r{lo['r']} alpha {lo['alpha']} dropout {lo['dropout']} on {','.join(lo['target_modules'])}"
 
 
-def peer_heap_note(a) -> str:
-    return common.HEAP_NOTE if a.peer_heap else ""
-
-
 def verdict(a, stage: str, res: dict, key: str, higher: bool, share: float | None) -> float:
     """The targets of issue 16 against the medians; the last line is ``<stage>: ours/TRL = <ratio>``."""
     o, t = (common.median([x[key] for x in res[k]]) for k in ("ours", "TRL"))
@@ -583,7 +638,8 @@ def verdict(a, stage: str, res: dict, key: str, higher: bool, share: float | Non
     if share is not None:
         lines.append(f"{100 * share:.0f}% of the ceiling (target >= {100 * CEILING_TARGET:.0f}%: "
                      f"{'met' if share >= CEILING_TARGET else 'missed'})")
-    print(f"\ntargets: {'; '.join(lines)}; load average now {load_avg()}")
+    print(f"\ntargets: {'; '.join(lines)}")
+    print(f"load average at each round's start: {'; '.join(LOADS)}; now {load_avg()}")
     print(f"\n{stage}: ours/TRL = {ratio:.2f}")
     return ratio
 
@@ -592,19 +648,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", required=True, choices=["sft", "rm", "ppo", "sft-scaling", "ppo-scaling"])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="default: 10 (SFT, RM), 4 (PPO)")
-    ap.add_argument("--warmup", type=int, default=None, help="default: 2 (SFT, RM), 1 (PPO)")
+    ap.add_argument("--steps", type=int, default=None, help="default: 5 (SFT, RM), 3 (PPO)")
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--response-len", type=int, default=36, help="PPO: the mean of smollm2.yaml's 24-48")
     ap.add_argument("--zero", type=int, default=0, help="our ZeRO stage on 1 rank")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of a 1-rank run (peer and matmul)")
     ap.add_argument("--peer-base", choices=["bf16", "fp32"], default=None,
                     help="dtype of the peer's frozen base (default: the run's dtype)")
-    ap.add_argument("--peer-heap", action=argparse.BooleanOptionalAction, default=False,
-                    help="also run the peer with our launcher's MALLOC_* settings")
     a = ap.parse_args()
-    ppo_like = a.stage.startswith("ppo")
-    a.steps = a.steps or (4 if ppo_like else 10)
-    a.warmup = a.warmup if a.warmup is not None else (1 if ppo_like else 2)
+    a.steps = a.steps or (3 if a.stage.startswith("ppo") else 5)
     a.dtype = resolved_dtype()
     a.peer_base = a.peer_base or a.dtype
     folder = model_dir()

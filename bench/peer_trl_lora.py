@@ -8,8 +8,9 @@ optimizer settings and the LoRA settings our run uses; TRL gets them as a ``peft
 (CAUSAL_LM for SFT, SEQ_CLS for the reward model, where peft also trains the score head).
 ``base_dtype`` is the dtype the frozen base is loaded in (bf16: what a TRL user runs LoRA with in
 bf16; fp32: TRL's default for this fp32 checkpoint, every matmul then autocast). TRL 1.16 turns
-gradient checkpointing on by default; it is off here, as on our side. Prints one JSON line:
-``on_step_end`` wall clocks and what one step processes.
+gradient checkpointing on by default; it is off here, as on our side. With ``turns`` in SPEC the
+steps take turns with our run's (bench/turns.py). Prints one JSON line: each step's wall time
+(``on_step_begin`` to ``on_step_end``, waiting for the turn excluded) and what one step processes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+
+from turns import Turns
 
 
 def main() -> None:
@@ -30,11 +33,19 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(spec["model"])
     base_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["base_dtype"]]
     lo = spec["lora"]
-    stamps: list[float] = []
+    turn = Turns(**spec["turns"]) if spec.get("turns") else None
+    times: list[float] = []
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if turn is not None:
+                turn.wait()
+            self.t0 = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
+            times.append(time.perf_counter() - self.t0)
+            if turn is not None:
+                turn.passed(hold=state.global_step >= args.max_steps)
 
     common = dict(
         output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
@@ -75,7 +86,7 @@ def main() -> None:
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
     trainer.train()
     print("@@RESULT " + json.dumps({
-        "stamps": stamps, "per_step": per_step, "optim": str(trainer.args.optim), "trl": __import__("trl").__version__,
+        "times": times, "per_step": per_step, "optim": str(trainer.args.optim), "trl": __import__("trl").__version__,
         "trainable": trainable, "base_dtype": str(next(m.parameters()).dtype),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
     }))

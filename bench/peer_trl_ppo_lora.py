@@ -6,7 +6,8 @@ As the blog's script: ``AutoModelForCausalLMWithValueHead.from_pretrained(model,
 and ``ref_model=None``, so the reference is the same model with its adapter disabled. Per step:
 generate ``response_len`` tokens for the prompts our run uses (plain sampling, min_new_tokens =
 max_new_tokens so both sides generate exactly as many tokens), score question + response with the
-sequence classifier, ``ppo_trainer.step``. Prints one JSON line with the time split of every step.
+sequence classifier, ``ppo_trainer.step``. With ``turns`` in SPEC the steps take turns with our run's
+(bench/turns.py). Prints one JSON line with the time split of every step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from turns import Turns
 
 
 def tokenizer(folder: str):
@@ -77,8 +80,11 @@ def main() -> None:
     R = spec["response_len"]
     gen = {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_new_tokens": R, "max_new_tokens": R,
            "pad_token_id": tok.pad_token_id}
+    turn = Turns(**spec["turns"]) if spec.get("turns") else None
     rows = []
-    for step in spec["steps"]:
+    for i, step in enumerate(spec["steps"]):
+        if turn is not None:
+            turn.wait()
         t0 = time.perf_counter()
         queries = [torch.tensor(ids) for ids in step["prompt_ids"]]
         responses = trainer.generate(queries, return_prompt=False, batch_size=len(queries), **gen)
@@ -93,6 +99,8 @@ def main() -> None:
         t2 = time.perf_counter()
         trainer.step(queries, list(responses), list(scores))
         t3 = time.perf_counter()
+        if turn is not None:
+            turn.passed(hold=i == len(spec["steps"]) - 1)
         rows.append({"t_generate": t1 - t0, "t_score": t2 - t1, "t_step": t3 - t2, "total": t3 - t0,
                      "response_tokens": sum(len(r) for r in responses)})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
