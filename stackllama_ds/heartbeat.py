@@ -76,6 +76,7 @@ class Heartbeat:
         self.on_hang = None  # callable run before exiting (flush logs)
         self._last_beat = 0.0
         self._lock = threading.Lock()  # the main thread and a phase's beat thread write the same file
+        self._closed = threading.Event()  # stops the sampler and the watchdog (close())
         global _CURRENT
         _CURRENT = self
         self.beat("start", 0)
@@ -116,8 +117,7 @@ class Heartbeat:
     def _sample(self) -> None:
         """While this rank is silent (half the timeout), record where its main thread is."""
         p = self.dir / f"rank-{self.rank}.where.json"
-        while True:
-            time.sleep(self.poll_s)
+        while not self._closed.wait(self.poll_s):
             if time.time() - self._last_beat < self.timeout / 2:
                 continue
             rec = {"time": time.time(), **main_thread_where()}
@@ -140,9 +140,12 @@ class Heartbeat:
                 out[r] = rec
         return out
 
+    def close(self) -> None:
+        """Stop watching: the threads end at their next poll (a process that outlives its stage)."""
+        self._closed.set()
+
     def _watch(self) -> None:
-        while True:
-            time.sleep(self.poll_s)
+        while not self._closed.wait(self.poll_s):
             beats = self.read()
             now = time.time()
             newest = max(b["time"] for b in beats)

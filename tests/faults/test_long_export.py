@@ -34,7 +34,9 @@ SETS = ("--set", f"launch.timeout_s={TIMEOUT_S}", "--set", f"launch.hang_timeout
 @pytest.fixture
 def hb(tmp_path, monkeypatch):
     monkeypatch.setattr(heartbeat, "_CURRENT", None)
-    return heartbeat.Heartbeat(tmp_path, rank=0, world=2, hang_timeout_s=2.0, poll_s=3600)  # no watchdog firing
+    hb = heartbeat.Heartbeat(tmp_path, rank=0, world=2, hang_timeout_s=2.0, poll_s=3600)  # no watchdog firing
+    yield hb
+    hb.close()  # or its watchdog wakes in an hour, finds no beat, and ends pytest with exit 86
 
 
 def _beat(hb: heartbeat.Heartbeat, rank: int = 0) -> dict:
