@@ -171,7 +171,7 @@ def run_peer(py: Path, script: str, args: list[str], what: str) -> tuple[dict, f
     return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:]), rss
 
 
-def timed(times: list[float], warmup: int, drop_last: bool) -> list[float]:
+def timed(times: list, warmup: int, drop_last: bool) -> list:
     kept = times[warmup:len(times) - 1 if drop_last else len(times)]
     if not kept:
         raise RuntimeError(f"no timed steps left of {len(times)} (warm-up {warmup})")
@@ -280,22 +280,39 @@ def shape_rate(s: Shape, rows: int, dtype: str, threads: int, head: bool = True,
     return flops / secs
 
 
-def rates(s: Shape, rows: int, dtype: str, threads: int, head: bool = True) -> tuple[float, float]:
-    """(rate at the step's shapes, 2048^3 rate), best of two passes each."""
-    return (max(shape_rate(s, rows, dtype, threads, head) for _ in range(2)),
-            common.matmul_rate(dtype, threads=threads))
+def bursts(s: Shape, rows: int, dtype: str, threads: int, head: bool = True) -> str:
+    """Best-of-bursts rates (at the step's shapes, 2048^3), for reference beside the probe's."""
+    rate = max(shape_rate(s, rows, dtype, threads, head) for _ in range(2))
+    return (f"best of short bursts now: {rate / 1e9:.0f} GFLOP/s at the step's shapes, "
+            f"{common.matmul_rate(dtype, threads=threads) / 1e9:.0f} at 2048^3")
 
 
-def ceiling_lines(s: Shape, rows: int, dtype: str, threads: int, head: bool, per_unit: float, unit: str,
-                  sides: dict[str, float]) -> tuple[str, float]:
+def probe_side(a, s: Shape, rows: int, head: bool, flops: float, tag: str, turn: Turn, drop_last: bool) -> dict:
+    """The matmul rate at the step's shapes, as a side taking turns with the steps (bench/lora_probe.py)."""
+    out = common.OUT / f"lora-probe-{tag}"
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"rows": rows, "dtype": a.dtype, "threads": a.threads, "flops": flops, "steps": a.steps, "turns": turn,
+            "linears": s.linears() if head else s.linears()[:-1]}
+    (out / "spec.json").write_text(json.dumps(spec))
+    res, rss = run_peer(Path(sys.executable), "lora_probe.py", [str(out / "spec.json")], f"matmul probe ({tag})")
+    kept = timed(res["turns"], a.warmup, drop_last)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"rate": sum(x["flops"] for x in kept) / sum(x["t"] for x in kept), "rss": rss}
+
+
+def ceiling_lines(s: Shape, rows: int, head: bool, per_unit: float, unit: str, res: dict[str, list[dict]],
+                  key: str, a) -> tuple[str, float]:
     """Print-ready share of the ceiling of each side's median throughput (in ``unit``/s), and ours'."""
-    rate, big = rates(s, rows, dtype, threads, head)
+    rate = common.median([x["rate"] for x in res["matmul"]])
     ceiling = rate / per_unit
+    sides = {k: common.median([x[key] for x in v]) for k, v in res.items() if k != "matmul"}
     shares = {k: v / ceiling for k, v in sides.items()}
-    txt = (f"\n{dtype} matmul at the step's shapes ({rows} rows, {threads} threads): {rate / 1e9:.0f} GFLOP/s "
-           f"(2048^3: {big / 1e9:.0f}); LoRA step {per_unit / 1e9:,.2f} GFLOP per {unit} -> ceiling "
-           f"{ceiling:,.2f} {unit}/s; " + ", ".join(f"{k} {v:,.2f} {unit}/s = {100 * shares[k]:.0f}% of the ceiling"
-                                                    for k, v in sides.items()))
+    per_round = ", ".join(f"{x['rate'] / 1e9:.0f}" for x in res["matmul"])
+    txt = (f"\n{a.dtype} matmul at the step's shapes ({rows} rows, {a.threads} threads), taking turns with the steps: "
+           f"{rate / 1e9:.0f} GFLOP/s (rounds: {per_round}; "
+           f"{bursts(s, rows, a.dtype, a.threads, head)}); LoRA step {per_unit / 1e9:,.2f} GFLOP per {unit[:-1]} -> "
+           f"ceiling {ceiling:,.2f} {unit}/s; " + ", ".join(f"{k} {v:,.2f} {unit}/s = {100 * shares[k]:.0f}% of it"
+                                                          for k, v in sides.items()))
     return txt, shares["ours"]
 
 
@@ -356,14 +373,15 @@ def stage_sft(a, shape: Shape) -> float:
     print(f"# SFT, LoRA: {header(a)}; seq {seq}, micro batch {mb}, packing, LoRA {lora_text(sc['lora'])}; "
           f"{a.steps} steps ({a.warmup} warm-up, the last not timed); peer: TRL 1.16.0 SFTTrainer (packing "
           f"wrapped, same peft LoRA, base in {a.peer_base}, gradient checkpointing off as ours)")
-    res = interleaved(a.rounds, {"ours": lambda i, t: sft_ours(a, str(i), t),
-                                 "TRL": lambda i, t: sft_peer(a, py, str(i), t)},
-                      lambda r: f"{r['tps']:.1f} tok/s, {r['rss']:.0f} MB")
-    print(common.compare_table(res, "tps", "tok/s", f"SFT LoRA ({a.dtype})"))
     n_lora = shape.n_lora(sc["lora"]["r"], lora_spec(sc["lora"])["target_modules"])
     per_tok = train_flops(shape, seq, seq, n_lora) / seq
-    txt, share = ceiling_lines(shape, mb * seq, a.dtype, a.threads, True, per_tok, "tokens",
-                               {k: common.median([x["tps"] for x in v]) for k, v in res.items()})
+    res = interleaved(a.rounds, {
+        "ours": lambda i, t: sft_ours(a, str(i), t),
+        "TRL": lambda i, t: sft_peer(a, py, str(i), t),
+        "matmul": lambda i, t: probe_side(a, shape, mb * seq, True, per_tok * mb * seq, f"sft-{i}", t, True),
+    }, lambda r: f"{r['tps']:.1f} tok/s, {r['rss']:.0f} MB" if "tps" in r else f"{r['rate'] / 1e9:.0f} GFLOP/s")
+    print(common.compare_table({k: v for k, v in res.items() if k != "matmul"}, "tps", "tok/s", f"SFT LoRA ({a.dtype})"))
+    txt, share = ceiling_lines(shape, mb * seq, True, per_tok, "tokens", res, "tps", a)
     print(txt)
     info = res["TRL"][0]["info"]
     print(f"\npeer: {info['trainable']:,} trainable parameters, base {info['base_dtype']}, optimizer {info['optim']}, "
@@ -431,15 +449,18 @@ def stage_rm(a, shape: Shape) -> float:
           f"micro batch {mb} pairs, LoRA {lora_text(rc['lora'])} SEQ_CLS + trained score head; {a.steps} steps "
           f"({a.warmup} warm-up, the last not timed); peer: TRL 1.16.0 RewardTrainer (same peft LoRA, base in "
           f"{a.peer_base}, gradient checkpointing off as ours)")
-    res = interleaved(a.rounds, {"ours": lambda i, t: rm_ours(a, str(i), t),
-                                 "TRL": lambda i, t: rm_peer(a, py, str(i), t)},
-                      lambda r: f"{r['pps']:.3f} pairs/s, {r['rss']:.0f} MB")
-    print(common.compare_table(res, "pps", "pairs/s", f"RM LoRA ({a.dtype})"))
     n_lora = shape.n_lora(rc["lora"]["r"], lora_spec(rc["lora"])["target_modules"])
     per_pair = sum(train_flops(shape, c, 0, n_lora) + train_flops(shape, r, 0, n_lora) for c, r in pairs) / len(pairs)
     mean_tokens = sum(c + r for c, r in pairs) / len(pairs)
-    txt, share = ceiling_lines(shape, int(mb * mean_tokens), a.dtype, a.threads, False, per_pair, "pairs",
-                               {k: common.median([x["pps"] for x in v]) for k, v in res.items()})
+    rows = int(mb * mean_tokens)
+    res = interleaved(a.rounds, {
+        "ours": lambda i, t: rm_ours(a, str(i), t),
+        "TRL": lambda i, t: rm_peer(a, py, str(i), t),
+        "matmul": lambda i, t: probe_side(a, shape, rows, False, per_pair * mb, f"rm-{i}", t, True),
+    }, lambda r: f"{r['pps']:.3f} pairs/s, {r['rss']:.0f} MB" if "pps" in r else f"{r['rate'] / 1e9:.0f} GFLOP/s")
+    print(common.compare_table({k: v for k, v in res.items() if k != "matmul"}, "pps", "pairs/s",
+                               f"RM LoRA ({a.dtype})"))
+    txt, share = ceiling_lines(shape, rows, False, per_pair, "pairs", res, "pps", a)
     print(txt + f" (a pair holds {mean_tokens:.0f} real tokens on average; both sides process pairs in their own "
                 "shuffled order, so the timed steps hold different pairs)")
     info = res["TRL"][0]["info"]
@@ -538,18 +559,20 @@ def stage_ppo(a, shape: Shape) -> float:
           f"disabled, reward = SmolLM2 + fresh score head; {a.steps} steps ({a.warmup} warm-up), KL early stopping "
           f"off; peer: TRL 0.11.4 PPOTrainer (transformers 4.46.3, peft 0.13.2; "
           f"AutoModelForCausalLMWithValueHead(peft_config), ref_model=None, base in {a.peer_base})")
-    res = interleaved(a.rounds, {"ours": lambda i, t: ppo_ours(a, str(i), t),
-                                 "TRL": lambda i, t: ppo_peer(a, py, str(i), steps, t)},
-                      lambda r: f"{r['total']:.1f} s/step, {r['rss']:.0f} MB")
-    print(common.compare_table(res, "total", "s/step", f"PPO step, LoRA ({a.dtype})", higher_is_better=False))
-    med = {k: {c: common.median([x[c] for x in v]) for c in v[0] if c not in ("info", "rss")} for k, v in res.items()}
-    o, t = med["ours"], med["TRL"]
     n_lora = shape.n_lora(p["lora"]["r"], lora_spec(p["lora"])["target_modules"])
     fl = {k: v / (len(steps) - a.warmup) for k, v in
           ppo_step_flops(shape, n_lora, lens, a.response_len, p["ppo_epochs"]).items()}
     total = sum(fl.values())
     rows_train = int(p["mini_batch_size"] * (sum(lens) / len(lens) + a.response_len))
-    rate, big = rates(shape, rows_train, a.dtype, a.threads)
+    res = interleaved(a.rounds, {
+        "ours": lambda i, t: ppo_ours(a, str(i), t),
+        "TRL": lambda i, t: ppo_peer(a, py, str(i), steps, t),
+        "matmul": lambda i, t: probe_side(a, shape, rows_train, True, total, f"ppo-{i}", t, False),
+    }, lambda r: f"{r['total']:.1f} s/step, {r['rss']:.0f} MB" if "total" in r else f"{r['rate'] / 1e9:.0f} GFLOP/s")
+    rate = common.median([x["rate"] for x in res.pop("matmul")])
+    print(common.compare_table(res, "total", "s/step", f"PPO step, LoRA ({a.dtype})", higher_is_better=False))
+    med = {k: {c: common.median([x[c] for x in v]) for c in v[0] if c not in ("info", "rss")} for k, v in res.items()}
+    o, t = med["ours"], med["TRL"]
     nan = float("nan")
     ours_t = [o["t_generate"], o["t_score"], o["t_logprobs"], o["t_train"], o["t_logprobs"] + o["t_train"], o["total"]]
     trl_t = [t["t_generate"], t["t_score"], nan, nan, t["t_step"], t["total"]]
@@ -561,8 +584,8 @@ def stage_ppo(a, shape: Shape) -> float:
     print(common.table(["", "generate", "score", "log-probs", "train", "log-probs + train", "step"], rows,
                        "step split, FLOPs and FLOP/s (median of rounds; TRL's step() holds its log-probs and "
                        "training; our generate is the step less the other phases)"))
-    print(f"\n{a.dtype} matmul at the training shapes ({rows_train} rows, {a.threads} threads): {rate / 1e9:.0f} GFLOP/s "
-          f"(2048^3: {big / 1e9:.0f}); the step's FLOPs over its time: ours {total / o['total'] / 1e9:.1f} GFLOP/s = "
+    print(f"\n{a.dtype} matmul at the training shapes ({rows_train} rows, {a.threads} threads), taking turns with the "
+          f"steps: {rate / 1e9:.0f} GFLOP/s ({bursts(shape, rows_train, a.dtype, a.threads)}); the step's FLOPs over its time: ours {total / o['total'] / 1e9:.1f} GFLOP/s = "
           f"{100 * total / o['total'] / rate:.0f}% of it, TRL {total / t['total'] / 1e9:.1f} GFLOP/s = "
           f"{100 * total / t['total'] / rate:.0f}%; our training phase alone "
           f"{100 * fl['train'] / o['t_train'] / rate:.0f}%")
