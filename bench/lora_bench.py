@@ -432,7 +432,7 @@ def rm_peer(a, py: Path, tag: str, turn: Turn) -> dict:
             "seq_length": rc["max_length"], "micro_batch": rc["engine"]["micro_batch_size"], "steps": a.steps,
             "dtype": a.dtype, "lr": opt.lr, "weight_decay": opt.weight_decay, "betas": list(opt.betas),
             "scheduler": opt.scheduler, "warmup_steps": opt.warmup_steps, "threads": a.threads,
-            "base_dtype": a.peer_base, "lora": lora_spec(rc["lora"]), "turns": turn}
+            "base_dtype": a.peer_base, "lora": lora_spec(rc["lora"]), "turns": turn, "order": rm_order(a)}
     (out / "spec.json").write_text(json.dumps(spec))
     res, rss = run_peer(py, "peer_trl_lora.py", ["rm", str(out / "spec.json")], f"TRL RewardTrainer ({tag})")
     dts = timed(res["times"], a.warmup, drop_last=True)
@@ -440,15 +440,28 @@ def rm_peer(a, py: Path, tag: str, turn: Turn) -> dict:
     return {"pps": res["per_step"] / (sum(dts) / len(dts)), "rss": rss, "info": res}
 
 
+def rm_order(a) -> list[int]:
+    """The pairs (lines of ``pairs_file``) our 1-rank RM run trains on, in its order: its ``pair_batches``
+    over the filtered rm_train pairs (the same list, same order) with ``epoch_order(n, seed, 0)``."""
+    from stackllama_ds.data.packing import epoch_order
+
+    n = sum(1 for _ in open(pairs_file(smol()["rm"]["max_length"])))
+    need = a.steps * smol()["rm"]["engine"]["micro_batch_size"]
+    assert need <= n, "one pass of the pairs is enough for the benchmark"
+    return epoch_order(n, smol()["seed"], 0)[:need]
+
+
 def stage_rm(a, shape: Shape) -> float:
     rc = smol()["rm"]
     L, mb = rc["max_length"], rc["engine"]["micro_batch_size"]
-    pairs = [json.loads(x)["lens"] for x in open(pairs_file(L))]
+    lens = [json.loads(x)["lens"] for x in open(pairs_file(L))]
+    order = rm_order(a)
+    pairs = [lens[i] for i in order[a.warmup * mb:(a.steps - 1) * mb]]  # the timed steps' pairs
     py = peer("trl116")
-    print(f"# RM, LoRA: {header(a)}; {len(pairs)} rm_train pairs within {L} tokens (ours: overlength filter), "
+    print(f"# RM, LoRA: {header(a)}; {len(lens)} rm_train pairs within {L} tokens (ours: overlength filter), "
           f"micro batch {mb} pairs, LoRA {lora_text(rc['lora'])} SEQ_CLS + trained score head; {a.steps} steps "
           f"({a.warmup} warm-up, the last not timed); peer: TRL 1.16.0 RewardTrainer (same peft LoRA, base in "
-          f"{a.peer_base}, gradient checkpointing off as ours)")
+          f"{a.peer_base}, gradient checkpointing off as ours), fed the pairs our run draws, in its order")
     n_lora = shape.n_lora(rc["lora"]["r"], lora_spec(rc["lora"])["target_modules"])
     per_pair = sum(train_flops(shape, c, 0, n_lora) + train_flops(shape, r, 0, n_lora) for c, r in pairs) / len(pairs)
     mean_tokens = sum(c + r for c, r in pairs) / len(pairs)
@@ -461,8 +474,7 @@ def stage_rm(a, shape: Shape) -> float:
     print(common.compare_table({k: v for k, v in res.items() if k != "matmul"}, "pps", "pairs/s",
                                f"RM LoRA ({a.dtype})"))
     txt, share = ceiling_lines(shape, rows, False, per_pair, "pairs", res, "pps", a)
-    print(txt + f" (a pair holds {mean_tokens:.0f} real tokens on average; both sides process pairs in their own "
-                "shuffled order, so the timed steps hold different pairs)")
+    print(txt + f" (the timed steps' pairs hold {mean_tokens:.0f} real tokens on average)")
     info = res["TRL"][0]["info"]
     print(f"\npeer: {info['trainable']:,} trainable parameters, base {info['base_dtype']}, optimizer {info['optim']}")
     return verdict(a, "rm", res, "pps", True, share)

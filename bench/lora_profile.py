@@ -1,13 +1,18 @@
-"""Where a LoRA SFT step on SmolLM2-135M goes: our engine vs a plain torch loop (TRL's recipe).
+"""Where our LoRA steps on SmolLM2-135M spend their time (issue 16), in one process, 1 rank.
 
-    python bench/lora_profile.py                      # bf16, ZeRO-0, seq 512 x micro 2, 4 steps
-    python bench/lora_profile.py --torch-profile      # also the top-10 operators of one step of each
+    python bench/lora_profile.py --stage sft                 # ours vs a plain torch loop (TRL's recipe)
+    python bench/lora_profile.py --stage ppo                 # our PPO phases: generate, log-probs, one update
+    python bench/lora_profile.py --stage sft --torch-profile  # + the top-10 operators of one step of each
 
-One process, 1 rank, random token ids (the cost does not depend on them). Times forward, backward
-and optimizer step (mean of the steps after the first) for (a) our engine as ``stages/sft.py``
-builds it (``load_causal_lm`` with smollm2.yaml's LoRA, ``build_train_engine``) and (b) what TRL
-runs: the base loaded in the run's dtype, peft LoRA (adapters fp32), ``torch.autocast``, fused
-AdamW over the adapters, grad-norm clipping.
+SFT: random token ids (the cost does not depend on them), seq x micro batch of configs/smollm2.yaml;
+times forward, backward and optimizer step (mean of the steps after the first) for (a) our engine as
+``stages/sft.py`` builds it (``load_causal_lm`` with smollm2.yaml's LoRA, ``build_train_engine``)
+and (b) what TRL runs: the base loaded in the run's dtype, peft LoRA (adapters fp32),
+``torch.autocast``, fused AdamW over the adapters, grad-norm clipping; alternating, ``--rounds``.
+PPO: the engines ``ppo_steps.build_engines`` builds from smollm2.yaml (LoRA, reference = adapter
+disabled), the first rl_train prompts of bench/lora_bench.py's data, ``--response-len`` tokens;
+times ``sample`` (generation), ``rollout_forwards`` (actor + reference log-probs and values) and one
+minibatch update (``policy_forward``, the PPO losses, ``backward``, ``step``) with made-up advantages.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,42 +30,39 @@ import common  # noqa: E402
 import lora_bench  # noqa: E402
 
 
-def timed(step, batch, steps: int) -> dict[str, float]:
-    tot = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+def timed(step: Callable[[], dict[str, float]], steps: int) -> dict[str, float]:
+    """Mean of each phase over the steps after the first."""
+    tot: dict[str, float] = {}
     for i in range(steps):
-        t = step(batch)
+        t = step()
         if i:
-            for k in tot:
-                tot[k] += t[k]
+            for k, v in t.items():
+                tot[k] = tot.get(k, 0.0) + v
     return {k: v / (steps - 1) for k, v in tot.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zero", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--torch-profile", action="store_true")
-    a = ap.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29563",
-                      DS_ACCELERATOR="cpu")
+def top_ops(name: str, fn: Callable[[], object]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"\n{name} (load average {lora_bench.load_avg()}):\n"
+          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def profile_sft(a, dtype: str) -> None:
     import torch
 
     from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig, OptimConfig
-    from stackllama_ds.engines import dist
     from stackllama_ds.engines.build import build_train_engine
     from stackllama_ds.models.load import DTYPES, apply_lora, load_causal_lm
 
-    dtype = lora_bench.resolved_dtype()
     sc = lora_bench.smol()["sft"]
     seq, mb = sc["seq_length"], sc["engine"]["micro_batch_size"]
     folder = lora_bench.model_dir()
-    torch.set_num_threads(os.cpu_count())
-    dist.init("gloo", 120)
     lora = LoraConfig(enabled=True, **lora_bench.lora_spec(sc["lora"]))
     mcfg = ModelConfig(name_or_path=str(folder))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49152, (mb, seq), generator=g)
+    ids = torch.randint(0, 49152, (mb, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     # (a) ours, as stages/sft.py builds it
@@ -67,9 +70,9 @@ def main() -> None:
     eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
     engine = build_train_engine(model, eng, OptimConfig(**sc["optim"]), total_steps=100, grad_accum=1)
 
-    def ours(b):
+    def ours() -> dict[str, float]:
         t0 = time.perf_counter()
-        out = engine(**b)
+        out = engine(**batch)
         t1 = time.perf_counter()
         engine.backward(out.loss)
         t2 = time.perf_counter()
@@ -80,20 +83,19 @@ def main() -> None:
     # (b) TRL's recipe: base in the run's dtype, fp32 adapters, autocast, fused AdamW, clipping
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
-    ref = apply_lora(ref, lora, "CAUSAL_LM", quantized=False)
-    for p in ref.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    ref.train()
+    ref = apply_lora(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]), lora, "CAUSAL_LM",
+                     quantized=False)
     params = [p for p in ref.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    ref.train()
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def plain(b):
+    def plain() -> dict[str, float]:
         t0 = time.perf_counter()
         with ac:
-            out = ref(**b)
+            out = ref(**batch)
         t1 = time.perf_counter()
         out.loss.backward()
         t2 = time.perf_counter()
@@ -105,8 +107,8 @@ def main() -> None:
 
     res: dict[str, list[dict]] = {"ours": [], "plain": []}
     for _ in range(a.rounds):
-        res["ours"].append(timed(ours, batch, a.steps))
-        res["plain"].append(timed(plain, batch, a.steps))
+        res["ours"].append(timed(ours, a.steps))
+        res["plain"].append(timed(plain, a.steps))
     rows = []
     for k, v in res.items():
         m = {x: common.median([r[x] for r in v]) for x in ("forward", "backward", "step")}
@@ -116,12 +118,99 @@ def main() -> None:
                        f"LoRA SFT step split ({dtype}, ours ZeRO-{a.zero}, seq {seq} x micro {mb}, "
                        f"load average {lora_bench.load_avg()})"))
     if a.torch_profile:
-        from torch.profiler import ProfilerActivity, profile
+        top_ops("ours, one SFT step", ours)
+        top_ops("plain (TRL's recipe), one SFT step", plain)
 
-        for name, fn in (("ours", ours), ("plain", plain)):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                fn(batch)
-            print(f"\n{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+def profile_ppo(a, dtype: str) -> None:
+    import torch
+
+    from stackllama_ds import rl
+    from stackllama_ds.config import load_config
+    from stackllama_ds.data.prompts import load_prompts
+    from stackllama_ds.engines.generate import sample
+    from stackllama_ds.models.forward import policy_forward
+    from stackllama_ds.models.load import load_tokenizer
+    from stackllama_ds.models.padding import cut_at_eos, pad
+    from stackllama_ds.ppo_steps import build_engines, rollout_forwards
+
+    ns = argparse.Namespace(steps=2, response_len=a.response_len, zero=a.zero)
+    cfg = load_config(lora_bench.ppo_run(ns, "lora-profile-ppo", 1, a.zero), check_files=False)
+    p = cfg.ppo
+    tok = load_tokenizer(lora_bench.model_dir())
+    prompts = load_prompts(cfg, tok, "rl_train")
+    e = build_engines(cfg, tok, 100)
+    actor = e.actor
+    q_ids, q_mask = pad(prompts.ids[: p.batch_size], tok.pad_token_id, "left")
+    P = q_ids.shape[1]
+    state: dict = {}
+
+    def generate() -> dict[str, float]:
+        t0 = time.perf_counter()
+        resp = sample(actor.module.policy, q_ids, q_mask, a.response_len, tok.pad_token_id)
+        state["ids"] = torch.cat([q_ids, resp], 1)
+        state["mask"] = torch.cat([q_mask, cut_at_eos(resp, tok.eos_token_id)], 1)
+        return {"generate": time.perf_counter() - t0}
+
+    def logprobs() -> dict[str, float]:
+        t0 = time.perf_counter()
+        state["fw"] = rollout_forwards(e, state["ids"], state["mask"], P, p)
+        return {"log-probs": time.perf_counter() - t0}
+
+    g = torch.Generator().manual_seed(0)
+
+    def update() -> dict[str, float]:
+        rows = slice(0, p.mini_batch_size)
+        ids, mask, fw = state["ids"][rows], state["mask"][rows], state["fw"]
+        tokens = mask[:, P:].float()
+        adv = torch.randn(tokens.shape, generator=g)
+        t0 = time.perf_counter()
+        lp, values, _ = policy_forward(actor, ids, mask, P)
+        pg, _ = rl.policy_loss(lp, fw.logprobs[rows], adv, tokens, p.cliprange)
+        vf, _ = rl.value_loss(values, fw.values[rows], fw.values[rows] + adv, tokens, p.cliprange_value)
+        t1 = time.perf_counter()
+        actor.backward(pg + p.vf_coef * vf)
+        t2 = time.perf_counter()
+        actor.step()
+        t3 = time.perf_counter()
+        return {"update forward": t1 - t0, "update backward": t2 - t1, "update step": t3 - t2}
+
+    res = {**timed(generate, a.steps), **timed(logprobs, a.steps), **timed(update, a.steps)}
+    updates = p.ppo_epochs * p.batch_size // p.mini_batch_size
+    upd = res["update forward"] + res["update backward"] + res["update step"]
+    rows = [["s", *res.values(), upd * updates]]
+    print(common.table(["", *res, f"train = {updates} updates"], rows,
+                       f"LoRA PPO phases ({dtype}, ours ZeRO-{a.zero}, batch {p.batch_size}, prompts padded to {P}, "
+                       f"{a.response_len} new tokens, mini batch {p.mini_batch_size}; load average "
+                       f"{lora_bench.load_avg()})"))
+    if a.torch_profile:
+        top_ops("ours, generation of the batch", generate)
+        top_ops("ours, rollout log-probs (actor + reference, values)", logprobs)
+        top_ops("ours, one minibatch update", update)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", choices=["sft", "ppo"], default="sft")
+    ap.add_argument("--zero", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--response-len", type=int, default=36)
+    ap.add_argument("--torch-profile", action="store_true")
+    a = ap.parse_args()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29563",
+                      DS_ACCELERATOR="cpu")
+    import torch
+
+    from stackllama_ds.engines import dist
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    dist.init("gloo", 120)
+    dtype = lora_bench.resolved_dtype()
+    print(f"# {common.machine()}; SmolLM2-135M-Instruct, LoRA as configs/smollm2.yaml, {dtype}, "
+          f"{torch.get_num_threads()} threads")
+    (profile_sft if a.stage == "sft" else profile_ppo)(a, dtype)
 
 
 if __name__ == "__main__":

@@ -73,12 +73,15 @@ def main() -> None:
         peft = LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
                           target_modules=lo["target_modules"], bias="none", task_type="SEQ_CLS")
         rows = [json.loads(x) for x in open(spec["data"])]
+        if spec.get("order"):  # our run's pairs in its order, read in sequence: both sides train on the same
+            rows = [rows[i] for i in spec["order"]]
         ds = Dataset.from_dict({"chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]})
         model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=base_dtype)
         model.config.pad_token_id = tok.pad_token_id
         tok.padding_side = "right"
         # +1: TRL appends EOS to each text; our loop scores the texts as they are.
-        args = RewardConfig(**common, max_length=spec["seq_length"] + 1)
+        args = RewardConfig(**common, max_length=spec["seq_length"] + 1,
+                            train_sampling_strategy="sequential" if spec.get("order") else "random")
         trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
                                 callbacks=[Clock()])
         per_step = spec["micro_batch"]

@@ -69,8 +69,9 @@ def main() -> None:
     mc = config(spec["model"])
     model = AutoModelForCausalLMWithValueHead.from_pretrained(spec["model"], config=mc, peft_config=peft,
                                                               torch_dtype=base_dtype)
-    reward = AutoModelForSequenceClassification.from_pretrained(spec["model"], config=config(spec["model"]),
-                                                                num_labels=1, torch_dtype=base_dtype)
+    rc = config(spec["model"])
+    rc.num_labels = 1
+    reward = AutoModelForSequenceClassification.from_pretrained(spec["model"], config=rc, torch_dtype=base_dtype)
     reward.config.pad_token_id = tok.pad_token_id
     reward.eval()
     if spec["dtype"] == "bf16":
