@@ -122,6 +122,82 @@ def profile_sft(a, dtype: str) -> None:
         top_ops("plain (TRL's recipe), one SFT step", plain)
 
 
+def profile_rm(a, dtype: str) -> None:
+    """Our RM engine (as stages/rm.py builds it) vs a plain peft loop with autocast (TRL's recipe),
+    one forward over [chosen..., rejected...] of random ids at the benchmark's mean pair length."""
+    import torch
+    import torch.nn.functional as F
+
+    from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig, OptimConfig
+    from stackllama_ds.engines.build import build_train_engine
+    from stackllama_ds.models.load import DTYPES, apply_lora, load_reward_model
+
+    rc = lora_bench.smol()["rm"]
+    mb, T = rc["engine"]["micro_batch_size"], a.seq
+    folder = lora_bench.model_dir()
+    lora = LoraConfig(enabled=True, **lora_bench.lora_spec(rc["lora"]))
+    ids = torch.randint(1, 49152, (2 * mb, T), generator=torch.Generator().manual_seed(0))
+
+    model = load_reward_model(folder, ModelConfig(name_or_path=str(folder)), pad_token_id=0, dtype="fp32", lora=lora)
+    eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
+    engine = build_train_engine(model, eng, OptimConfig(**rc.get("optim", {})), total_steps=100, grad_accum=1)
+
+    def loss_of(r: torch.Tensor) -> torch.Tensor:
+        r = r.squeeze(-1).float()
+        return -F.logsigmoid(r[:mb] - r[mb:]).mean()
+
+    def ours() -> dict[str, float]:
+        t0 = time.perf_counter()
+        loss = loss_of(engine(input_ids=ids).logits)
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        t2 = time.perf_counter()
+        engine.step()
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2}
+
+    from transformers import AutoModelForSequenceClassification
+
+    ref = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=DTYPES[dtype])
+    ref.config.pad_token_id = 0
+    ref = apply_lora(ref, lora, "SEQ_CLS", quantized=False)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    ref.train()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def plain() -> dict[str, float]:
+        t0 = time.perf_counter()
+        with ac:
+            loss = loss_of(ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2}
+
+    res: dict[str, list[dict]] = {"ours": [], "plain": []}
+    for _ in range(a.rounds):
+        res["ours"].append(timed(ours, a.steps))
+        res["plain"].append(timed(plain, a.steps))
+    rows = []
+    for k, v in res.items():
+        m = {x: common.median([r[x] for r in v]) for x in ("forward", "backward", "step")}
+        tot = sum(m.values())
+        rows.append([k, m["forward"], m["backward"], m["step"], tot, mb / tot])
+    print(common.table(["", "forward s", "backward s", "optimizer s", "step s", "pairs/s"], rows,
+                       f"LoRA RM step split ({dtype}, ours ZeRO-{a.zero}, {mb} pairs x {T} tokens, "
+                       f"load average {lora_bench.load_avg()})"))
+    if a.torch_profile:
+        top_ops("ours, one RM step", ours)
+        top_ops("plain (TRL's recipe), one RM step", plain)
+
+
 def profile_ppo(a, dtype: str) -> None:
     import torch
 
@@ -191,11 +267,12 @@ def profile_ppo(a, dtype: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=["sft", "ppo"], default="sft")
+    ap.add_argument("--stage", choices=["sft", "rm", "ppo"], default="sft")
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--response-len", type=int, default=36)
+    ap.add_argument("--seq", type=int, default=200, help="RM: tokens per answer row")
     ap.add_argument("--torch-profile", action="store_true")
     a = ap.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29563",
@@ -210,7 +287,7 @@ def main() -> None:
     dtype = lora_bench.resolved_dtype()
     print(f"# {common.machine()}; SmolLM2-135M-Instruct, LoRA as configs/smollm2.yaml, {dtype}, "
           f"{torch.get_num_threads()} threads")
-    (profile_sft if a.stage == "sft" else profile_ppo)(a, dtype)
+    {"sft": profile_sft, "rm": profile_rm, "ppo": profile_ppo}[a.stage](a, dtype)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,37 @@ def neutral_generation_config(model: nn.Module, pad_token_id: int):
         lm.generation_config = saved
 
 
+@contextmanager
+def merged_lora(model: nn.Module):
+    """Run with every active LoRA adapter merged into its base weight: no adapter matmuls per decoded
+    token (CPU, SmolLM2-135M, 8 x 36 tokens: -11% generation time). The base weights are restored
+    from a copy afterwards, bit for bit (a bf16 unmerge would drift the frozen base, i.e. the
+    reference policy). Sampling then follows W + BA rounded once in the model's dtype: the same
+    policy up to that rounding; the PPO log-probs still come from the unmerged forward. No-op for
+    plain models, quantized bases and ZeRO-3 partitioned weights.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft is a dependency; a plain model needs nothing merged
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
+    bases = [m.get_base_layer().weight for m in layers]
+    if not layers or any(not w.dtype.is_floating_point or hasattr(w, "ds_id") for w in bases):
+        yield
+        return
+    saved = [w.detach().clone() for w in bases]
+    try:
+        for m in layers:
+            m.merge()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, w, orig in zip(layers, bases, saved):
+                w.copy_(orig)
+                m.merged_adapters = []
+
+
 @torch.no_grad()
 def sample(
     policy: nn.Module,
@@ -131,7 +162,7 @@ def sample(
     was_training = policy.training
     policy.eval()
     ctx = torch.autocast("cpu", enabled=False) if input_ids.device.type == "cpu" else nullcontext()
-    with ctx, neutral_generation_config(policy, pad_token_id):
+    with ctx, neutral_generation_config(policy, pad_token_id), merged_lora(policy):
         out = policy.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=gc, synced_gpus=synced_gpus
         )

@@ -64,10 +64,11 @@ def zero3_init(eng: EngineConfig, mcfg: ModelConfig) -> Iterator[None]:
 
 
 def trainable_dtype(eng: EngineConfig) -> str:
-    """What a trainable model is loaded in: fp32, except under ZeRO-3, where it is the engine's own
-    dtype. A ZeRO-3 engine casts its partitions to that dtype and takes its fp32 master copy from
-    them, so the numbers are the same, and the host never holds fp32 partitions on the way."""
-    return eng.dtype if eng.zero_stage == 3 else "fp32"
+    """What a trainable model is loaded in: the engine's own dtype. Every DeepSpeed engine casts the
+    module to that dtype and takes its fp32 master copy (ZeRO partitions or BF16_Optimizer) from the
+    cast weights, so loading in fp32 first gives the same numbers and only costs host memory: a full
+    fp32 copy on the way (+270 MB peak RSS for SmolLM2-135M, +28 GB per 7B rank)."""
+    return eng.dtype
 
 
 def _quant_kwargs(mcfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -116,6 +117,22 @@ def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str, quantized: bo
     return get_peft_model(model, pc)
 
 
+def contiguous_head_input(model: nn.Module) -> nn.Module:
+    """Make the LM head's input contiguous before its matmul; returns ``model``.
+
+    The heads run on the last positions only (``logits_to_keep``, ``keep``): a strided slice of the
+    hidden states. torch's matmul does not fold a strided 3-D input against a weight that needs no
+    grad (a frozen or LoRA base) into one mm: it runs a bmm over the weight expanded and copied once
+    per row (B x V x H). Measured on SmolLM2-135M, bf16, 2 CPU threads: 0.21 s instead of 0.01 s
+    per (2, 37) head call, ~1 s per prefill of a batch of 8, ~3 s of a LoRA PPO step.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_contiguous_input", False):
+        head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+        head._contiguous_input = True
+    return model
+
+
 def load_causal_lm(
     path: str | os.PathLike[str],
     mcfg: ModelConfig,
@@ -138,7 +155,7 @@ def load_causal_lm(
         model = apply_lora(model, lora, "CAUSAL_LM", mcfg.quantization != "none")
     elif not trainable:
         model.requires_grad_(False)
-    return model
+    return contiguous_head_input(model)
 
 
 def empty_causal_lm(path: str | os.PathLike[str], mcfg: ModelConfig, *, dtype: str, device: torch.device,
@@ -154,7 +171,7 @@ def empty_causal_lm(path: str | os.PathLike[str], mcfg: ModelConfig, *, dtype: s
                                                  attn_implementation=mcfg.attn_implementation)
         if lora is not None and lora.enabled:
             model = apply_lora(model, lora, "CAUSAL_LM", quantized=False)
-    return model.to_empty(device=device)
+    return contiguous_head_input(model.to_empty(device=device))
 
 
 def load_reward_model(

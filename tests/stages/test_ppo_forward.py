@@ -68,3 +68,28 @@ def test_critic_values_match_full_width_formula():
     m = mask[:, 8:].bool()
     assert v.shape == (2, 5)
     torch.testing.assert_close(v[m], full[m], atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_forwards_are_the_same_at_any_forward_batch_size():
+    """ppo.forward_batch_size only changes how many rows share a forward: same figures per row
+    (rows padded together differ, trim_left_padding keeps the numbers)."""
+    from types import SimpleNamespace
+
+    from stackllama_ds.config import PPOConfig
+    from stackllama_ds.ppo_steps import Engines, rollout_forwards
+
+    torch.manual_seed(0)
+    actor = ActorWithValueHead(LlamaForCausalLM(LlamaConfig(**CFG)))
+    ref = LlamaForCausalLM(LlamaConfig(**CFG)).eval()
+    engine = SimpleNamespace(module=actor, eval=actor.eval, train=actor.train)  # what rollout_forwards uses
+    ids, mask = batch([2, 6, 4, 9, 1], P=10, T=7)
+    e = Engines(actor=engine, critic=None, ref=ref, reward=None, gen_copy=None)
+    outs = [rollout_forwards(e, ids, mask, 10, PPOConfig(mini_batch_size=1, gradient_accumulation_steps=1,
+                                                         batch_size=5, forward_batch_size=f))
+            for f in (None, 2, 5)]
+    m = mask[:, 10:].bool()
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert a.shape == b.shape == (5, 7)
+            torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
+    assert actor.training  # put back in train mode
