@@ -211,4 +211,5 @@ def train(cfg: RunConfig) -> None:
         run.end_step(save=state.step % ppo.save_every == 0 or state.step == ppo.steps)
 
     # step 9. export the policy as a HF causal-LM folder (LoRA merged; value head beside it)
+    del engines, actor, critic  # the export reads the checkpoint: free the engines' memory for it
     run.finish(run.dir / "model")

@@ -204,4 +204,5 @@ def train(cfg: RunConfig) -> None:
     # step 6. export the final checkpoint (LoRA merged, the trained score head kept), then DONE
     if run.rank == 0:
         write_json(run.dir / ACCURACY, {**last_eval, **counts})
+    del model, engine  # the export reads the checkpoint: free the engine's memory for it
     run.finish(runtime.rm_model_path(cfg))

@@ -108,4 +108,5 @@ def train(cfg: RunConfig) -> None:
         run.end_step(save=state.step % sc.save_every == 0 or state.step == sc.max_steps)
 
     # step 5. export the final checkpoint as a HF folder (full weights; LoRA merged, adapter kept)
+    del model, engine  # the export reads the checkpoint: free the engine's memory for it
     run.finish(runtime.sft_model_path(cfg))
