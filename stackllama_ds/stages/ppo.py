@@ -23,7 +23,7 @@ from stackllama_ds.data.prompts import load_prompts, prompt_batch
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.generate import sample
 from stackllama_ds.lifecycle import StageRun, checkpoint_meta
-from stackllama_ds.models.forward import critic_values, is_partitioned, policy_forward
+from stackllama_ds.models.forward import critic_values, policy_forward
 from stackllama_ds.models.load import load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
 from stackllama_ds.models.scoring import reward_scores
@@ -78,8 +78,8 @@ def train(cfg: RunConfig) -> None:
         if engines.gen_copy is not None:
             resp = sample(engines.gen_copy.refresh(actor), q_ids, q_mask, new_tokens, pad_id)
         else:
-            # ZeRO-3 without a copy: every rank must enter generate() or the all-gathers hang.
-            resp = sample(actor.module.policy, q_ids, q_mask, new_tokens, pad_id, synced_gpus=is_partitioned(actor))
+            # ZeRO-3 without a copy: every rank runs the same new_tokens forwards, each all-gathering.
+            resp = sample(actor.module.policy, q_ids, q_mask, new_tokens, pad_id)
         r_mask = cut_at_eos(resp, eos)  # (B, T); tokens after the first EOS are masked everywhere
         ids, mask = torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1)
         texts = tok.batch_decode(resp.masked_fill(r_mask == 0, pad_id), skip_special_tokens=True)

@@ -68,8 +68,10 @@ def scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     # on CPU (same scores, see tests/stages/test_rm.py). HF reads the score at the last non-pad id.
     # Rows run in up to two length groups, each cut to its own longest: ~20% fewer padded tokens
     # on StackLLaMA-like pairs (ZeRO-3: always two, so every rank runs the same forwards).
-    r = right_padded_scores(lambda x: engine(input_ids=x).logits.squeeze(-1), batch["input_ids"].to(engine.device),
-                            batch["attention_mask"].sum(1), groups=2 if is_partitioned(engine) else None)  # (2B,)
+    # use_cache=False: else every layer copies its keys and values into a cache nobody reads.
+    r = right_padded_scores(lambda x: engine(input_ids=x, use_cache=False).logits.squeeze(-1),
+                            batch["input_ids"].to(engine.device), batch["attention_mask"].sum(1),
+                            groups=2 if is_partitioned(engine) else None)  # (2B,)
     half = r.shape[0] // 2
     return r[:half], r[half:]
 

@@ -8,6 +8,7 @@ import torch
 
 from stackllama_ds.engines.generate import merged_lora, sample
 from stackllama_ds.models.padding import pad, position_ids_from_mask
+from tests.models.test_plain_sampling import raw_softmax_sampling
 
 VOCAB, PAD = 64, 0
 
@@ -67,13 +68,8 @@ def test_merged_sampling_draws_the_unmerged_policys_tokens():
     torch.manual_seed(7)
     got = sample(model, ids, mask, new, PAD)  # merged inside
     torch.manual_seed(7)
-    want = []
-    cur_ids, cur_mask = ids, mask
-    for _ in range(new):  # reference: raw softmax of full unmerged forwards, torch.multinomial as HF
-        nxt = torch.multinomial(torch.softmax(_logits(model, cur_ids, cur_mask)[:, -1].float(), -1), 1)
-        want.append(nxt)
-        cur_ids, cur_mask = torch.cat([cur_ids, nxt], 1), torch.cat([cur_mask, torch.ones_like(nxt)], 1)
-    assert torch.equal(got, torch.cat(want, 1))
+    want = raw_softmax_sampling(model, ids, mask, new)  # full unmerged forwards, no cache
+    assert torch.equal(got, want)
     assert not any(getattr(m, "merged", False) for m in model.modules())
 
 

@@ -33,13 +33,16 @@ def opinionated_model(tmp_path_factory):
     return model.eval()
 
 
-def _raw_softmax_sampling(model, ids, mask, new_tokens):
-    """Reference: each token drawn with torch.multinomial from softmax(logits) of a full forward."""
+def raw_softmax_sampling(model, ids, mask, new_tokens):
+    """Reference: each token drawn from softmax(logits) of a full forward (no cache), by the inverse
+    CDF of one uniform per row (float64), the draw ``sample`` makes."""
     out = []
     for _ in range(new_tokens):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-        nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1)  # (B, 1)
+        cdf = torch.softmax(logits[:, -1].double(), -1).cumsum(-1)
+        u = torch.rand(len(ids), 1, dtype=torch.float64) * cdf[:, -1:]
+        nxt = (cdf <= u).sum(-1, keepdim=True)  # the first token whose cdf exceeds u
         out.append(nxt)
         ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     return torch.cat(out, 1)
@@ -51,7 +54,7 @@ def test_sampling_ignores_the_models_generation_config(opinionated_model):
     torch.manual_seed(123)
     got = sample(opinionated_model, ids, mask, new, PAD)
     torch.manual_seed(123)
-    want = _raw_softmax_sampling(opinionated_model, ids, mask, new)
+    want = raw_softmax_sampling(opinionated_model, ids, mask, new)
     assert got.shape == (3, new)  # a leaked eos_token_id would have stopped early
     assert torch.equal(got, want)
     # the leaked settings would forbid these: repeated bigrams and the suppressed tokens 5, 6, 7
@@ -65,5 +68,18 @@ def test_top_k_leak_would_be_visible(opinionated_model):
     torch.manual_seed(123)
     leaked = opinionated_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24)
     torch.manual_seed(123)
-    want = _raw_softmax_sampling(opinionated_model, ids, mask, 24)
+    want = raw_softmax_sampling(opinionated_model, ids, mask, 24)
     assert leaked.shape[1] - ids.shape[1] != 24 or not torch.equal(leaked[:, ids.shape[1]:], want)
+
+
+def test_draw_follows_the_softmax():
+    """draw(): frequencies of 200k draws match softmax(logits); a -inf logit is never drawn."""
+    from stackllama_ds.engines.generate import draw
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = p.log().expand(200_000, 5)  # log 0 = -inf
+    torch.manual_seed(0)
+    freq = torch.bincount(draw(logits), minlength=5).double() / 200_000
+    assert freq[4] == 0
+    # 4 standard errors of a binomial share at n = 200k: < 0.0045
+    assert (freq - p.double()).abs().max().item() < 0.0045
