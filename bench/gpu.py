@@ -9,6 +9,8 @@ tokenizer trained on the beer dump), bf16, all GPUs of the node:
 - SFT tokens/s and MFU (6 x params FLOP per token over the bf16 rate of an 8192^3 matmul measured
   here) under ZeRO-2 and ZeRO-3;
 - PPO: rollout tokens/s (t_generate) and the step time split, ZeRO-2 actor;
+- LoRA PPO as configs/smollm2.yaml (issue 16) on the ~1B model and on SmolLM2-135M (when fetched):
+  the step split and generation's share of the step;
 - RM pairs/s.
 Peak GPU memory per GPU is sampled with nvidia-smi while each run goes (the stages run in their
 own processes).
@@ -125,14 +127,16 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_stage(root: Path, stage: str, name: str, gpus: int, **sections) -> tuple[list[dict], float]:
+def run_stage(root: Path, stage: str, name: str, gpus: int, model_dir: Path | None = None,
+              **sections) -> tuple[list[dict], float]:
+    """One stage in its own processes; PPO's sft/model and rm/model are ``model_dir`` (default the ~1B)."""
     run = root / f"gpu-{name}"
     shutil.rmtree(run, ignore_errors=True)
     cfg = common.write_config(run, root=root, model=MODEL_1B, launch={"nproc_per_node": gpus}, **sections)
     if stage == "ppo":
         for s in ("sft", "rm"):
             (run / s).mkdir(parents=True, exist_ok=True)
-            (run / s / "model").symlink_to(root / "tiny")
+            (run / s / "model").symlink_to(model_dir or root / "tiny")
     env = child_env()
     env["GPU_CHECK_RUN"] = f"bench-{name}"
     with GpuPeak() as peak:
@@ -187,6 +191,12 @@ def bench(argv: list[str]) -> int:
                            "peak_gb": peak / 1024})
     print(common.table(["SFT bf16", "tokens/s", "tokens/s/GPU", "MFU", "peak GB/GPU"], sft_rows, "SFT"))
 
+    def save() -> None:  # after each part: a step stopped by gpu_check.sh's timeout keeps what it measured
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1))
+
+    save()
+
     rows, peak = run_stage(root, "ppo", "ppo", gpus, ppo={
         "steps": a.ppo_steps, "batch_size": 16, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
         "ppo_epochs": 4, "response_min_length": 128, "response_max_length": 128, "max_prompt_length": 512,
@@ -203,6 +213,36 @@ def bench(argv: list[str]) -> int:
                          avg["t_train"], step_s, peak / 1024]], "PPO (batch 16/GPU, 128 new tokens, 4 epochs)"))
     res["ppo"] = {**avg, "rollout_tokens_s": rollout_tps, "step_s": step_s, "peak_gb": peak / 1024,
                   "steps_averaged": len(rows)}
+    save()
+
+    # LoRA PPO as configs/smollm2.yaml and bench/lora_bench.py (issue 16): r16 on q/v, the reference =
+    # the adapter disabled, batch 8, mini batch 2, 2 epochs, on the ~1B model and on SmolLM2-135M.
+    # Goal: generation <= 50% of the step (peers report 80-90%).
+    res["ppo_lora"], lora_rows = [], []
+    smol = Path(os.environ.get("STACKLLAMA_CACHE", Path.home() / ".cache" / "stackllama-ds")) / "models" / "smollm2-135m"
+    for label, mdir in (("~1B Llama", root / "tiny"), ("SmolLM2-135M", smol)):
+        if not (mdir / "config.json").exists():
+            print(f"LoRA PPO on {label}: {mdir} not there (stackllama-ds fetch-model): skipped")
+            continue
+        rows, peak = run_stage(root, "ppo", f"ppo-lora-{mdir.name}", gpus, model_dir=mdir, ppo={
+            "steps": a.ppo_steps, "batch_size": 8, "mini_batch_size": 2, "forward_batch_size": 8,
+            "gradient_accumulation_steps": 1, "ppo_epochs": 2, "response_min_length": 48, "response_max_length": 48,
+            "max_prompt_length": 320, "early_stopping": False, "save_every": 10_000, "log_samples": 0,
+            "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05},
+            "actor": {"zero_stage": 2, "dtype": "bf16"}, "reward": {"zero_stage": 0, "dtype": "bf16"}})
+        rows = rows[min(2, len(rows) - 1):]
+        avg = {k: sum(x[k] for x in rows) / len(rows) for k in keys}
+        step_s = sum(avg[k] for k in keys[:4])
+        tps = 8 * gpus * avg["response_len"] / avg["t_generate"]
+        lora_rows.append([label, tps, avg["t_generate"], avg["t_score"], avg["t_logprobs"], avg["t_train"], step_s,
+                          f"{100 * avg['t_generate'] / step_s:.0f}%", peak / 1024])
+        res["ppo_lora"].append({"model": label, **avg, "rollout_tokens_s": tps, "step_s": step_s,
+                                "generate_share": avg["t_generate"] / step_s, "peak_gb": peak / 1024})
+    if lora_rows:
+        print(common.table(["LoRA PPO", "rollout tok/s", "generate s", "score s", "log-probs s", "train s", "step s",
+                            "generate share", "peak GB/GPU"], lora_rows,
+                           "LoRA PPO (batch 8/GPU, mini batch 2, 2 epochs, 48 new tokens; goal: generate <= 50%)"))
+    save()
 
     rows, peak = run_stage(root, "rm", "rm", gpus, rm={
         "init_from": str(root / "tiny"), "max_length": 512, "max_steps": a.steps, "eval_every": 10_000,
@@ -212,8 +252,7 @@ def bench(argv: list[str]) -> int:
     pairs_s = 8 * gpus / (sum(dts) / len(dts))
     print(common.table(["RM bf16", "pairs/s", "peak GB/GPU"], [["ZeRO-2", pairs_s, peak / 1024]], "RM"))
     res["rm"] = {"pairs_s": pairs_s, "peak_gb": peak / 1024}
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+    save()
     return 0
 
 

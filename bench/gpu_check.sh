@@ -379,7 +379,7 @@ for lane in "${lanes[@]}"; do
 done
 wait
 # 6. bench/gpu.py alone on the GPU, short
-step bench 300 "$PY" bench/gpu.py --steps 6 --warmup 2 --ppo-steps 3 --out "$WORK/bench" --data "$WORK/shared/data" \
+step bench 360 "$PY" bench/gpu.py --steps 6 --warmup 2 --ppo-steps 3 --out "$WORK/bench" --data "$WORK/shared/data" \
   --json "$OUT/bench_gpu.json"
 # 7
 mkdir -p "$OUT/metrics"
