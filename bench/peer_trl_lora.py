@@ -80,7 +80,9 @@ def main() -> None:
         model.config.pad_token_id = tok.pad_token_id
         tok.padding_side = "right"
         # +1: TRL appends EOS to each text; our loop scores the texts as they are.
-        args = RewardConfig(**common, max_length=spec["seq_length"] + 1,
+        # disable_dropout=False: RewardConfig defaults to True and then zeroes every dropout, LoRA's
+        # too; the config both sides run (and the blog's reward script) trains with LoRA dropout 0.1.
+        args = RewardConfig(**common, max_length=spec["seq_length"] + 1, disable_dropout=False,
                             train_sampling_strategy="sequential" if spec.get("order") else "random")
         trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
                                 callbacks=[Clock()])
