@@ -1,6 +1,6 @@
 """Peak host memory per rank while PPO builds its engines, with and without partitioned loading.
 
-    python bench/zero3_load_rss.py [--hidden 1536 --layers 16]    # ~0.55B-parameter Llama, 2 ranks
+    python bench/zero3_load_rss.py [--hidden 1536 --layers 16] [--nproc 4]   # ~0.6B-parameter Llama, 2 ranks
 
 Builds (once) a random Llama of ~0.5B parameters saved in fp32 as ``sft/model`` (causal LM, SmolLM2's
 tokenizer when fetched, else the tiny kit's) and ``rm/model`` (the same body with a score head), then
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--dtype", default="auto", help="engines' dtype (auto: bf16 where the CPU runs it natively)")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks (the partitions shrink as 1/nproc)")
     ap.add_argument("--worker", choices=["before", "after"])
     a = ap.parse_args()
     root = OUT / "root"
@@ -128,7 +129,7 @@ def main() -> None:
     n = json.loads((root / "params.json").read_text())["params"]
     cfg = {
         "output_root": str(root), "model": {"name_or_path": str(root / "sft" / "model")},
-        "launch": {"nproc_per_node": 2},
+        "launch": {"nproc_per_node": a.nproc},
         "ppo": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05},
                 "actor": {"zero_stage": 3, "dtype": a.dtype}, "reward": {"zero_stage": 3, "dtype": a.dtype},
                 "gather_generation": True},
@@ -139,12 +140,12 @@ def main() -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     rows = {}
     for variant in ("before", "after"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--master_port", "29533",
                __file__, "--worker", variant]
         subprocess.run(cmd, check=True, env=env, cwd=REPO)
-        rows[variant] = [json.loads((OUT / f"{variant}-rank{r}.json").read_text()) for r in range(2)]
+        rows[variant] = [json.loads((OUT / f"{variant}-rank{r}.json").read_text()) for r in range(a.nproc)]
     fp32_gb = n * 4 / 2**30
-    print(f"\nPPO engine construction, 2 CPU ranks, Llama {n / 1e6:.0f}M parameters (fp32 {fp32_gb:.2f} GiB), "
+    print(f"\nPPO engine construction, {a.nproc} CPU ranks, Llama {n / 1e6:.0f}M parameters (fp32 {fp32_gb:.2f} GiB), "
           "actor + reward at ZeRO-3, LoRA, generation copy")
     marks = list(rows["before"][0])
     print("| variant | rank | " + " | ".join(f"peak after {k}" for k in marks) + " |")
