@@ -87,6 +87,24 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
+
+def _union_branch(raw: object, loc: tuple[str, ...]) -> bool:
+    """pydantic names the member of a union a value failed (``data.posts.list[str]``): the last
+    element of ``loc`` is then not a key of the raw input at ``loc[:-1]``."""
+    node = raw
+    for k in loc[:-1]:
+        if isinstance(node, dict) and k in node:
+            node = node[k]
+        elif isinstance(node, list) and k.isdigit() and int(k) < len(node):
+            node = node[int(k)]
+        else:
+            return False
+    if isinstance(node, dict):
+        return loc[-1] not in node
+    if isinstance(node, list):
+        return not loc[-1].isdigit()
+    return True  # a scalar has no keys: the tag of a union member
+
 def load_config(
     path: str | os.PathLike[str] | None,
     overrides: list[str] | None = None,
@@ -151,9 +169,11 @@ def load_config(
     except RecursionError:  # a recursive YAML alias (a: &x [*x])
         raise ConfigError([f"{src}: invalid YAML: a value refers to itself (recursive alias)"]) from None
     except ValidationError as e:
-        msgs = []
+        msgs: dict[tuple[str, ...], list[str]] = {}  # one line per field, in order
         for err in e.errors():
             loc = tuple(str(x) for x in err["loc"])
+            if len(loc) > 1 and err["type"] != "missing" and _union_branch(raw, loc):
+                loc = loc[:-1]  # a union (str | list[str]) reports each member: one field, one line
             dotted = ".".join(loc) or "<root>"
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
@@ -162,8 +182,9 @@ def load_config(
                 msg = "required field missing"
             elif "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):
                 msg = f"{msg} (got {err['input']!r})"
-            msgs.append(f"{where(loc)}: {dotted}: {msg.removeprefix('Value error, ')}")
-        raise ConfigError(msgs) from None
+            msgs.setdefault(loc, []).append(msg.removeprefix("Value error, "))
+        raise ConfigError([f"{where(loc)}: {'.'.join(loc) or '<root>'}: {' | '.join(dict.fromkeys(m))}"
+                           for loc, m in msgs.items()]) from None
     base = Path(path).resolve().parent if path is not None else Path.cwd()
     cfg.config_path = str(Path(path).resolve()) if path is not None else None
     ws = world_size if world_size is not None else cfg.world_size

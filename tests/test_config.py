@@ -165,3 +165,18 @@ def test_presets_match_generator(name):
     from stackllama_ds.engines.ds_config import preset
 
     assert json.loads((REPO / "ds_configs" / f"{name}.json").read_text()) == preset(name)
+
+
+@pytest.mark.parametrize("value, lines", [({"nested": 1}, 1), (5, 1)])
+def test_a_union_field_is_one_error_line(tmp_path, value, lines):
+    """data.posts is str | list[str]: pydantic reports each member; the user gets one line for the field
+    (a hypothesis example of tests/test_config_fuzz.py), and a missing field is still named itself."""
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump({"data": {"posts": value}, "sft": {"engine": {"dtype": "fp99"}}}))
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, world_size=2, check_files=False)
+    posts = [x for x in ei.value.lines if ": data.posts:" in x]
+    assert len(posts) == lines, ei.value.lines
+    assert posts[0].startswith(f"{f}:2:")
+    assert any(": sft.engine.dtype:" in x for x in ei.value.lines)  # a plain field keeps its own line
+    assert len(ei.value.lines) == 2
