@@ -50,6 +50,65 @@ def top_ops(name: str, fn: Callable[[], object]) -> None:
           + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
+def engine_step(engine, loss_fn: Callable[[], object]) -> Callable[[], dict[str, float]]:
+    """One timed step of a DeepSpeed engine: forward (``loss_fn``), backward, optimizer step."""
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        t2 = time.perf_counter()
+        engine.step()
+        return {"forward": t1 - t0, "backward": t2 - t1, "step": time.perf_counter() - t2}
+    return step
+
+
+def plain_lora(model, dtype: str, **adamw):
+    """TRL's recipe around a peft model: fp32 adapters, autocast to the run's dtype, fused AdamW with
+    grad-norm clipping. Returns ``step(loss_fn)`` -> a timed step like ``engine_step``."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    model.train()
+    opt = torch.optim.AdamW(params, fused=True, **adamw)
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def make(loss_fn: Callable[[], object]) -> Callable[[], dict[str, float]]:
+        def step() -> dict[str, float]:
+            t0 = time.perf_counter()
+            with ac:
+                loss = loss_fn()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return {"forward": t1 - t0, "backward": t2 - t1, "step": time.perf_counter() - t2}
+        return step
+    return make
+
+
+def compare(a, sides: dict[str, Callable[[], dict[str, float]]], per_step: float, unit: str, title: str) -> None:
+    """Alternate the sides for ``a.rounds``; print the median split and ``per_step / step s`` in ``unit``."""
+    res: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(a.rounds):
+        for k, fn in sides.items():
+            res[k].append(timed(fn, a.steps))
+    rows = []
+    for k, v in res.items():
+        m = {x: common.median([r[x] for r in v]) for x in ("forward", "backward", "step")}
+        tot = sum(m.values())
+        rows.append([k, m["forward"], m["backward"], m["step"], tot, per_step / tot])
+    print(common.table(["", "forward s", "backward s", "optimizer s", "step s", unit], rows,
+                       f"{title}, load average {lora_bench.load_avg()})"))
+    if a.torch_profile:
+        for k, fn in sides.items():
+            top_ops(f"{k}, one step", fn)
+
+
 def profile_sft(a, dtype: str) -> None:
     import torch
 
@@ -66,60 +125,19 @@ def profile_sft(a, dtype: str) -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     # (a) ours, as stages/sft.py builds it
-    model = load_causal_lm(folder, mcfg, dtype="fp32", lora=lora)
+    model = load_causal_lm(folder, mcfg, dtype=dtype, lora=lora)
     eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
     engine = build_train_engine(model, eng, OptimConfig(**sc["optim"]), total_steps=100, grad_accum=1)
-
-    def ours() -> dict[str, float]:
-        t0 = time.perf_counter()
-        out = engine(**batch)
-        t1 = time.perf_counter()
-        engine.backward(out.loss)
-        t2 = time.perf_counter()
-        engine.step()
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2}
 
     # (b) TRL's recipe: base in the run's dtype, fp32 adapters, autocast, fused AdamW, clipping
     from transformers import AutoModelForCausalLM
 
     ref = apply_lora(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]), lora, "CAUSAL_LM",
                      quantized=False)
-    params = [p for p in ref.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    ref.train()
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-    def plain() -> dict[str, float]:
-        t0 = time.perf_counter()
-        with ac:
-            out = ref(**batch)
-        t1 = time.perf_counter()
-        out.loss.backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2}
-
-    res: dict[str, list[dict]] = {"ours": [], "plain": []}
-    for _ in range(a.rounds):
-        res["ours"].append(timed(ours, a.steps))
-        res["plain"].append(timed(plain, a.steps))
-    rows = []
-    for k, v in res.items():
-        m = {x: common.median([r[x] for r in v]) for x in ("forward", "backward", "step")}
-        tot = sum(m.values())
-        rows.append([k, m["forward"], m["backward"], m["step"], tot, mb * seq / tot])
-    print(common.table(["", "forward s", "backward s", "optimizer s", "step s", "tok/s"], rows,
-                       f"LoRA SFT step split ({dtype}, ours ZeRO-{a.zero}, seq {seq} x micro {mb}, "
-                       f"load average {lora_bench.load_avg()})"))
-    if a.torch_profile:
-        top_ops("ours, one SFT step", ours)
-        top_ops("plain (TRL's recipe), one SFT step", plain)
+    plain = plain_lora(ref, dtype, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    compare(a, {"ours": engine_step(engine, lambda: engine(**batch, use_cache=False).loss),
+                "plain (TRL's recipe)": plain(lambda: ref(**batch, use_cache=False).loss)},
+            mb * seq, "tok/s", f"LoRA SFT step split ({dtype}, ours ZeRO-{a.zero}, seq {seq} x micro {mb}")
 
 
 def profile_rm(a, dtype: str) -> None:
@@ -138,7 +156,7 @@ def profile_rm(a, dtype: str) -> None:
     lora = LoraConfig(enabled=True, **lora_bench.lora_spec(rc["lora"]))
     ids = torch.randint(1, 49152, (2 * mb, T), generator=torch.Generator().manual_seed(0))
 
-    model = load_reward_model(folder, ModelConfig(name_or_path=str(folder)), pad_token_id=0, dtype="fp32", lora=lora)
+    model = load_reward_model(folder, ModelConfig(name_or_path=str(folder)), pad_token_id=0, dtype=dtype, lora=lora)
     eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
     engine = build_train_engine(model, eng, OptimConfig(**rc.get("optim", {})), total_steps=100, grad_accum=1)
 
@@ -146,56 +164,15 @@ def profile_rm(a, dtype: str) -> None:
         r = r.squeeze(-1).float()
         return -F.logsigmoid(r[:mb] - r[mb:]).mean()
 
-    def ours() -> dict[str, float]:
-        t0 = time.perf_counter()
-        loss = loss_of(engine(input_ids=ids).logits)
-        t1 = time.perf_counter()
-        engine.backward(loss)
-        t2 = time.perf_counter()
-        engine.step()
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2}
-
     from transformers import AutoModelForSequenceClassification
 
     ref = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=DTYPES[dtype])
     ref.config.pad_token_id = 0
     ref = apply_lora(ref, lora, "SEQ_CLS", quantized=False)
-    params = [p for p in ref.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    ref.train()
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-    def plain() -> dict[str, float]:
-        t0 = time.perf_counter()
-        with ac:
-            loss = loss_of(ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2}
-
-    res: dict[str, list[dict]] = {"ours": [], "plain": []}
-    for _ in range(a.rounds):
-        res["ours"].append(timed(ours, a.steps))
-        res["plain"].append(timed(plain, a.steps))
-    rows = []
-    for k, v in res.items():
-        m = {x: common.median([r[x] for r in v]) for x in ("forward", "backward", "step")}
-        tot = sum(m.values())
-        rows.append([k, m["forward"], m["backward"], m["step"], tot, mb / tot])
-    print(common.table(["", "forward s", "backward s", "optimizer s", "step s", "pairs/s"], rows,
-                       f"LoRA RM step split ({dtype}, ours ZeRO-{a.zero}, {mb} pairs x {T} tokens, "
-                       f"load average {lora_bench.load_avg()})"))
-    if a.torch_profile:
-        top_ops("ours, one RM step", ours)
-        top_ops("plain (TRL's recipe), one RM step", plain)
+    plain = plain_lora(ref, dtype, lr=1e-4)
+    compare(a, {"ours": engine_step(engine, lambda: loss_of(engine(input_ids=ids, use_cache=False).logits)),
+                "plain (TRL's recipe)": plain(lambda: loss_of(ref(input_ids=ids, use_cache=False).logits))},
+            mb, "pairs/s", f"LoRA RM step split ({dtype}, ours ZeRO-{a.zero}, {mb} pairs x {T} tokens")
 
 
 def profile_ppo(a, dtype: str) -> None:
