@@ -200,7 +200,7 @@ def profile_ppo(a, dtype: str) -> None:
 
     def generate() -> dict[str, float]:
         t0 = time.perf_counter()
-        resp = sample(actor.module.policy, q_ids, q_mask, a.response_len, tok.pad_token_id)
+        resp = sample(actor.module.policy, q_ids, q_mask, a.response_len)
         state["ids"] = torch.cat([q_ids, resp], 1)
         state["mask"] = torch.cat([q_mask, cut_at_eos(resp, tok.eos_token_id)], 1)
         return {"generate": time.perf_counter() - t0}

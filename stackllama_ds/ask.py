@@ -113,7 +113,7 @@ def ask(run: RunModels, question: str, samples: int = 1, seed: int = 0, max_new_
         ids, mask = (place(t) for t in pad([tok(format_prompt(question))["input_ids"]] * samples,
                                             tok.pad_token_id, "left"))  # (N, P)
         torch.manual_seed(seed)  # the same seed for every model: common random numbers
-        r = sample(lm, ids, mask, max_new_tokens, tok.pad_token_id)  # (N, max_new_tokens)
+        r = sample(lm, ids, mask, max_new_tokens)  # (N, max_new_tokens)
         m = cut_at_eos(r, tok.eos_token_id)
         decoded = tok.batch_decode(r.masked_fill(m == 0, tok.pad_token_id).cpu(), skip_special_tokens=True)
         texts[name] = (decoded, m.sum(1).tolist(), (r == tok.eos_token_id).any(1).tolist())

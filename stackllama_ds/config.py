@@ -251,7 +251,7 @@ class PPOConfig(_Strict):
     batch_size: int = Field(8, ge=1)  # rollouts per rank per PPO step
     mini_batch_size: int = Field(1, ge=1)
     # Rows per no-grad rollout forward (actor, reference, critic log-probs and values). None: the
-    # mini batch, as TRL. Larger runs fewer, wider forwards (CPU LoRA SmolLM2, batch 8: 8 rows
+    # mini batch, as TRL (filled in on validation). Larger runs fewer, wider forwards (CPU LoRA SmolLM2, batch 8: 8 rows
     # instead of 2 cut that phase ~25%), at the cost of (rows, response, vocab) fp32 logits at once.
     forward_batch_size: int | None = Field(None, ge=1)
     gradient_accumulation_steps: int = Field(8, ge=1)
@@ -308,6 +308,8 @@ class PPOConfig(_Strict):
         for eng in (self.actor, self.critic):
             eng.micro_batch_size = self.mini_batch_size
             eng.gradient_accumulation_steps = self.gradient_accumulation_steps
+        if self.forward_batch_size is None:
+            self.forward_batch_size = self.mini_batch_size
         return self
 
 

@@ -87,7 +87,6 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-
 def _union_branch(raw: object, loc: tuple[str, ...]) -> bool:
     """pydantic names the member of a union a value failed (``data.posts.list[str]``): the last
     element of ``loc`` is then not a key of the raw input at ``loc[:-1]``."""
@@ -104,6 +103,7 @@ def _union_branch(raw: object, loc: tuple[str, ...]) -> bool:
     if isinstance(node, list):
         return not loc[-1].isdigit()
     return True  # a scalar has no keys: the tag of a union member
+
 
 def load_config(
     path: str | os.PathLike[str] | None,

@@ -397,9 +397,8 @@ def plan_ppo(cfg: RunConfig, shape: ModelShape, world: int, budget: float, devic
                                        attn=attn, padded=True, device=device), device=device))
     if not p.lora.enabled:
         engines.append(engine_estimate("reference", shape, p.reference, world,
-                                       Workload(p.forward_batch_size or p.mini_batch_size, seq, "lm", train=False,
-                                                attn=attn, padded=True,
-                                                device=device),
+                                       Workload(p.forward_batch_size, seq, "lm", train=False, attn=attn,
+                                                padded=True, device=device),
                                        quant=q, trainable=False, device=device))
     if p.rule_reward is None:
         # The reward engine scores the whole rollout batch in one forward (right-padded, no mask).

@@ -125,9 +125,8 @@ def rollout_forwards(e: Engines, ids: torch.Tensor, mask: torch.Tensor, P: int, 
     """Actor, reference and critic forwards over the rollout, ``ppo.forward_batch_size`` rows at a time."""
     e.actor.eval()
     chunks: list[RolloutForwards] = []
-    step = p.forward_batch_size or p.mini_batch_size
-    for s in range(0, ids.shape[0], step):
-        rows = slice(s, s + step)
+    for s in range(0, ids.shape[0], p.forward_batch_size):
+        rows = slice(s, s + p.forward_batch_size)
         lp, values, logits = policy_forward(e.actor.module, ids[rows], mask[rows], P)
         if e.ref is None:
             ref_lp, _, ref_logits = policy_forward(e.actor.module, ids[rows], mask[rows], P, disable_adapter=True)

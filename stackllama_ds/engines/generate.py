@@ -100,7 +100,6 @@ def sample(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     new_tokens: int,
-    pad_token_id: int,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Plain sampling (no top-k/top-p, no penalties, no min_length) for exactly ``new_tokens``.
@@ -110,9 +109,8 @@ def sample(
     generation_config.json can apply. EOS does not stop generation: every rank runs the same number
     of forwards (a ZeRO-3 actor all-gathers in each one) and the caller cuts each response at its
     first EOS, as StackLLaMA did. LoRA adapters are merged for the call (``merged_lora``). Left-
-    padded prompts: positions skip the padding, as HF generate computes them. Returns (B, new_tokens).
+    padded prompts: the mask and positions skip the padding, as HF generate does. Returns (B, new_tokens).
     """
-    del pad_token_id  # positions and the attention mask carry the padding
     was_training = policy.training
     policy.eval()
     ctx = torch.autocast("cpu", enabled=False) if input_ids.device.type == "cpu" else nullcontext()

@@ -46,6 +46,5 @@ def reward_scores(reward, tok, questions: list[str], responses: list[str], devic
     ids, mask = pad(enc, tok.pad_token_id, "right")
     # HF reads the score at the last non-pad token; with right padding that is the last real one,
     # and no real token sees a pad under the causal mask, so no padding mask (SDPA's fused path).
-    return right_padded_scores(lambda x: reward(input_ids=x, use_cache=False).logits[:, 0].float(), ids.to(device),
-                               mask.sum(1),
-                               groups=2 if is_partitioned(reward) else None).cpu()
+    return right_padded_scores(lambda x: reward(input_ids=x, use_cache=False).logits[:, 0].float(),
+                               ids.to(device), mask.sum(1), groups=2 if is_partitioned(reward) else None).cpu()

@@ -158,7 +158,7 @@ def run(cfg: RunConfig) -> None:
             for j, _ in mine:
                 q_ids, q_mask = prompts[j]
                 torch.manual_seed(cfg.seed * 1_000_003 + j)  # per batch, not per rank: world-size independent
-                r = sample(lm, q_ids, q_mask, e.max_new_tokens, pad_id)  # (B, max_new_tokens)
+                r = sample(lm, q_ids, q_mask, e.max_new_tokens)  # (B, max_new_tokens)
                 resp[name][j] = (r, cut_at_eos(r, eos))
             for pol, ref in KL_PAIRS.items():  # the policy on its own samples, then the reference on them
                 if name in (pol, ref) and pol in resp and ref in models:

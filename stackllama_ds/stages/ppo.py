@@ -75,11 +75,9 @@ def train(cfg: RunConfig) -> None:
         P = q_ids.shape[1]
         new_tokens = random.Random(f"{cfg.seed}-len-{state.step}").randint(ppo.response_min_length,
                                                                            ppo.response_max_length)
-        if engines.gen_copy is not None:
-            resp = sample(engines.gen_copy.refresh(actor), q_ids, q_mask, new_tokens, pad_id)
-        else:
-            # ZeRO-3 without a copy: every rank runs the same new_tokens forwards, each all-gathering.
-            resp = sample(actor.module.policy, q_ids, q_mask, new_tokens, pad_id)
+        # ZeRO-3 without a copy: every rank runs the same new_tokens forwards, each all-gathering.
+        policy = actor.module.policy if engines.gen_copy is None else engines.gen_copy.refresh(actor)
+        resp = sample(policy, q_ids, q_mask, new_tokens)
         r_mask = cut_at_eos(resp, eos)  # (B, T); tokens after the first EOS are masked everywhere
         ids, mask = torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1)
         texts = tok.batch_decode(resp.masked_fill(r_mask == 0, pad_id), skip_special_tokens=True)

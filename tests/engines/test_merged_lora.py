@@ -66,7 +66,7 @@ def test_merged_sampling_draws_the_unmerged_policys_tokens():
     ids, mask = pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD, "left")
     new = 16
     torch.manual_seed(7)
-    got = sample(model, ids, mask, new, PAD)  # merged inside
+    got = sample(model, ids, mask, new)  # merged inside
     torch.manual_seed(7)
     want = raw_softmax_sampling(model, ids, mask, new)  # full unmerged forwards, no cache
     assert torch.equal(got, want)

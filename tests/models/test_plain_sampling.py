@@ -52,7 +52,7 @@ def test_sampling_ignores_the_models_generation_config(opinionated_model):
     ids, mask = pad([[3, 9, 12, 4], [8, 2], [40, 41, 42]], PAD, "left")
     new = 24
     torch.manual_seed(123)
-    got = sample(opinionated_model, ids, mask, new, PAD)
+    got = sample(opinionated_model, ids, mask, new)
     torch.manual_seed(123)
     want = raw_softmax_sampling(opinionated_model, ids, mask, new)
     assert got.shape == (3, new)  # a leaked eos_token_id would have stopped early
