@@ -37,10 +37,11 @@ def load_tokenizer(path: str | os.PathLike[str], padding_side: str = "left"):
 
 @contextmanager
 def zero3_init(eng: EngineConfig, mcfg: ModelConfig) -> Iterator[None]:
-    """Load models for a ZeRO-3 engine already partitioned: while open, ``from_pretrained`` builds
-    every parameter under ``deepspeed.zero.Init`` (transformers' HfDeepSpeedConfig) and reads the
-    checkpoint into the partitions, so no rank ever holds a whole copy on the host (8 ranks x 7B x
-    4 B would be 224 GB per node). No-op for other stages and for 8-/4-bit bases, which load straight
+    """Load models for a ZeRO-3 engine already partitioned: while open, ``load_causal_lm`` and
+    ``load_reward_model`` build every parameter under ``deepspeed.zero.Init`` (transformers'
+    HfDeepSpeedConfig) and read the checkpoint into the partitions, each rank only its own bytes
+    (``engines.zero3_load``), so no rank ever holds a whole copy on the host (8 ranks x 7B x 4 B
+    would be 224 GB per node). No-op for other stages and for 8-/4-bit bases, which load straight
     onto the rank's device. Adapters and heads added afterwards are partitioned by
     ``deepspeed.initialize``; the config must be the engine's own (same stage and dtype).
     """
@@ -61,6 +62,25 @@ def zero3_init(eng: EngineConfig, mcfg: ModelConfig) -> Iterator[None]:
     finally:
         unset_hf_deepspeed_config()
         del live
+
+
+def _zero3_live() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _from_pretrained(auto_cls, path: str | os.PathLike[str], mcfg: ModelConfig, td: torch.dtype,
+                     **config_kwargs) -> nn.Module:
+    if mcfg.quantization == "none" and _zero3_live():  # inside zero3_init: each rank reads its shards
+        from stackllama_ds.engines.zero3_load import partitioned_from_folder
+
+        model = partitioned_from_folder(auto_cls, path, dtype=td, attn_implementation=mcfg.attn_implementation,
+                                        **config_kwargs)
+        if model is not None:
+            return model
+    return auto_cls.from_pretrained(str(path), dtype=td, attn_implementation=mcfg.attn_implementation,
+                                    **config_kwargs, **_quant_kwargs(mcfg, td))
 
 
 def trainable_dtype(eng: EngineConfig) -> str:
@@ -145,10 +165,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     _quiet()
-    td = DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=td, attn_implementation=mcfg.attn_implementation, **_quant_kwargs(mcfg, td)
-    )
+    model = _from_pretrained(AutoModelForCausalLM, path, mcfg, DTYPES[dtype])
     if mcfg.quantization == "4bit":
         _no_cpu_repack(model)
     if lora is not None and lora.enabled:
@@ -186,14 +203,7 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification
 
     _quiet()
-    td = DTYPES[dtype]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path),
-        num_labels=1,
-        dtype=td,
-        attn_implementation=mcfg.attn_implementation,
-        **_quant_kwargs(mcfg, td),
-    )
+    model = _from_pretrained(AutoModelForSequenceClassification, path, mcfg, DTYPES[dtype], num_labels=1)
     model.config.pad_token_id = pad_token_id
     if mcfg.quantization == "4bit":
         _no_cpu_repack(model)

@@ -1,4 +1,5 @@
-"""Run by test_partitioned_load.py under torchrun (2 ranks): load a model under zero3_init and compare."""
+"""Run by test_partitioned_load.py under torchrun (2 ranks): load models under zero3_init, compare
+with whole loads of the same folders, and record which loader ran."""
 
 from __future__ import annotations
 
@@ -9,15 +10,43 @@ import sys
 import torch
 
 from stackllama_ds.config import EngineConfig, ModelConfig
-from stackllama_ds.engines import dist
+from stackllama_ds.engines import dist, zero3_load
 from stackllama_ds.engines.build import build_eval_engine
-from stackllama_ds.models.load import load_causal_lm, zero3_init
+from stackllama_ds.models.load import load_causal_lm, load_reward_model, zero3_init
+
+FILLED: list[bool] = []  # fill_partitions' answers, in call order
+_fill = zero3_load.fill_partitions
+zero3_load.fill_partitions = lambda model, folder: FILLED.append(_fill(model, folder)) or FILLED[-1]
+
+
+def variants(model_dir: str, out: str) -> dict[str, str]:
+    """Rank 0 saves: the tiny model in bf16 as 3+ shards; a tied-embedding Llama (SmolLM2's layout)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dirs = {"sharded_bf16": os.path.join(out, "sharded_bf16"), "tied": os.path.join(out, "tied")}
+    if dist.rank() == 0:
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        lm.save_pretrained(dirs["sharded_bf16"], max_shard_size="200KB")
+        torch.manual_seed(1)
+        cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        LlamaForCausalLM(cfg).save_pretrained(dirs["tied"])
+    dist.barrier()
+    return dirs
+
+
+def logit_diff(engine, plain, vocab: int) -> float:
+    ids = torch.arange(3, 19).view(2, 8) % vocab
+    with torch.no_grad():
+        a, b = engine(input_ids=ids).logits, plain(input_ids=ids).logits
+    return float((a.float() - b.float()).abs().max())
 
 
 def main(model_dir: str, out: str) -> None:
     dist.init("gloo")
     eng = EngineConfig(zero_stage=3, dtype="fp32", stage3_param_persistence_threshold=0)
     m = ModelConfig()
+    dirs = variants(model_dir, out)
     with zero3_init(eng, m):
         lm = load_causal_lm(model_dir, m, dtype="fp32", trainable=False)
     params = list(lm.parameters())
@@ -25,11 +54,19 @@ def main(model_dir: str, out: str) -> None:
     total = sum(p.ds_numel for p in params if hasattr(p, "ds_numel"))
     res = {"all_partitioned": all(hasattr(p, "ds_id") and p.numel() == 0 for p in params),
            "held": held, "total": total}
-    engine = build_eval_engine(lm, eng)
     plain = load_causal_lm(model_dir, m, dtype="fp32", trainable=False)
-    ids = torch.arange(3, 19).view(2, 8)
-    with torch.no_grad():
-        res["max_logit_diff"] = float((engine(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max())
+    res["max_logit_diff"] = logit_diff(build_eval_engine(lm, eng), plain, plain.config.vocab_size)
+    for name, d in dirs.items():  # bf16 shards read into fp32 partitions; one tensor for two names
+        with zero3_init(eng, m):
+            lm = load_causal_lm(d, m, dtype="fp32", trainable=False)
+        plain = load_causal_lm(d, m, dtype="fp32", trainable=False)
+        res[f"{name}_logit_diff"] = logit_diff(build_eval_engine(lm, eng), plain, plain.config.vocab_size)
+    # a reward model from a causal-LM folder: no score head in the checkpoint -> transformers' loader
+    with zero3_init(eng, m):
+        rm = load_reward_model(model_dir, m, pad_token_id=0, dtype="fp32")
+    rm_engine = build_eval_engine(rm, eng)
+    res["rm_score_shape"] = list(rm_engine(input_ids=torch.arange(3, 11).view(1, 8)).logits.shape)
+    res["filled"] = FILLED
     with open(os.path.join(out, f"rank{dist.rank()}.json"), "w") as f:
         json.dump(res, f)
     dist.destroy()
