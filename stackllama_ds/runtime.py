@@ -179,6 +179,9 @@ def seed_ranks(cfg: RunConfig) -> None:
     seed_all(cfg.seed * 1000 + dist.rank() + 1)
 
 
+RESUMES = "resumes.jsonl"  # <stage>/resumes.jsonl: {"checkpoint", "step", "time"} per resume
+
+
 def resume(engines: dict, ckpt_root: Path, log: Callable[[str], None] = print) -> tuple[TrainState, dict]:
     """Load the newest complete checkpoint, if any; half-written ones are ignored and removed."""
     cleanup_partial(ckpt_root)
@@ -190,6 +193,10 @@ def resume(engines: dict, ckpt_root: Path, log: Callable[[str], None] = print) -
         state, client = load_checkpoint(engines, ckpt)
     if dist.is_main():
         log(f"resumed from {ckpt} (step {state.step})")
+        # One line per resume beside the stage's metrics: an operator's (and a test's) record of
+        # preemptions and restarts, machine-readable.
+        with open(ckpt_root.parent / RESUMES, "a") as f:
+            f.write(json.dumps({"checkpoint": str(ckpt), "step": state.step, "time": time.time()}) + "\n")
     return state, client
 
 

@@ -66,6 +66,12 @@ def rows_of(stage_dir: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
 
+def resumes_of(stage_dir: Path) -> list[dict]:
+    """The stage's resume records (``runtime.RESUMES``), oldest first."""
+    p = stage_dir / "resumes.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
 def no_traceback(text: str) -> None:
     assert "Traceback (most recent call last)" not in text, text[-3000:]
 

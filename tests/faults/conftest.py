@@ -84,7 +84,9 @@ def sft_chain(prepared_root, tmp_path_factory) -> Chain:
     c.info["kill_ckpts"] = h.ckpt_names(c.ckpts)
 
     # 2. Rank 0 SIGKILLs itself between files of the step-8 save.
+    n_resumes = len(h.resumes_of(sft))
     c.runs["between_files"] = h.run("sft", c.cfg, STACKLLAMA_FAULT="ckpt_between_files")
+    c.info["between_files_resumes"] = h.resumes_of(sft)[n_resumes:]
     half = c.ckpts / ".tmp-step-8" / "state.pt"
     c.info["between_files_kill_t"] = half.stat().st_mtime if half.exists() else None
     c.info["between_files_ckpts"] = h.ckpt_names(c.ckpts)
@@ -136,7 +138,9 @@ def sft_chain(prepared_root, tmp_path_factory) -> Chain:
     c.info["nan_ckpts"] = h.ckpt_names(c.ckpts)
 
     # 7. The last run resumes from step 4 and finishes; compared with the reference.
+    n_resumes = len(h.resumes_of(sft))
     c.runs["final"] = h.run("sft", c.cfg)
+    c.info["final_resumes"] = h.resumes_of(sft)[n_resumes:]
     c.runs["reference"] = h.finish(ref, t_ref, timeout=600)
     c.ref_rows = h.rows_of(ref_root / "sft")
     return c

@@ -106,9 +106,11 @@ def long_runs(prepared_root, tmp_path_factory) -> dict[str, object]:
     if out["rm"].rc == 0:  # type: ignore[union-attr]
         (root / "rm" / "DONE").unlink()
         (root / "rm" / "accuracy.json").unlink()
+        n_resumes = len(h.resumes_of(root / "rm"))
         out["rm_rerun"] = h.run("rm", cfg, *SETS, STACKLLAMA_TEST_PHASE_SLEEP=f"final evaluation:{HANG_TIMEOUT_S + 5:g},"
                                                                               f"export:{SLOW_S:g}")
         out["rm_hang_report"] = _read(root / "rm" / "hang_report.json")
+        out["rm_rerun_resumes"] = h.resumes_of(root / "rm")[n_resumes:]
     return out
 
 
@@ -161,7 +163,8 @@ def test_rm_rerun_verifies_evaluates_and_exports_beyond_the_timeouts(long_runs):
              f"exit {r.rc}", r.wall_s, "nothing")
     assert r.rc == 0, r.err[-3000:]
     h.no_traceback(r.err)
-    assert f"resumed from {root / 'rm' / 'checkpoints' / 'step-2'}" in r.out
+    assert [(x["checkpoint"], x["step"]) for x in long_runs["rm_rerun_resumes"]] == [
+        (str(root / "rm" / "checkpoints" / "step-2"), 2)]
     assert long_runs["rm_hang_report"] is None
     assert (root / "rm" / "DONE").exists() and json.loads((root / "rm" / "accuracy.json").read_text())["step"] == 2
     assert r.wall_s > HANG_TIMEOUT_S + 5 + SLOW_S

@@ -47,7 +47,8 @@ def test_kill_between_checkpoint_files_keeps_previous(sft_chain):
              r.t_end - t_kill, "steps 5..8")
     assert r.rc not in (0, 75) and "rank 0" in r.err and "SIGKILL" in r.err, r.err[-3000:]
     h.no_traceback(r.err)
-    assert f"resumed from {sft_chain.ckpts / 'step-4'}" in r.out
+    assert [(x["checkpoint"], x["step"]) for x in sft_chain.info["between_files_resumes"]] == [
+        (str(sft_chain.ckpts / "step-4"), 4)]
     assert r.t_end - t_kill < KILL_EXIT_BOUND_S
     assert sft_chain.info["between_files_ckpts"] == {"step-4", ".tmp-step-8"}
 
@@ -108,7 +109,8 @@ def test_final_resume_equals_uninterrupted_run(sft_chain):
     r, ref = sft_chain.runs["final"], sft_chain.runs["reference"]
     assert ref.rc == 0, ref.err[-3000:]
     assert r.rc == 0, r.err[-3000:]
-    assert f"resumed from {sft_chain.ckpts / 'step-4'}" in r.out
+    assert [(x["checkpoint"], x["step"]) for x in sft_chain.info["final_resumes"]] == [
+        (str(sft_chain.ckpts / "step-4"), 4)]
     rows, ref_rows = h.rows_of(sft_chain.root / "sft"), sft_chain.ref_rows
     n = CHAIN_SFT["max_steps"]
     assert [x["step"] for x in rows] == list(range(1, n + 1)), "every step logged exactly once"

@@ -164,7 +164,9 @@ def test_sft_job_runs_ranks_on_both_nodes(slurm_cluster, prepared_root, tmp_path
 
 def _check_resumed(root: Path, log: str, max_steps: int) -> None:
     assert "restart 1" in log, log[-6000:]
-    assert re.search(r"resumed from .*step-\d+", log), log[-6000:]
+    resumes = [json.loads(x) for x in (root / "sft" / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["step"] >= 1, resumes  # the requeued run went on from its stop checkpoint
+    assert resumes[0]["checkpoint"] == str(root / "sft" / "checkpoints" / f"step-{resumes[0]['step']}")
     assert steps(root / "sft") == list(range(1, max_steps + 1)), "every step exactly once"
     assert (root / "sft" / "DONE").exists()
 
