@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,22 +144,24 @@ def read_into(entry: TensorEntry, start: int, out: torch.Tensor) -> None:
     out.copy_(staging.view(out.shape))
 
 
-def _checkpoint_names(model: nn.Module, index: dict[str, TensorEntry]) -> dict[str, str] | None:
+def _checkpoint_names(model: nn.Module, index: dict[str, TensorEntry]) -> dict[str, str | None] | None:
     """Model state name -> checkpoint name for every parameter and persistent buffer, allowing the
-    base-model prefix to be present on one side only (as transformers does); None when any name
-    or shape has no match (the caller falls back to transformers' own loading)."""
+    base-model prefix to be present on one side only (as transformers does). A head outside the
+    base model may be absent (-> None: a reward head on a causal-LM folder); None overall when a
+    shape differs or the base model itself lacks a tensor (the caller falls back to transformers)."""
     prefix = getattr(model, "base_model_prefix", "")
-    names: dict[str, str] = {}
+    names: dict[str, str | None] = {}
     for name, t in _state(model).items():
         candidates = [name]
         if prefix:
             candidates.append(name.removeprefix(prefix + ".") if name.startswith(prefix + ".") else f"{prefix}.{name}")
         hit = next((c for c in candidates if c in index), None)
-        shape = tuple(getattr(t, "ds_shape", t.shape))
-        if hit is None or index[hit].shape != shape:
+        if hit is None and (not prefix or name.startswith(prefix + ".")):
+            return None
+        if hit is not None and index[hit].shape != tuple(getattr(t, "ds_shape", t.shape)):
             return None
         names[name] = hit
-    return names
+    return names if any(v is not None for v in names.values()) else None
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -171,12 +174,13 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def fill_partitions(model: nn.Module, folder: str | os.PathLike[str]) -> bool:
+def fill_partitions(model: nn.Module, folder: str | os.PathLike[str]) -> list[str] | None:
     """Copy the checkpoint in ``folder`` into ``model`` (built under ``deepspeed.zero.Init``, not
     yet given to ``deepspeed.initialize``): each ZeRO parameter's own flat slice into its
-    ``ds_tensor``, whole tensors into the rest. Returns False, having written nothing, when the folder
-    has no safetensors checkpoint or its names/shapes do not match the model one to one (missing
-    heads, renamed keys): transformers' loader then handles it.
+    ``ds_tensor``, whole tensors into the rest. Returns the names of head tensors the folder lacks
+    (for the caller to initialise), or None, having written nothing, when the folder has no
+    safetensors checkpoint or does not match the model (renamed keys, other shapes): transformers'
+    loader then handles it.
     """
     import deepspeed.comm as ds_comm
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
@@ -184,18 +188,20 @@ def fill_partitions(model: nn.Module, folder: str | os.PathLike[str]) -> bool:
 
     index = checkpoint_index(folder)
     if index is None:
-        return False
+        return None
     names = _checkpoint_names(model, index)
     if names is None:
-        return False
+        return None
     state = _state(model)
     for t in state.values():
         if hasattr(t, "ds_tensor") and (t.ds_status != ZeroParamStatus.NOT_AVAILABLE
                             or getattr(t, "ds_secondary_tensor", None) is not None
                             or getattr(t.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme):
-            return False  # gathered, hierarchical (ZeRO++) or NVMe partitions: layouts this reader does not write
+            return None  # gathered, hierarchical (ZeRO++) or NVMe partitions: layouts this reader does not write
     with torch.no_grad():
         for name, t in state.items():
+            if names[name] is None:
+                continue
             entry = index[names[name]]
             if hasattr(t, "ds_tensor"):
                 # DeepSpeed's layout: rank r of the param's group holds flat elements
@@ -207,7 +213,7 @@ def fill_partitions(model: nn.Module, folder: str | os.PathLike[str]) -> bool:
                 part[count:].zero_()
             else:
                 read_into(entry, 0, t.data)
-    return True
+    return [name for name, hit in names.items() if hit is None]
 
 
 def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: torch.dtype,
@@ -240,6 +246,16 @@ def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: 
     with no_init_weights(), prevent_arange_dtype_change(), init, set_zero3_state():
         model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()  # tied embeddings: one parameter (and one checkpoint tensor) for both names
-    if not fill_partitions(model, folder):
+    missing = fill_partitions(model, folder)
+    if missing is None:
         return None
+    if missing:  # heads the folder lacks: transformers' own init of their modules, done on rank 0
+        owners = {n.rpartition(".")[0] for n in missing}
+        for mod_name, mod in model.named_modules():
+            if mod_name in owners:
+                with deepspeed.zero.GatheredParameters(list(mod.parameters(recurse=False)), modifier_rank=0):
+                    if deepspeed.comm.get_rank() == 0:
+                        model._init_weights(mod)
+        if deepspeed.comm.get_rank() == 0:
+            print(f"{folder}: {', '.join(sorted(missing))} not in the checkpoint: initialised", file=sys.stderr)
     return model.eval()  # as from_pretrained returns it

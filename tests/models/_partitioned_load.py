@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import deepspeed
 import torch
 
 from stackllama_ds.config import EngineConfig, ModelConfig
@@ -35,6 +36,10 @@ def variants(model_dir: str, out: str) -> dict[str, str]:
     return dirs
 
 
+def plain_lm(model_dir: str, m: ModelConfig):
+    return load_causal_lm(model_dir, m, dtype="fp32", trainable=False)
+
+
 def logit_diff(engine, plain, vocab: int) -> float:
     ids = torch.arange(3, 19).view(2, 8) % vocab
     with torch.no_grad():
@@ -61,11 +66,19 @@ def main(model_dir: str, out: str) -> None:
             lm = load_causal_lm(d, m, dtype="fp32", trainable=False)
         plain = load_causal_lm(d, m, dtype="fp32", trainable=False)
         res[f"{name}_logit_diff"] = logit_diff(build_eval_engine(lm, eng), plain, plain.config.vocab_size)
-    # a reward model from a causal-LM folder: no score head in the checkpoint -> transformers' loader
+    # a reward model from a causal-LM folder: the body read, the score head (absent) initialised
     with zero3_init(eng, m):
         rm = load_reward_model(model_dir, m, pad_token_id=0, dtype="fp32")
     rm_engine = build_eval_engine(rm, eng)
-    res["rm_score_shape"] = list(rm_engine(input_ids=torch.arange(3, 11).view(1, 8)).logits.shape)
+    ids = torch.arange(3, 11).view(1, 8)
+    with torch.no_grad():
+        scored = rm_engine(input_ids=ids, output_hidden_states=True)
+        body = plain_lm(model_dir, m)(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        res["rm_body_diff"] = float((scored.hidden_states[-1] - body).abs().max())
+    res["rm_score_shape"] = list(scored.logits.shape)
+    with deepspeed.zero.GatheredParameters([rm.score.weight]):
+        res["rm_score_std"] = float(rm.score.weight.std())
+        res["rm_score_sum"] = float(rm.score.weight.sum())  # the same on every rank
     res["filled"] = FILLED
     with open(os.path.join(out, f"rank{dist.rank()}.json"), "w") as f:
         json.dump(res, f)

@@ -29,10 +29,12 @@ def test_zero3_init_loads_each_rank_its_shard_with_the_same_logits(prepared_root
         assert res["max_logit_diff"] < 1e-5
         # bf16 shards into fp32 partitions, tied embeddings: the same numbers as a whole load
         assert res["sharded_bf16_logit_diff"] < 1e-5 and res["tied_logit_diff"] < 1e-5
-        # each rank read its own partitions (engines.zero3_load) for the three causal LMs; a reward
-        # model from a causal-LM folder (no score head saved) went through transformers' loader
-        assert res["filled"] == [True, True, True, False]
-        assert res["rm_score_shape"] == [1, 1]
+        # each rank read its own partitions (engines.zero3_load) for all four models; the reward model
+        # from a causal-LM folder has its body read and its absent score head initialised
+        assert res["filled"] == [[], [], [], ["score.weight"]]
+        assert res["rm_body_diff"] < 1e-5 and res["rm_score_shape"] == [1, 1]
+        assert 0.01 < res["rm_score_std"] < 0.04  # transformers' init: normal, std initializer_range 0.02
+    assert ranks[0]["rm_score_sum"] == ranks[1]["rm_score_sum"]
     assert sum(res["held"] for res in ranks) >= ranks[0]["total"]
 
 
