@@ -161,6 +161,11 @@ def _checkpoint_names(model: nn.Module, index: dict[str, TensorEntry]) -> dict[s
         if hit is not None and index[hit].shape != tuple(getattr(t, "ds_shape", t.shape)):
             return None
         names[name] = hit
+    # a module is either read whole or initialised whole (its init would overwrite what was read)
+    owner = lambda n: n.rpartition(".")[0]  # noqa: E731
+    missing_owners = {owner(n) for n, hit in names.items() if hit is None}
+    if any(hit is not None and owner(n) in missing_owners for n, hit in names.items()):
+        return None
     return names if any(v is not None for v in names.values()) else None
 
 
@@ -219,9 +224,9 @@ def fill_partitions(model: nn.Module, folder: str | os.PathLike[str]) -> list[st
 def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: torch.dtype,
                             attn_implementation: str | None, **config_kwargs) -> nn.Module | None:
     """``auto_cls.from_pretrained(folder)`` for a live ZeRO-3 HfDeepSpeedConfig: the model built
-    partitioned with no weight init, then ``fill_partitions``. None, having kept nothing, when this
-    transformers lacks the hooks used or the checkpoint does not match the model one to one; the
-    caller then runs transformers' own ZeRO-3 load (rank 0 reads the whole checkpoint through a
+    partitioned with no weight init, then ``fill_partitions``; heads the folder lacks are initialised
+    as transformers does. None, having kept nothing, when this transformers lacks the hooks used or
+    the checkpoint does not match the model; the caller then runs transformers' own ZeRO-3 load (rank 0 reads the whole checkpoint through a
     memory map and every rank gathers each module whole to copy it in)."""
     try:
         import deepspeed
@@ -258,4 +263,8 @@ def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: 
                         model._init_weights(mod)
         if deepspeed.comm.get_rank() == 0:
             print(f"{folder}: {', '.join(sorted(missing))} not in the checkpoint: initialised", file=sys.stderr)
+    if getattr(model, "can_generate", lambda: False)() and (Path(folder) / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))  # as from_pretrained keeps it
     return model.eval()  # as from_pretrained returns it

@@ -57,3 +57,46 @@ def test_truncated_file_names_the_file(tmp_path, cut):
     f.write_bytes(data[:cut])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         checkpoint_index(tmp_path)
+
+
+def _tiny_llama(cls, **kw):
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    return cls(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, **kw))
+
+
+def test_names_allow_a_missing_head_and_a_missing_prefix(tmp_path):
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from stackllama_ds.engines.zero3_load import _checkpoint_names
+
+    lm = _tiny_llama(LlamaForCausalLM)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, tmp_path / "model.safetensors")
+    rm = _tiny_llama(LlamaForSequenceClassification, num_labels=1)
+    names = _checkpoint_names(rm, checkpoint_index(tmp_path))
+    assert names is not None and names["score.weight"] is None  # the head to initialise
+    assert names["model.embed_tokens.weight"] == "model.embed_tokens.weight"
+    # a bare LlamaModel checkpoint (no "model." prefix) read into the causal LM, lm_head absent
+    save_file({k: v.contiguous() for k, v in lm.model.state_dict().items()}, tmp_path / "model.safetensors")
+    names = _checkpoint_names(lm, checkpoint_index(tmp_path))
+    assert names["model.layers.0.mlp.up_proj.weight"] == "layers.0.mlp.up_proj.weight"
+    assert names["lm_head.weight"] is None
+
+
+def test_names_refuse_a_missing_body_tensor_a_shape_or_half_a_head(tmp_path):
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from stackllama_ds.engines.zero3_load import _checkpoint_names
+
+    lm = _tiny_llama(LlamaForCausalLM)
+    sd = {k: v.contiguous() for k, v in lm.state_dict().items()}
+    save_file({k: v for k, v in sd.items() if k != "model.norm.weight"}, tmp_path / "model.safetensors")
+    assert _checkpoint_names(lm, checkpoint_index(tmp_path)) is None
+    save_file({**sd, "lm_head.weight": sd["lm_head.weight"][:-1]}, tmp_path / "model.safetensors")
+    assert _checkpoint_names(lm, checkpoint_index(tmp_path)) is None
+    rm = _tiny_llama(LlamaForSequenceClassification, num_labels=1)
+    rm.score = torch.nn.Linear(16, 1, bias=True)  # bias saved, weight not: initialising the module would undo the read
+    save_file({**sd, "score.bias": torch.zeros(1)}, tmp_path / "model.safetensors")
+    assert _checkpoint_names(rm, checkpoint_index(tmp_path)) is None

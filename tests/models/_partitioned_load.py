@@ -28,6 +28,11 @@ def variants(model_dir: str, out: str) -> dict[str, str]:
     if dist.rank() == 0:
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         lm.save_pretrained(dirs["sharded_bf16"], max_shard_size="200KB")
+        gen = os.path.join(dirs["sharded_bf16"], "generation_config.json")  # one the config does not imply
+        with open(gen) as f:
+            g = json.load(f)
+        with open(gen, "w") as f:
+            json.dump({**g, "eos_token_id": 7, "_from_model_config": False}, f)
         torch.manual_seed(1)
         cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -65,6 +70,7 @@ def main(model_dir: str, out: str) -> None:
         with zero3_init(eng, m):
             lm = load_causal_lm(d, m, dtype="fp32", trainable=False)
         plain = load_causal_lm(d, m, dtype="fp32", trainable=False)
+        res[f"{name}_eos"] = [lm.generation_config.eos_token_id, plain.generation_config.eos_token_id]
         res[f"{name}_logit_diff"] = logit_diff(build_eval_engine(lm, eng), plain, plain.config.vocab_size)
     # a reward model from a causal-LM folder: the body read, the score head (absent) initialised
     with zero3_init(eng, m):

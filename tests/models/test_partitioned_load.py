@@ -27,6 +27,7 @@ def test_zero3_init_loads_each_rank_its_shard_with_the_same_logits(prepared_root
         assert res["all_partitioned"]  # after the load, before deepspeed.initialize
         assert res["held"] <= res["total"] / 2 + 1024  # its half (rounded up per tensor), not the whole
         assert res["max_logit_diff"] < 1e-5
+        assert res["sharded_bf16_eos"] == [7, 7]  # the folder's generation_config.json, as from_pretrained
         # bf16 shards into fp32 partitions, tied embeddings: the same numbers as a whole load
         assert res["sharded_bf16_logit_diff"] < 1e-5 and res["tied_logit_diff"] < 1e-5
         # each rank read its own partitions (engines.zero3_load) for all four models; the reward model
