@@ -150,7 +150,8 @@ def cmd_plan(args) -> int:
     from stackllama_ds.plan import main as plan_main
 
     cfg = _load(args)
-    return plan_main(cfg, args.gpus_per_node, args.gpu_mem)  # None: the config's shape, this machine's memory
+    # None: the config's shape, this machine's memory and device
+    return plan_main(cfg, args.gpus_per_node, args.gpu_mem, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks per node (default: the config's launch.nproc_per_node)")
     p.add_argument("--gpu-mem", type=float, default=None,
                    help="GB per GPU, or RAM per rank on CPU (default: GPU 0 of this machine, else RAM / ranks per node)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default=None,
+                   help="plan for GPU or CPU ranks, e.g. --device gpu on a login node without GPUs (default: gpu "
+                        "when this machine has an NVIDIA driver, else cpu; STACKLLAMA_PLAN_DEVICE sets it too)")
     p.set_defaults(fn=cmd_plan)
     return ap
 

@@ -6,7 +6,8 @@
 
 Without flags the plan is for launch.nnodes x launch.nproc_per_node ranks and the memory of the machine
 it runs on: GPU 0's memory when torch sees CUDA, else RAM / nproc_per_node (as the pipeline's gate).
-The device (GPU or CPU accounting) follows an NVIDIA driver here; STACKLLAMA_PLAN_DEVICE=gpu|cpu forces it.
+The device (GPU or CPU accounting) follows an NVIDIA driver here; ``--device gpu|cpu`` (or
+STACKLLAMA_PLAN_DEVICE) sets it, e.g. to plan a GPU job from a login node without GPUs.
 
 Pure arithmetic on the model shape (``config.json`` of the model folder, or ``model.tiny``), the
 dtype, LoRA, an 8-/4-bit base, the ZeRO stage and world size, offload, micro batch and sequence
@@ -448,7 +449,7 @@ def cuda_mem_gb() -> tuple[float, str] | None:
 def resolve_target(cfg: RunConfig, gpus_per_node: int | None = None, gpu_mem: float | None = None,
                    device: str | None = None) -> Target:
     """Fill what the caller left None: ranks per node from the config, memory from this machine."""
-    forced = os.environ.get("STACKLLAMA_PLAN_DEVICE") in ("gpu", "cpu")
+    forced = device is not None or os.environ.get("STACKLLAMA_PLAN_DEVICE") in ("gpu", "cpu")
     device = device or detect_device()
     gpn = gpus_per_node if gpus_per_node is not None else cfg.launch.nproc_per_node
     shape_from = "--gpus-per-node" if gpus_per_node is not None else "launch.nproc_per_node"
@@ -459,7 +460,8 @@ def resolve_target(cfg: RunConfig, gpus_per_node: int | None = None, gpu_mem: fl
         if cuda is not None:
             return Target(gpn, cuda[0], "gpu", shape_from, f"GPU 0 of this machine ({cuda[1]})")
         if forced:
-            raise ValueError("STACKLLAMA_PLAN_DEVICE=gpu but torch sees no CUDA device to measure: pass --gpu-mem")
+            raise ValueError("planning for GPUs (--device gpu or STACKLLAMA_PLAN_DEVICE=gpu) but torch sees no CUDA "
+                             "device to measure: pass --gpu-mem")
         device = "cpu"  # a driver without a usable CUDA torch: the ranks would run on CPU
     ram = ram_gb()
     return Target(gpn, ram / gpn, device, shape_from, f"this machine's RAM, {ram:.1f} GB / {gpn} ranks per node")

@@ -121,3 +121,26 @@ def test_cli_prints_table_and_exit_code(tmp_path):
     assert "stage peak" in r.stdout and "fits with" in r.stdout
     r = run_cli("plan", TINY_YAML, "--gpus-per-node", "2", "--gpu-mem", "0.1", timeout=120)
     assert r.returncode == 3 and "does not fit" in r.stdout
+
+
+def test_cli_device_flag_is_the_env_setting():
+    from tests.conftest import TINY_YAML, cli_env, run_cli
+
+    args = ("plan", TINY_YAML, "--gpus-per-node", "2", "--gpu-mem", "16")
+    for dev in ("gpu", "cpu"):
+        flag = run_cli(*args, "--device", dev, timeout=120)
+        env = run_cli(*args, env=cli_env(STACKLLAMA_PLAN_DEVICE=dev), timeout=120)
+        assert flag.returncode == env.returncode == 0, flag.stderr + env.stderr
+        assert flag.stdout == env.stdout
+    assert run_cli(*args, "--device", "gpu", timeout=120).stdout != flag.stdout  # the flag reaches the plan
+
+
+def test_cli_gpu_plan_without_a_gpu_needs_its_memory():
+    import torch
+
+    from tests.conftest import TINY_YAML, run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU to measure")
+    r = run_cli("plan", TINY_YAML, "--device", "gpu", timeout=120)
+    assert r.returncode == 2 and "--gpu-mem" in r.stderr
