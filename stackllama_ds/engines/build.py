@@ -59,6 +59,19 @@ def release_free_heap() -> None:
         pass
 
 
+def cast_added_parameters(model: torch.nn.Module, eng: EngineConfig) -> None:
+    """Cast what was added to a ZeRO-3 model after ``zero3_init`` (value head, LoRA adapters) to the
+    engine's dtype. ``deepspeed.initialize`` casts a whole module to bf16/fp16, except a module with
+    ZeRO-3 parameters already: then it casts nothing, and an fp32 value head on bf16 hidden states
+    fails in the first forward ("expected m1 and m2 to have the same dtype")."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return  # deepspeed.initialize casts it
+    td = torch_dtype(eng.dtype)
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != td:
+            p.data = p.data.to(td)
+
+
 def build_train_engine(
     model: torch.nn.Module,
     eng: EngineConfig,
@@ -84,6 +97,7 @@ def build_train_engine(
         # Nothing to partition on one rank; the ZeRO optimizer's bucket copies are pure cost.
         print(f"[note] ZeRO-{eng.zero_stage} on 1 rank partitions nothing: zero_stage 0 is faster "
               "(1.1-1.4x on the CPU benchmark model, bench/RESULTS.md)", file=sys.stderr, flush=True)
+    cast_added_parameters(model, eng)
     cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=grad_accum, optim=optim, on_cuda=has_cuda())
     fn = lr_lambda(optim.scheduler, optim.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -103,6 +117,7 @@ def build_eval_engine(model: torch.nn.Module, eng: EngineConfig) -> deepspeed.De
     """A frozen engine (reference, reward): no optimizer state, its own ZeRO stage and dtype."""
     for p in model.parameters():
         p.requires_grad_(False)
+    cast_added_parameters(model, eng)
     cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=1, optim=None, on_cuda=has_cuda())
     if eng.zero_stage in (1, 2):
         # ZeRO-1/2 partition optimizer state and gradients only: a frozen model gains nothing.

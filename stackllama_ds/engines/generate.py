@@ -39,7 +39,11 @@ class GenerationCopy:
         """Collective: every rank gathers the partitioned weights once and copies them in."""
         src = {n[len(self.prefix) :]: p for n, p in engine.module.named_parameters() if n.startswith(self.prefix)}
         dst = dict(self.model.named_parameters())
-        params = [src[n] for n in dst if n in src]
+        unmatched = sorted(set(dst) - set(src))
+        if unmatched:  # a structure mismatch (e.g. a head tied on one side only) would copy garbage
+            raise ValueError(f"generation copy: {len(unmatched)} parameters have no counterpart in the actor, "
+                             f"e.g. {unmatched[0]!r}")
+        params = [src[n] for n in dst]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             for n, p in dst.items():
                 p.data.copy_(src[n].data.to(p.dtype))

@@ -188,7 +188,11 @@ def empty_causal_lm(path: str | os.PathLike[str], mcfg: ModelConfig, *, dtype: s
                                                  attn_implementation=mcfg.attn_implementation)
         if lora is not None and lora.enabled:
             model = apply_lora(model, lora, "CAUSAL_LM", quantized=False)
-    return contiguous_head_input(model.to_empty(device=device))
+    model = model.to_empty(device=device)
+    # to_empty gives each module's parameter its own new storage, untying a tied head from the
+    # embeddings (SmolLM2): re-tie, so the copy has the actor's parameters, name for name.
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
+    return contiguous_head_input(model)
 
 
 def load_reward_model(

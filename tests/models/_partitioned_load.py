@@ -10,10 +10,10 @@ import sys
 import deepspeed
 import torch
 
-from stackllama_ds.config import EngineConfig, ModelConfig
+from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig, OptimConfig
 from stackllama_ds.engines import dist, zero3_load
-from stackllama_ds.engines.build import build_eval_engine
-from stackllama_ds.models.load import load_causal_lm, load_reward_model, zero3_init
+from stackllama_ds.engines.build import build_eval_engine, build_train_engine
+from stackllama_ds.models.load import ActorWithValueHead, load_causal_lm, load_reward_model, zero3_init
 
 FILLED: list[bool] = []  # fill_partitions' answers, in call order
 _fill = zero3_load.fill_partitions
@@ -85,6 +85,16 @@ def main(model_dir: str, out: str) -> None:
     with deepspeed.zero.GatheredParameters([rm.score.weight]):
         res["rm_score_std"] = float(rm.score.weight.std())
         res["rm_score_sum"] = float(rm.score.weight.sum())  # the same on every rank
+    # bf16 actor at ZeRO-3 with LoRA and a value head: parts added after zero3_init are cast to the
+    # engine's dtype (deepspeed.initialize casts nothing on a ZeRO-3 model), so a forward runs
+    eng16 = EngineConfig(zero_stage=3, dtype="bf16", stage3_param_persistence_threshold=0)
+    with zero3_init(eng16, m):
+        actor = ActorWithValueHead(load_causal_lm(model_dir, m, dtype="bf16",
+                                                  lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)))
+    engine = build_train_engine(actor, eng16, OptimConfig(), total_steps=1, grad_accum=1)
+    ids = torch.arange(3, 19).view(2, 8)
+    logits, values = engine(ids, torch.ones_like(ids))
+    res["bf16_actor"] = [str(logits.dtype), list(values.shape)]
     res["filled"] = FILLED
     with open(os.path.join(out, f"rank{dist.rank()}.json"), "w") as f:
         json.dump(res, f)

@@ -32,7 +32,8 @@ def test_zero3_init_loads_each_rank_its_shard_with_the_same_logits(prepared_root
         assert res["sharded_bf16_logit_diff"] < 1e-5 and res["tied_logit_diff"] < 1e-5
         # each rank read its own partitions (engines.zero3_load) for all four models; the reward model
         # from a causal-LM folder has its body read and its absent score head initialised
-        assert res["filled"] == [[], [], [], ["score.weight"]]
+        assert res["filled"] == [[], [], [], ["score.weight"], []]
+        assert res["bf16_actor"] == ["torch.bfloat16", [2, 8]]
         assert res["rm_body_diff"] < 1e-5 and res["rm_score_shape"] == [1, 1]
         assert 0.01 < res["rm_score_std"] < 0.04  # transformers' init: normal, std initializer_range 0.02
     assert ranks[0]["rm_score_sum"] == ranks[1]["rm_score_sum"]
