@@ -151,7 +151,7 @@ def cmd_plan(args) -> int:
 
     cfg = _load(args)
     # None: the config's shape, this machine's memory and device
-    return plan_main(cfg, args.gpus_per_node, args.gpu_mem, args.device)
+    return plan_main(cfg, args.gpus_per_node, args.gpu_mem, args.device, forced=args.device is not None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -447,9 +447,10 @@ def cuda_mem_gb() -> tuple[float, str] | None:
 
 
 def resolve_target(cfg: RunConfig, gpus_per_node: int | None = None, gpu_mem: float | None = None,
-                   device: str | None = None) -> Target:
-    """Fill what the caller left None: ranks per node from the config, memory from this machine."""
-    forced = device is not None or os.environ.get("STACKLLAMA_PLAN_DEVICE") in ("gpu", "cpu")
+                   device: str | None = None, forced: bool = False) -> Target:
+    """Fill what the caller left None: ranks per node from the config, memory from this machine.
+    ``forced``: the user chose ``device`` (``--device``), so a GPU plan never falls back to RAM."""
+    forced = forced or os.environ.get("STACKLLAMA_PLAN_DEVICE") in ("gpu", "cpu")
     device = device or detect_device()
     gpn = gpus_per_node if gpus_per_node is not None else cfg.launch.nproc_per_node
     shape_from = "--gpus-per-node" if gpus_per_node is not None else "launch.nproc_per_node"
@@ -587,12 +588,12 @@ def fits(cfg: RunConfig, gpus_per_node: int, gpu_mem: float, device: str | None 
 
 
 def main(cfg: RunConfig, gpus_per_node: int | None = None, gpu_mem: float | None = None,
-         device: str | None = None) -> int:
+         device: str | None = None, forced: bool = False) -> int:
     """Print a table per stage and a verdict; 0 when everything fits, 3 when something does not.
 
     ``gpus_per_node`` / ``gpu_mem`` left None: the config's launch shape, this machine's memory.
     """
-    tg = resolve_target(cfg, gpus_per_node, gpu_mem, device)
+    tg = resolve_target(cfg, gpus_per_node, gpu_mem, device, forced)
     gpus_per_node, gpu_mem, device = tg.gpus_per_node, tg.gpu_mem, tg.device
     shape = model_shape(cfg)
     world = cfg.launch.nnodes * gpus_per_node
