@@ -16,6 +16,7 @@ of the header), then the data, row-major. Sharded folders list ``weight_map`` in
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -50,10 +51,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def read_header(file: Path) -> dict[str, TensorEntry]:
@@ -162,11 +160,15 @@ def _checkpoint_names(model: nn.Module, index: dict[str, TensorEntry]) -> dict[s
             return None
         names[name] = hit
     # a module is either read whole or initialised whole (its init would overwrite what was read)
-    owner = lambda n: n.rpartition(".")[0]  # noqa: E731
-    missing_owners = {owner(n) for n, hit in names.items() if hit is None}
-    if any(hit is not None and owner(n) in missing_owners for n, hit in names.items()):
+    missing_owners = {_owner(n) for n, hit in names.items() if hit is None}
+    if any(hit is not None and _owner(n) in missing_owners for n, hit in names.items()):
         return None
     return names if any(v is not None for v in names.values()) else None
+
+
+def _owner(name: str) -> str:
+    """The module a parameter or buffer belongs to: ``score.weight`` -> ``score``."""
+    return name.rpartition(".")[0]
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -179,21 +181,17 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def fill_partitions(model: nn.Module, folder: str | os.PathLike[str]) -> list[str] | None:
-    """Copy the checkpoint in ``folder`` into ``model`` (built under ``deepspeed.zero.Init``, not
+def fill_partitions(model: nn.Module, index: dict[str, TensorEntry]) -> list[str] | None:
+    """Copy the checkpoint ``index`` (``checkpoint_index`` of its folder) into ``model`` (built under ``deepspeed.zero.Init``, not
     yet given to ``deepspeed.initialize``): each ZeRO parameter's own flat slice into its
     ``ds_tensor``, whole tensors into the rest. Returns the names of head tensors the folder lacks
-    (for the caller to initialise), or None, having written nothing, when the folder has no
-    safetensors checkpoint or does not match the model (renamed keys, other shapes): transformers'
-    loader then handles it.
+    (for the caller to initialise), or None, having written nothing, when the checkpoint does not
+    match the model (renamed keys, other shapes): transformers' loader then handles it.
     """
     import deepspeed.comm as ds_comm
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    index = checkpoint_index(folder)
-    if index is None:
-        return None
     names = _checkpoint_names(model, index)
     if names is None:
         return None
@@ -226,8 +224,9 @@ def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: 
     """``auto_cls.from_pretrained(folder)`` for a live ZeRO-3 HfDeepSpeedConfig: the model built
     partitioned with no weight init, then ``fill_partitions``; heads the folder lacks are initialised
     as transformers does. None, having kept nothing, when this transformers lacks the hooks used or
-    the checkpoint does not match the model; the caller then runs transformers' own ZeRO-3 load (rank 0 reads the whole checkpoint through a
-    memory map and every rank gathers each module whole to copy it in)."""
+    the checkpoint does not match the model; the caller then runs transformers' own ZeRO-3 load
+    (rank 0 reads the whole checkpoint through a memory map and every rank gathers each module
+    whole to copy it in)."""
     try:
         import deepspeed
         from transformers.initialization import no_init_weights
@@ -237,7 +236,8 @@ def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: 
         return None
     from transformers import AutoConfig
 
-    if checkpoint_index(folder) is None:
+    index = checkpoint_index(folder)
+    if index is None:
         return None
     config = AutoConfig.from_pretrained(str(folder), **config_kwargs)
     init = deepspeed.zero.Init(config_dict_or_path=deepspeed_config())
@@ -251,11 +251,11 @@ def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: 
     with no_init_weights(), prevent_arange_dtype_change(), init, set_zero3_state():
         model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()  # tied embeddings: one parameter (and one checkpoint tensor) for both names
-    missing = fill_partitions(model, folder)
+    missing = fill_partitions(model, index)
     if missing is None:
         return None
     if missing:  # heads the folder lacks: transformers' own init of their modules, done on rank 0
-        owners = {n.rpartition(".")[0] for n in missing}
+        owners = {_owner(n) for n in missing}
         for mod_name, mod in model.named_modules():
             if mod_name in owners:
                 with deepspeed.zero.GatheredParameters(list(mod.parameters(recurse=False)), modifier_rank=0):

@@ -68,8 +68,10 @@ def rows_of(stage_dir: Path) -> list[dict]:
 
 def resumes_of(stage_dir: Path) -> list[dict]:
     """The stage's resume records (``runtime.RESUMES``), oldest first."""
-    p = stage_dir / "resumes.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+    from stackllama_ds.metrics import read_metrics
+    from stackllama_ds.runtime import RESUMES
+
+    return read_metrics(stage_dir / RESUMES)
 
 
 def no_traceback(text: str) -> None:

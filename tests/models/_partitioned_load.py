@@ -15,9 +15,9 @@ from stackllama_ds.engines import dist, zero3_load
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
 from stackllama_ds.models.load import ActorWithValueHead, load_causal_lm, load_reward_model, zero3_init
 
-FILLED: list[bool] = []  # fill_partitions' answers, in call order
+FILLED: list[list[str] | None] = []  # fill_partitions' answers, in call order
 _fill = zero3_load.fill_partitions
-zero3_load.fill_partitions = lambda model, folder: FILLED.append(_fill(model, folder)) or FILLED[-1]
+zero3_load.fill_partitions = lambda model, index: FILLED.append(_fill(model, index)) or FILLED[-1]
 
 
 def variants(model_dir: str, out: str) -> dict[str, str]:

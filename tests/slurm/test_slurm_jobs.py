@@ -22,6 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from stackllama_ds.metrics import read_metrics  # noqa: E402
+from stackllama_ds.runtime import RESUMES  # noqa: E402
 from tests.conftest import fresh_root, write_config  # noqa: E402
 
 SLURM_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "slurm"
@@ -164,7 +166,7 @@ def test_sft_job_runs_ranks_on_both_nodes(slurm_cluster, prepared_root, tmp_path
 
 def _check_resumed(root: Path, log: str, max_steps: int) -> None:
     assert "restart 1" in log, log[-6000:]
-    resumes = [json.loads(x) for x in (root / "sft" / "resumes.jsonl").read_text().splitlines()]
+    resumes = read_metrics(root / "sft" / RESUMES)
     assert len(resumes) == 1 and resumes[0]["step"] >= 1, resumes  # the requeued run went on from its stop checkpoint
     assert resumes[0]["checkpoint"] == str(root / "sft" / "checkpoints" / f"step-{resumes[0]['step']}")
     assert steps(root / "sft") == list(range(1, max_steps + 1)), "every step exactly once"
