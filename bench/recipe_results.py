@@ -65,7 +65,7 @@ def table(root: Path, log: Path) -> str:
              f"| accuracy on the length-adversarial subset (n = {rm.get('adversarial', {}).get('n')}) "
              f"| {_ci(rm.get('adversarial'))} |"]
     if acc:
-        rows.append(f"| RM stage's own eval_accuracy (ties wrong) | {acc.get('accuracy', acc)} |")
+        rows.append(f"| RM stage's own held-out accuracy (ties half, {acc.get('dtype', 'engine dtype')}) | {acc.get('accuracy', acc)} |")
     rows += ["", f"Generation on {ev['n_prompts']} held-out rl_eval prompts, {ev['max_new_tokens']} new tokens, "
              "plain sampling:", "",
              "| model | reward [95% CI] | length (tokens) | Spearman(reward, length) | degenerate | EOS |",

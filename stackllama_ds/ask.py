@@ -40,6 +40,7 @@ class Answer:
     reward: float
     length: int
     eos: bool
+    length_reward: float | None = None  # an ODIN reward model's length head (``reward`` is its quality head)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def ask(run: RunModels, question: str, samples: int = 1, seed: int = 0, max_new_
     from stackllama_ds.engines.generate import sample
     from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
     from stackllama_ds.models.padding import cut_at_eos, pad
-    from stackllama_ds.models.scoring import reward_scores
+    from stackllama_ds.models.scoring import reward_head_scores
 
     dev = device()
     policy_dtype, reward_dtype = run.dtypes if dev.type == "cuda" else ("fp32", "fp32")
@@ -122,8 +123,9 @@ def ask(run: RunModels, question: str, samples: int = 1, seed: int = 0, max_new_
     reward = place(load_reward_model(run.reward, run.model_cfg, pad_token_id=tok.pad_token_id, dtype=reward_dtype).eval())
     out = []
     for name, (decoded, lengths, eos) in texts.items():
-        scores = reward_scores(reward, tok, [question] * samples, decoded, dev).tolist()
-        out += [Answer(name, k, decoded[k], float(scores[k]), int(lengths[k]), bool(eos[k])) for k in range(samples)]
+        scores = reward_head_scores(reward, tok, [question] * samples, decoded, dev).tolist()  # (N, K)
+        out += [Answer(name, k, decoded[k], float(scores[k][0]), int(lengths[k]), bool(eos[k]),
+                       float(scores[k][1]) if len(scores[k]) > 1 else None) for k in range(samples)]
     return out
 
 
@@ -133,11 +135,14 @@ def render(question: str, answers: list[Answer], width: int | None = None) -> No
     from rich.table import Table
 
     table = Table(title=f"Question: {question}", show_lines=True)
-    for col, kw in (("model", {}), ("#", {"justify": "right"}), ("reward", {"justify": "right"}),
-                    ("tokens", {"justify": "right"}), ("answer", {"overflow": "fold", "ratio": 1})):
-        table.add_column(col, **kw)
+    two = any(a.length_reward is not None for a in answers)  # ODIN: quality and length heads side by side
+    cols = ("model", "#", *(("quality", "length head") if two else ("reward",)), "tokens", "answer")
+    for col in cols:
+        table.add_column(col, **({"overflow": "fold", "ratio": 1} if col == "answer" else
+                                 {} if col == "model" else {"justify": "right"}))
     for a in answers:
-        table.add_row(a.model, str(a.sample), f"{a.reward:+.3f}", f"{a.length}{'' if a.eos else '+'}", a.text or "(empty)")
+        heads = (f"{a.reward:+.3f}", f"{a.length_reward:+.3f}") if two else (f"{a.reward:+.3f}",)
+        table.add_row(a.model, str(a.sample), *heads, f"{a.length}{'' if a.eos else '+'}", a.text or "(empty)")
     Console(width=width, soft_wrap=False).print(table)
 
 
@@ -155,7 +160,9 @@ def main(run_root: str, question: str, models: str | None = None, samples: int =
         print(f"ask: {n} skipped: no model at {p}")
     answers = ask(run, question, samples, seed, max_new_tokens)
     render(question, answers, width)
-    print("reward: raw reward-model score; tokens: answer length, '+' where no EOS came within --max-new-tokens")
+    two = any(a.length_reward is not None for a in answers)
+    print(("quality, length head: the reward model's two heads (PPO reads quality)" if two else
+           "reward: raw reward-model score") + "; tokens: answer length, '+' where no EOS came within --max-new-tokens")
     if json_out:
         Path(json_out).write_text(json.dumps([asdict(a) for a in answers], indent=1) + "\n")
     return 0

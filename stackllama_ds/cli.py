@@ -25,7 +25,7 @@ from stackllama_ds.config import RunConfig
 from stackllama_ds.config_loader import ConfigError, load_config
 from stackllama_ds.proc import catch_stop_signals_early
 
-STAGES = ("sft", "rm", "ppo", "eval")
+STAGES = ("sft", "rm", "judge", "ppo", "eval")
 
 
 def _load(args, world_size: int | None = None) -> RunConfig:
@@ -41,6 +41,8 @@ def _stage_fn(stage: str):
         from stackllama_ds.stages.sft import train
     elif stage == "rm":
         from stackllama_ds.stages.rm import train
+    elif stage == "judge":
+        from stackllama_ds.stages.rm import train_judge as train
     elif stage == "ppo":
         from stackllama_ds.stages.ppo import train
     elif stage == "eval":

@@ -205,9 +205,38 @@ class RMConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     save_every: int = Field(500, ge=1)
     log_every: int = Field(1, ge=1)
+    # ODIN (arXiv 2402.07319): a second, length head beside the quality head; the ranking loss is on
+    # their sum, PPO and eval read the quality head. Weights of lambda_L * -rho(r_L, len) +
+    # lambda_Q * |rho(r_Q, len)| + lambda_O * |cos(w_Q, w_L)| (rl/odin.py), rho over each micro
+    # batch's 2B answers; all 1, the defaults of ODIN's reference code (RLHFlow's gemma_two_head.py).
+    length_head: bool = False
+    length_corr_weight: float = Field(1.0, ge=0.0)
+    quality_corr_weight: float = Field(1.0, ge=0.0)
+    ortho_weight: float = Field(1.0, ge=0.0)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: RMOptimConfig = Field(default_factory=RMOptimConfig)
     lora: RMLoraConfig = Field(default_factory=RMLoraConfig)
+
+    @model_validator(mode="after")
+    def _length_head_batch(self) -> RMConfig:
+        # The correlations run over one micro batch: 2 answers are always perfectly (anti)correlated,
+        # so rho would be constant and its terms would give no gradient.
+        if self.length_head and self.engine.micro_batch_size < 2:
+            raise ValueError("length_head needs engine.micro_batch_size >= 2 (ODIN's length correlations "
+                             "run over a micro batch's answers)")
+        return self
+
+
+class JudgeConfig(_Strict):
+    """An independent judge for `eval` (the "gold reward model" of Gao et al. 2022, arXiv 2210.10760):
+    a second reward model, trained from the base model on the preference pairs of the ``sft`` split's
+    questions, which are disjoint from ``rm_train`` and from every held-out split, with rm's settings
+    (max_length, optimizer, LoRA, engine) and no length head. A PPO gain that is only the policy
+    exploiting its own reward model shows up as a gap between the two judges' win rates."""
+
+    enabled: bool = False
+    epochs: float | None = Field(None, gt=0)  # None: rm.epochs
+    max_steps: int | None = Field(None, ge=1)  # None: rm.max_steps, else epochs over the judge's pairs
 
 
 class PPOEngineConfig(EngineConfig):
@@ -254,6 +283,10 @@ class PPOConfig(_Strict):
     # mini batch, as TRL (filled in on validation). Larger runs fewer, wider forwards (CPU LoRA SmolLM2, batch 8: 8 rows
     # instead of 2 cut that phase ~25%), at the cost of (rows, response, vocab) fp32 logits at once.
     forward_batch_size: int | None = Field(None, ge=1)
+    # The rollout forwards (actor and reference log-probs, values) in fp32 arithmetic on the engines'
+    # bf16/fp16 weights: in bf16 the per-response KL estimate near the reference is +-0.5 nats of
+    # rounding noise (fp32: 0.004, SmolLM2-135M); costs that phase ~2.5x on a CPU (bench/RESULTS.md).
+    rollout_fp32: bool = True
     gradient_accumulation_steps: int = Field(8, ge=1)
     ppo_epochs: int = Field(4, ge=1)
     gamma: float = Field(1.0, ge=0, le=1)
@@ -321,7 +354,7 @@ class EvalConfig(_Strict):
     # held-out (question, preferred answer) texts for the LM loss of every model (cut to sft.seq_length)
     n_lm_texts: int = Field(64, ge=1)
     # held-out rm_eval preference pairs for the reward model's accuracy and its length controls
-    n_rm_pairs: int = Field(256, ge=1)
+    n_rm_pairs: int | None = Field(None, ge=1)  # None: all of rm_eval, as the RM stage scores
 
 
 class LaunchConfig(_Strict):
@@ -353,6 +386,7 @@ class RunConfig(_Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

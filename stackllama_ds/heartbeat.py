@@ -12,7 +12,12 @@ can name the wrong rank. While a rank is silent, a sampler thread records where 
 is (``rank-R.where.json``: innermost package frame, and whether it is inside a torch.distributed /
 deepspeed.comm call); the watchdog names a rank that is *not* waiting in a collective.
 
-Long work that cannot beat from the loop (rank 0 exporting a 7B model, a final evaluation) runs
+Loops of ours that can run for minutes (held-out evaluations, eval's sampling and scoring) beat
+per batch through ``each(batches)`` / ``progress(done, total)``: rate-limited to one write per
+``beat_every_s``, with ``progress: {done, total}`` in the heartbeat (and so in hang_report.json), and
+a batch that hangs stops the beats, so the watchdog still reports it.
+
+A single long library call that cannot beat (rank 0 exporting a 7B model, loading one) runs
 inside ``with phase("export"):``, which beats every few seconds from a thread while it lasts. Ranks
 waiting for rank 0 meanwhile beat too and watch rank 0's heartbeat (``Silence``): since they keep the
 watchdog fed, a rank 0 that stops beating is reported by them, the same way (hang_report.json, 86).
@@ -25,12 +30,15 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from stackllama_ds import testhooks
 from stackllama_ds.proc import EXIT_HANG
+
+T = TypeVar("T")
 
 _CURRENT: Heartbeat | None = None  # this process's heartbeat, for phase() and the rank-0 waits
 
@@ -75,6 +83,7 @@ class Heartbeat:
         self.poll_s = poll_s
         self.on_hang = None  # callable run before exiting (flush logs)
         self._last_beat = 0.0
+        self._phase, self._step = "start", 0  # what progress() beats in: the phase last entered
         self._lock = threading.Lock()  # the main thread and a phase's beat thread write the same file
         self._closed = threading.Event()  # stops the sampler and the watchdog (close())
         global _CURRENT
@@ -90,15 +99,25 @@ class Heartbeat:
         self._write(phase, step)
         testhooks.on_beat(phase, self.rank)
 
-    def _write(self, phase: str, step: int) -> None:
+    def progress(self, done: int, total: int | None = None) -> None:
+        """``done`` of ``total`` batches of the current phase are through. Writes (with the counts)
+        only when the last write is ``beat_every_s`` old, so a fast loop writes no file per batch."""
+        testhooks.batch_sleep(self._phase)
+        if time.time() - self._last_beat >= self.beat_every_s:
+            self._write(self._phase, self._step, {"done": done, "total": total})
+
+    def _write(self, phase: str, step: int, progress: dict | None = None) -> None:
         p = self.dir / f"rank-{self.rank}.json"
         tmp = p.with_suffix(f".tmp{os.getpid()}")
+        rec = {"rank": self.rank, "phase": phase, "step": step, "time": time.time(),
+               "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename, "pid": os.getpid()}
+        if progress is not None:
+            rec["progress"] = progress
         with self._lock:
-            tmp.write_text(json.dumps({"rank": self.rank, "phase": phase, "step": step, "time": time.time(),
-                                       "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
-                                       "pid": os.getpid()}))
+            tmp.write_text(json.dumps(rec))
             os.replace(tmp, p)
             self._last_beat = time.time()
+            self._phase, self._step = phase, step
 
     @property
     def beat_every_s(self) -> float:
@@ -159,6 +178,8 @@ class Heartbeat:
                     who: str) -> None:
         """Print and write ``hang_report.json`` naming ``stuck``, then end the process with exit 86."""
         at = f" at {where[stuck['rank']]['where']}" if stuck["rank"] in where else ""
+        done = stuck.get("progress")
+        at += f" after batch {done['done']} of {done['total']}" if done else ""
         waiting = {r: " (waiting in a collective)" if w.get("in_collective") else "" for r, w in where.items()}
         msg = (f"hang: no progress on {who} for {silent_s:.0f}s (hang_timeout_s={self.timeout:g}); "
                f"rank {stuck['rank']} on {stuck['host']} is stuck in phase '{stuck['phase']}' at step "
@@ -168,7 +189,8 @@ class Heartbeat:
         try:
             (self.dir.parent / "hang_report.json").write_text(json.dumps(
                 {"message": msg, "stuck_rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
-                 "where": where.get(stuck["rank"], {}).get("where"), "ranks": beats}, indent=1))
+                 "progress": stuck.get("progress"), "where": where.get(stuck["rank"], {}).get("where"),
+                 "ranks": beats}, indent=1))
             if self.on_hang is not None:
                 self.on_hang()
         finally:
@@ -196,10 +218,11 @@ class Silence:
 def phase(name: str, step: int = -1) -> Iterator[None]:
     """Run the body in phase ``name``, beating every few seconds from a thread while it lasts.
 
-    For long work whose loop cannot beat (a 7B export, a consolidation, a final evaluation). The
-    thread beats whatever the main thread does, so a body that hangs for good is not caught by the
-    watchdog: use it for work that ends (file I/O, compute) or that a collective timeout bounds. No-op
-    (beyond the body) when this process has no Heartbeat.
+    For long work whose loop cannot beat (a 7B export, a consolidation, a model load; a loop of
+    ours beats per batch instead, with ``each``). The thread beats whatever the main thread does,
+    so a body that hangs for good is not caught by the watchdog: use it for work that ends (file
+    I/O, compute) or that a collective timeout bounds. No-op (beyond the body) when this process
+    has no Heartbeat.
     """
     hb = _CURRENT
     if hb is None:
@@ -224,3 +247,26 @@ def phase(name: str, step: int = -1) -> Iterator[None]:
     finally:
         stop.set()
         t.join()
+
+
+def progress(done: int, total: int | None = None) -> None:
+    """Batch ``done`` of ``total`` of the current phase is through (``Heartbeat.progress``); no-op
+    without a Heartbeat."""
+    if _CURRENT is not None:
+        _CURRENT.progress(done, total)
+
+
+def each(items: Iterable[T], name: str | None = None, step: int | None = None) -> Iterator[T]:
+    """Yield ``items``, reporting ``progress`` after each one is processed (when the next is asked
+    for, and at the end); first enters phase ``name`` (at ``step``, default the current step) if given.
+
+    ``for batch in each(batches):`` makes a loop of ours beat per batch, so it may run for longer
+    than hang_timeout_s while any one batch stuck for that long is still reported.
+    """
+    hb = _CURRENT
+    if hb is not None and name is not None:
+        hb.beat(name, hb._step if step is None else step)
+    total = len(items) if isinstance(items, Sized) else None
+    for done, item in enumerate(items, 1):
+        yield item
+        progress(done, total)

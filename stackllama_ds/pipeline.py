@@ -1,4 +1,4 @@
-"""``stackllama-ds pipeline CONFIG``: prepare -> make-tiny or fetch-model -> SFT -> RM -> PPO -> eval, one root.
+"""``stackllama-ds pipeline CONFIG``: prepare -> make-tiny or fetch-model -> SFT -> RM [-> judge] -> PPO -> eval.
 
 A stage whose folder holds its DONE marker is skipped; an interrupted stage resumes from its own
 checkpoint, so rerunning the command after a kill finishes the job without redoing done stages.
@@ -13,20 +13,23 @@ from pathlib import Path
 from stackllama_ds.config import RunConfig, resolve_path
 from stackllama_ds.runtime import data_dir, is_done, mark_done, tiny_dir
 
-TRAIN_STAGES = ("sft", "rm", "ppo", "eval")
+TRAIN_STAGES = ("sft", "rm", "judge", "ppo", "eval")
 RESULTS = {
     "data": "data/report.json",
     "tiny": "tiny/",
     "sft": "sft/model/",
     "rm": "rm/model/ and rm/accuracy.json",
+    "judge": "judge/model/ and judge/accuracy.json",
     "ppo": "ppo/model/",
     "eval": "eval/report.md, eval/eval.json, eval/*.png",
 }
 
 
-def available_stages() -> list[str]:
-    mods = {"eval": "stackllama_ds.stages.eval"}
-    return [s for s in TRAIN_STAGES if importlib.util.find_spec(mods.get(s, f"stackllama_ds.stages.{s}"))]
+def available_stages(cfg: RunConfig | None = None) -> list[str]:
+    """The stages the pipeline runs: the judge only where ``judge.enabled``."""
+    mods = {"eval": "stackllama_ds.stages.eval", "judge": "stackllama_ds.stages.rm"}
+    return [s for s in TRAIN_STAGES if importlib.util.find_spec(mods.get(s, f"stackllama_ds.stages.{s}"))
+            and (s != "judge" or (cfg is not None and cfg.judge.enabled))]
 
 
 def plan_gate(cfg: RunConfig, force: bool) -> bool:
@@ -82,7 +85,7 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
         print(f"[pipeline] model: {resolve_model(cfg.model.name_or_path)}", flush=True)
     if not plan_gate(cfg, force):
         return 3
-    for stage in available_stages():
+    for stage in available_stages(cfg):
         sd = cfg.stage_dir(stage)
         if is_done(sd):
             print(f"[pipeline] {stage}: done, skipped ({sd})", flush=True)
@@ -95,7 +98,7 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
             return code
         print(f"[pipeline] {stage}: done in {time.time() - ts:.0f}s", flush=True)
     print(f"[pipeline] finished in {time.time() - t0:.0f}s; results under {root}/:")
-    for name in ["data", "tiny", *available_stages()]:
+    for name in ["data", "tiny", *available_stages(cfg)]:
         if name == "tiny" and cfg.model.name_or_path != "tiny":
             continue
         print(f"  {name:5s} {root / RESULTS[name]}")

@@ -143,18 +143,39 @@ def _rm_lines(rm: dict, pct: int) -> list[str]:
     """The reward model on held-out pairs, beside what length alone would score."""
     if "accuracy" not in rm:
         return ["", "## Reward model on held-out pairs", "", f"No `{rm['split']}` pair to score."]
-    adv = rm["adversarial"]
+    adv, t = rm["adversarial"], rm["truncation"]
+    why = ("a text over the limit, or two identical texts" if rm["overlength"] == "filter"
+           else "the two texts identical after the cut")
+    unit = "questions" if rm.get("resample") == "question" else "pairs"
     return ["", "## Reward model on held-out pairs", "",
-            f"{rm['n_pairs']} `{rm['split']}` pairs ({rm['n_requested']} requested, {rm['n_available']} available, "
-            f"{rm['n_over_length']} over {rm['max_length']} tokens "
-            f"{'dropped' if rm['overlength'] == 'filter' else 'cut'}); lengths in answer "
-            f"{rm['length_unit']}; ties count half; {pct}% bootstrap over pairs.", "",
+            f"{rm['n_pairs']} `{rm['split']}` pairs of {rm.get('n_questions')} questions "
+            f"({rm['n_requested'] or 'all'} requested, {rm['n_available']} available; fitted into "
+            f"{rm['max_length']} tokens: {t['whole']} whole, {t['question_cut']} with the question cut, "
+            f"{t['answer_cut']} with an answer cut, {t['dropped']} left out: {why}); lengths in "
+            f"{rm['length_unit']}; scored in {rm.get('dtype')}; ties count half; {pct}% bootstrap over {unit} "
+            f"(per-pair scores in `rm_pairs.jsonl`).", "",
             "| figure | share [CI] | pairs |", "|---|---|---|",
             f"| RM accuracy: r(chosen) > r(rejected) | {_ci(rm['accuracy'])} | {rm['n_pairs']} "
             f"({rm['accuracy']['ties']} ties) |",
-            f"| length baseline: the longer answer is preferred | {_ci(rm['length_baseline'])} | {rm['n_pairs']} |",
+            f"| length baseline: the longer answer is preferred | {_ci(rm['length_baseline'])} | {rm['n_pairs']} "
+            f"({rm['length_baseline'].get('ties')} of equal length) |",
             f"| RM accuracy where the preferred answer is shorter | {_ci(adv)} | {adv['n']} |",
-            "", "A length-only reward scores the baseline overall and 0 on the shorter-preferred pairs."]
+            "", "A length-only reward scores the baseline overall and 0 on the shorter-preferred pairs.",
+            *_rm_head_lines(rm.get("heads", {}))]
+
+
+def _rm_head_lines(heads: dict) -> list[str]:
+    """An ODIN reward model's heads side by side (nothing for a one-head model)."""
+    if len(heads) < 2:
+        return []
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return ["", "Heads of the reward model (ODIN; everything above uses quality, column 0), point figures:", "",
+            "| head | accuracy | shorter preferred | Spearman(score, length) |", "|---|---|---|---|",
+            *(f"| {name} | {num(h['accuracy'])} | {num(h['adversarial_accuracy'])} ({h['n_adversarial']}) | "
+              f"{num(h['length_spearman'])} |" for name, h in heads.items())]
 
 
 def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
@@ -164,8 +185,8 @@ def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
         "# StackLLaMA evaluation",
         "",
         f"{res['n_prompts']} held-out prompts (the first distinct questions of `{res['split']}`; "
-        f"{res['n_requested']} requested, {res['n_available']} available, {res['n_too_long']} longer than "
-        f"{res['max_prompt_length']} tokens left out), plain sampling of up to {res['max_new_tokens']} new tokens "
+        f"{res['n_requested']} requested, {res['n_available']} available, {res.get('n_question_cut', 0)} with the "
+        f"question cut to fit {res['max_prompt_length']} tokens, {res['n_too_long']} left out), plain sampling of up to {res['max_new_tokens']} new tokens "
         f"cut at the first EOS, seed {res['seed']}. Reward: raw score of `{res['reward_model']}`. "
         f"Intervals: {pct}% percentile bootstrap over prompts, {res['bootstrap_samples']} resamples.",
         "",
@@ -189,6 +210,17 @@ def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
                   "| A vs B | win rate of A [CI] | wins / ties / losses | length-matched win rate [CI] | matched prompts |",
                   "|---|---|---|---|---|"]
         for w in res["win_rates"].values():
+            lm = w.get("length_matched") or {}
+            lines.append(f"| {w['a']} vs {w['b']} | {_ci(w)} | {w['wins']} / {w['ties']} / {w['losses']} | "
+                         f"{_ci(lm)} | {lm.get('n', '-')} |")
+    if res.get("judge"):
+        lines += ["", "## Win rates by the independent judge", "",
+                  f"The same responses scored by `{res['judge']['model']}`, a reward model trained from the base model "
+                  "on preference pairs disjoint from the reward model's; a gain the judge does not see is the policy "
+                  "exploiting its own reward model.", "",
+                  "| A vs B | win rate of A [CI] | wins / ties / losses | length-matched win rate [CI] | matched prompts |",
+                  "|---|---|---|---|---|"]
+        for w in res["judge"]["win_rates"].values():
             lm = w.get("length_matched") or {}
             lines.append(f"| {w['a']} vs {w['b']} | {_ci(w)} | {w['wins']} / {w['ties']} / {w['losses']} | "
                          f"{_ci(lm)} | {lm.get('n', '-')} |")

@@ -33,7 +33,11 @@ STACKLLAMA_TEST_SETUP_SLEEP=   ``setup_sleep()``: the end  a child process sleep
                                                            group (as Slurm signals) kills it
 STACKLLAMA_TEST_PHASE_SLEEP=   ``phase_sleep(name)``: on   every rank entering that phase sleeps that
   <phase>:<seconds>[,...]      entering                    long inside it, while it beats (a slow
-                               ``heartbeat.phase(name)``   export, a slow final evaluation)
+                               ``heartbeat.phase(name)``   export, a slow model load)
+STACKLLAMA_TEST_BATCH_SLEEP=   ``batch_sleep(phase)``:     every rank sleeps that long after each batch
+  <phase>:<seconds>[,...]      ``Heartbeat.progress``,     of a loop in that phase, before its beat (a
+                               each batch of a loop that   slow evaluation; seconds > hang_timeout_s: a
+                               beats per batch             batch that hangs)
 STACKLLAMA_TEST_DUMP=<dir>     ``dump(name, step, **x)``:  saves ``x`` to <dir>/<name>-<step>-rank<r>.pt:
                                PPO, after each step's      a test recomputes the logged figures from
                                all-reduce                  every rank's raw tensors
@@ -54,6 +58,7 @@ FAULT = "STACKLLAMA_FAULT"
 STEP_SLEEP = "STACKLLAMA_TEST_STEP_SLEEP"
 SETUP_SLEEP = "STACKLLAMA_TEST_SETUP_SLEEP"
 PHASE_SLEEP = "STACKLLAMA_TEST_PHASE_SLEEP"
+BATCH_SLEEP = "STACKLLAMA_TEST_BATCH_SLEEP"
 DUMP = "STACKLLAMA_TEST_DUMP"
 CHECKPOINT_POINTS = ("ckpt_between_files", "enospc_save")
 PARK_S = 3600.0  # on_beat's sleep: far beyond any hang timeout a test sets
@@ -91,7 +96,16 @@ def on_beat(phase: str, rank: int) -> None:
 
 def phase_sleep(name: str) -> None:
     """Sleep the seconds STACKLLAMA_TEST_PHASE_SLEEP gives phase ``name`` (every matching entry)."""
-    spec = os.environ.get(PHASE_SLEEP)
+    _sleep_for(PHASE_SLEEP, name)
+
+
+def batch_sleep(phase: str) -> None:
+    """Sleep the seconds STACKLLAMA_TEST_BATCH_SLEEP gives phase ``phase`` (every matching entry)."""
+    _sleep_for(BATCH_SLEEP, phase)
+
+
+def _sleep_for(var: str, name: str) -> None:
+    spec = os.environ.get(var)
     if not spec:
         return
     for item in filter(None, spec.split(",")):

@@ -166,6 +166,82 @@ def assert_eval_figures_match_samples(res: dict) -> None:
         assert kl["mean"] == pytest.approx(sum(s["kl"][kl["policy"]] for s in samples) / n), key
 
 
+def _cluster_interval(o, groups: list, n_boot: int, seed: int, alpha: float) -> tuple[float, float]:
+    """Percentile interval of the mean of ``o`` over resamples of whole groups, written out loop by loop:
+    groups numbered by first appearance, default_rng(seed).integers(0, G, (B, G)), each resample's
+    mean over every unit of the groups drawn."""
+    import numpy as np
+
+    order = list(dict.fromkeys(groups))
+    members = [[i for i, g in enumerate(groups) if g == q] for q in order]
+    draws = np.random.default_rng(seed).integers(0, len(order), size=(n_boot, len(order)))
+    means = [np.mean([o[i] for k in row for i in members[k]]) for row in draws]
+    lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+def assert_eval_figures_match_records(out: Path, res: dict, tok=None) -> None:
+    """eval.json's `rm` and `lm` figures, intervals included, recomputed from the records `eval` writes
+    beside it (``rm_pairs.jsonl``, ``lm_texts.jsonl``); ``responses.jsonl`` holds each sample's tokens
+    (decoded with ``tok`` when given)."""
+    import json
+
+    import numpy as np
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+    pairs, texts, resp = read("rm_pairs.jsonl"), read("lm_texts.jsonl"), read("responses.jsonl")
+    rm, lm, n_boot, seed, alpha = res["rm"], res["lm"], res["bootstrap_samples"], res["seed"], res["alpha"]
+    assert [p["index"] for p in pairs] == list(range(rm["n_pairs"]))
+    won = [float(p["chosen"] > p["rejected"]) + 0.5 * (p["chosen"] == p["rejected"]) for p in pairs]
+    longer = [float(p["len_chosen"] > p["len_rejected"]) + 0.5 * (p["len_chosen"] == p["len_rejected"])
+              for p in pairs]
+    adv = [i for i, p in enumerate(pairs) if p["len_chosen"] < p["len_rejected"]]
+    groups = [p["group"] for p in pairs]
+    assert (rm["resample"], rm["n_questions"]) == ("question", len(set(groups)))
+    assert rm["accuracy"]["mean"] == pytest.approx(sum(won) / len(won)) and rm["accuracy"]["ties"] == won.count(0.5)
+    assert rm["length_baseline"]["mean"] == pytest.approx(sum(longer) / len(longer))
+    assert rm["length_baseline"]["ties"] == longer.count(0.5)  # equal lengths: in no adversarial split
+    assert rm["n_pairs"] == longer.count(1.0) + longer.count(0.5) + rm["adversarial"]["n"]
+    assert rm["adversarial"]["n"] == len(adv)
+    assert rm["margin_mean"] == pytest.approx(sum(p["chosen"] - p["rejected"] for p in pairs) / len(pairs))
+    for key, o, g in (("accuracy", won, groups), ("length_baseline", longer, groups),
+                      ("adversarial", [won[i] for i in adv], [groups[i] for i in adv])):
+        if not o:
+            assert rm[key]["mean"] is None, key
+            continue
+        assert rm[key]["mean"] == pytest.approx(sum(o) / len(o)), key
+        assert (rm[key]["lo"], rm[key]["hi"]) == pytest.approx(_cluster_interval(o, g, n_boot, seed, alpha)), key
+
+    assert [t["index"] for t in texts] == list(range(lm["n_texts"]))
+    tokens = np.array([t["tokens"] for t in texts], dtype=np.float64)
+    assert lm["n_tokens"] == tokens.sum()
+    draws = np.random.default_rng(seed).integers(0, len(texts), size=(n_boot, len(texts)))  # texts: one per question
+    for name, m in lm["models"].items():
+        nll = np.array([t["nll"][name] for t in texts])
+        assert m["loss"]["mean"] == pytest.approx(nll.sum() / tokens.sum()), name
+        lo, hi = np.percentile([nll[d].sum() / tokens[d].sum() for d in draws], [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        assert (m["loss"]["lo"], m["loss"]["hi"]) == pytest.approx((lo, hi)), name
+    for key, d in lm["diffs"].items():
+        diff = sum(t["nll"][d["a"]] - t["nll"][d["b"]] for t in texts)
+        assert d["mean"] == pytest.approx(diff / tokens.sum()), key
+
+    assert [r["index"] for r in resp] == [s["index"] for s in res["samples"]]
+    for r, s in zip(resp, res["samples"]):
+        assert set(r["token_ids"]) == set(s["responses"]), s["index"]
+        for name, ids in r["token_ids"].items():
+            x = s["responses"][name]
+            assert len(ids) == x["length"], (s["index"], name)
+            if tok is not None:
+                assert (ids[-1] == tok.eos_token_id) == x["eos"], (s["index"], name)  # cut after the first EOS
+                assert tok.decode(ids, skip_special_tokens=True) == x["text"], (s["index"], name)
+        if tok is not None:
+            from stackllama_ds.data.template import format_prompt
+
+            assert r["prompt_ids"] == tok(format_prompt(s["question"]))["input_ids"], s["index"]
+
+
 def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
     """Poll ``stage_dir/metrics.jsonl`` until a row with ``step`` (or later) appears; fail if ``proc`` ends."""
     from stackllama_ds.metrics import read_metrics

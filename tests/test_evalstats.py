@@ -13,6 +13,8 @@ from stackllama_ds.evalstats import (
     adversarial_mask,
     bootstrap_mean_ci,
     bootstrap_ratio_ci,
+    cluster_resample_idx,
+    group_codes,
     length_baseline,
     length_baseline_ci,
     length_matched_mask,
@@ -190,3 +192,54 @@ def test_spearman_ci():
     assert (lo, hi) == tuple(np.percentile(rb, [2.5, 97.5]))
     assert spearman_ci([1, 2, 3], [4, 5, 6], 100, 0) == (1.0, 1.0, 1.0)  # every defined resample is +1
     assert all(np.isnan(v) for v in spearman_ci([2, 2, 2], [1, 2, 3], 100, 0))
+
+
+def test_cluster_bootstrap_by_hand():
+    """2 questions, B = 5: redraw the group indices and take each resample's mean over its units."""
+    x = [1.0, 0.0, 1.0, 1.0, 1.0]  # outcomes of 5 pairs
+    groups = ["b", "b", "a", "a", "a"]  # question b (group 0: sum 1 over 2 pairs), a (group 1: 3 over 3)
+    assert group_codes(groups, 5).tolist() == [0, 0, 1, 1, 1]  # numbered by first appearance
+    gidx = np.random.default_rng(0).integers(0, 2, size=(5, 2))
+    assert gidx.tolist() == [[1, 1], [1, 0], [0, 0], [0, 0], [0, 1]]  # numpy 2's generator
+    assert [i.tolist() for i in cluster_resample_idx(groups, 5, 0)] == \
+        [[2, 3, 4, 2, 3, 4], [2, 3, 4, 0, 1], [0, 1, 0, 1], [0, 1, 0, 1], [0, 1, 2, 3, 4]]
+    # means over the units drawn: 6/6, 4/5, 2/4, 2/4, 4/5 -> sorted [0.5, 0.5, 0.8, 0.8, 1.0];
+    # percentile ranks 0.1 and 3.9: lo = 0.5, hi = 0.8 + 0.9 * (1.0 - 0.8) = 0.98
+    mean, lo, hi = bootstrap_mean_ci(x, 5, 0, groups=groups)
+    assert mean == 0.8 and lo == pytest.approx(0.5, rel=1e-12) and hi == pytest.approx(0.98, rel=1e-12)
+    # a ratio of sums: num [2, 0, 3, 1, 1] over den [1, 1, 1, 1, 2]: group b (2, 2), a (5, 4)
+    r, rlo, rhi = bootstrap_ratio_ci([2.0, 0.0, 3.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 2.0], 5, 0, groups=groups)
+    rb = np.sort([10 / 8, 7 / 6, 4 / 4, 4 / 4, 7 / 6])  # the same five resamples
+    assert r == 7 / 6 and (rlo, rhi) == pytest.approx(tuple(np.percentile(rb, [2.5, 97.5])), rel=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        bootstrap_mean_ci(x, 5, 0, groups=groups[:4])
+
+
+def test_cluster_bootstrap_without_groups_or_one_unit_each_is_the_plain_one():
+    rng = np.random.default_rng(9)
+    x, d = rng.normal(size=23) ** 3, rng.integers(1, 9, size=23).astype(float)
+    y = x + rng.normal(size=23)
+    lc, lr = rng.integers(1, 30, size=23), rng.integers(1, 30, size=23)
+    own = [f"q{k}" for k in rng.permutation(23)]  # distinct labels, not in sorted order
+    for f, args in ((bootstrap_mean_ci, (x,)), (bootstrap_ratio_ci, (x, d)), (win_rate_ci, (x, y)),
+                    (length_baseline_ci, (lc, lr)), (spearman_ci, (x, y)),
+                    (adversarial_accuracy_ci, (x, y, lc, lr)), (length_matched_win_rate_ci, (x, y, lc, lr))):
+        plain = f(*args, 300, 4)
+        assert f(*args, 300, 4, groups=None) == plain, f.__name__
+        assert f(*args, 300, 4, groups=own) == plain, f.__name__  # number for number
+
+
+def test_cluster_bootstrap_resamples_questions():
+    # 8 questions of 5 pairs each, every pair of a question with the same outcome: the pairs are
+    # 8 draws, not 40, and the interval over questions is wider than the one over pairs
+    o = np.repeat([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0], 5)
+    q = np.repeat(np.arange(8), 5)
+    _, lo, hi = bootstrap_mean_ci(o, 2000, 0)
+    _, clo, chi = bootstrap_mean_ci(o, 2000, 0, groups=q)
+    assert chi - clo > 1.5 * (hi - lo)
+    # one question holding every adversarial pair: each resample draws that question -> no spread
+    lc, lr = [1, 1, 9, 9], [5, 5, 2, 2]  # pairs 0, 1 adversarial, both of question "a"
+    acc, lo, hi, n = adversarial_accuracy_ci([1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], lc, lr, 200, 0,
+                                             groups=["a", "a", "b", "c"])
+    assert (acc, lo, hi, n) == (0.5, 0.5, 0.5, 2)
+    assert adversarial_accuracy_ci([1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], lc, lr, 200, 0)[1:3] == (0.0, 1.0)

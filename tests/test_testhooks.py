@@ -22,7 +22,7 @@ from stackllama_ds import testhooks
 from stackllama_ds.engines import dist
 
 PKG = Path(testhooks.__file__).resolve().parent
-ENV = (testhooks.FAULT, testhooks.STEP_SLEEP, testhooks.PHASE_SLEEP)
+ENV = (testhooks.FAULT, testhooks.STEP_SLEEP, testhooks.PHASE_SLEEP, testhooks.BATCH_SLEEP)
 
 
 @pytest.fixture(autouse=True)
@@ -94,6 +94,18 @@ def test_phase_sleep_sleeps_each_named_phase_its_own_time(monkeypatch, slept):
     testhooks.phase_sleep("waiting for rank 0: export")
     testhooks.phase_sleep("final evaluation")
     assert slept == [0.6, 2.0]
+
+
+def test_batch_sleep_sleeps_only_in_the_named_phases(monkeypatch, slept):
+    testhooks.batch_sleep("evaluation")
+    monkeypatch.setenv(testhooks.BATCH_SLEEP, "evaluation:0.5,eval sft: sampling:1.5")
+    testhooks.batch_sleep("final evaluation")
+    testhooks.batch_sleep("eval sft")
+    testhooks.phase_sleep("evaluation")  # the phase hook reads its own variable
+    assert slept == []
+    testhooks.batch_sleep("evaluation")
+    testhooks.batch_sleep("eval sft: sampling")
+    assert slept == [0.5, 1.5]
 
 
 @pytest.fixture

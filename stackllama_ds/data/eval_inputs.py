@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stackllama_ds.config import RunConfig
+from stackllama_ds.data.fit import FitPairs, fit_pairs
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.data.template import format_prompt, format_qa
 from stackllama_ds.runtime import data_dir
@@ -41,26 +42,15 @@ def load_lm_texts(cfg: RunConfig, tok) -> tuple[list[tuple[list[int], list[int]]
     return texts, counts
 
 
-def load_rm_pairs(cfg: RunConfig, tok) -> tuple[list[tuple[list[int], list[int], int, int]], dict]:
-    """The first eval.n_rm_pairs rm_eval pairs (chosen ids, rejected ids, chosen length, rejected
-    length) under the RM stage's max_length policy; lengths are answer tokens before any cut."""
+def load_rm_pairs(cfg: RunConfig, tok) -> FitPairs:
+    """The held-out preference pairs: the first ``eval.n_rm_pairs`` of rm_eval (all when None) that
+    survive ``data.fit`` at ``rm.max_length`` / ``rm.overlength``. The RM stage's held-out figures
+    and `eval`'s are taken on exactly these pairs. Lengths are answer tokens as scored (after any cut).
+    ``counts``: the split, sizes, and ``truncation`` (whole / question_cut / answer_cut / dropped)."""
     split, rc, n = load_prepared(data_dir(cfg))["rm_eval"], cfg.rm, cfg.eval.n_rm_pairs
-    pairs, over = [], 0
-    for b in split.select_columns(["question", "response_j", "response_k"]).iter(batch_size=256):
-        if len(pairs) == n:
-            break
-        chosen = tok([format_qa(q, a) for q, a in zip(b["question"], b["response_j"])])["input_ids"]
-        rejected = tok([format_qa(q, a) for q, a in zip(b["question"], b["response_k"])])["input_ids"]
-        lc = [len(x) for x in tok(b["response_j"], add_special_tokens=False)["input_ids"]]
-        lr = [len(x) for x in tok(b["response_k"], add_special_tokens=False)["input_ids"]]
-        for j, k, a, r in zip(chosen, rejected, lc, lr):
-            if len(pairs) == n:
-                break
-            if len(j) > rc.max_length or len(k) > rc.max_length:
-                over += 1
-                if rc.overlength == "filter":
-                    continue
-            pairs.append((j[: rc.max_length], k[: rc.max_length], a, r))
+    fp = fit_pairs(split.select_columns(["site", "qid", "question", "response_j", "response_k"]), tok,
+                   rc.max_length, rc.overlength, limit=n)
     counts = {"split": "rm_eval", "n_requested": n, "n_available": len(split), "max_length": rc.max_length,
-              "overlength": rc.overlength, "n_over_length": over, "n_pairs": len(pairs), "length_unit": "tokens"}
-    return pairs, counts
+              "overlength": rc.overlength, "n_pairs": len(fp.pairs), "length_unit": "answer tokens as scored",
+              "truncation": fp.counts}
+    return FitPairs(fp.pairs, counts)

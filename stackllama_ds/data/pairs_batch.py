@@ -1,8 +1,9 @@
 """Reward-model batches: tokenized (chosen, rejected) pairs, sharded by rank, right-padded.
 
 A pair is ``format_qa(question, response_j)`` (chosen) and ``format_qa(question, response_k)``
-(rejected). A micro batch of ``B`` pairs is ONE tensor of ``2B`` rows, ``[chosen..., rejected...]``,
-so both sides go through the engine in a single forward. Padding is on the right: positions of the
+(rejected), fitted into ``rm.max_length`` by ``data.fit`` (the question is cut, not the answers). A
+micro batch of ``B`` pairs is ONE tensor of ``2B`` rows, ``[chosen..., rejected...]``, so both sides
+go through the engine in a single forward. Padding is on the right: positions of the
 real tokens are the same as unpadded, and the sequence classifier reads the score at the last
 non-pad token. Global pair index ``g`` runs over seeded orders per pass and goes to rank
 ``g % world``; the data position is the number of global pairs consumed (as in ``packing``).
@@ -12,56 +13,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
+from stackllama_ds.data.fit import FitPair
 from stackllama_ds.data.packing import epoch_order
-from stackllama_ds.data.template import format_qa
 from stackllama_ds.models.padding import pad
 
-Pair = tuple[Sequence[int], Sequence[int]]  # (chosen ids, rejected ids)
-
-
-class TokenizedPairs(NamedTuple):
-    """Pairs of a split after the ``max_length`` policy; ``overlength`` pairs were cut or dropped."""
-
-    pairs: list[Pair]
-    overlength: int  # pairs with either text over max_length (truncated or filtered)
-    total: int  # pairs in the split before filtering
-
-
-def tokenize_pairs(split, tokenizer, max_length: int, overlength: str, batch_size: int = 1024) -> TokenizedPairs:
-    """Tokenize every row of a prepared split (with BOS, as the tokenizer adds it, no EOS).
-
-    ``overlength`` is "filter" (drop a pair when either text exceeds ``max_length`` tokens, as
-    StackLLaMA's reward_modeling.py did) or "truncate" (keep the first ``max_length`` tokens of each).
-    Ids are kept as int32 arrays (4 bytes a token, not a Python int's 28+).
-    """
-    if overlength not in ("filter", "truncate"):
-        raise ValueError(f"overlength must be 'filter' or 'truncate', got {overlength!r}")
-    pairs: list[Pair] = []
-    over = total = 0
-    cols = split.select_columns(["question", "response_j", "response_k"])
-    for b in cols.iter(batch_size=batch_size):
-        chosen = tokenizer([format_qa(q, a) for q, a in zip(b["question"], b["response_j"])])["input_ids"]
-        rejected = tokenizer([format_qa(q, a) for q, a in zip(b["question"], b["response_k"])])["input_ids"]
-        for j, k in zip(chosen, rejected):
-            total += 1
-            if len(j) > max_length or len(k) > max_length:
-                over += 1
-                if overlength == "filter":
-                    continue
-                j, k = j[:max_length], k[:max_length]
-            pairs.append((np.asarray(j, dtype=np.int32), np.asarray(k, dtype=np.int32)))
-    return TokenizedPairs(pairs, over, total)
+Pair = FitPair | tuple[Sequence[int], Sequence[int]]  # (chosen ids, rejected ids[, answer lengths, group])
 
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids``/``attention_mask`` (2B, T): rows ``[:B]`` chosen, ``[B:]`` rejected, right-padded."""
-    ids, mask = pad([j for j, _ in pairs] + [k for _, k in pairs], pad_id, "right")
-    return {"input_ids": ids, "attention_mask": mask}
+    """``input_ids``/``attention_mask`` (2B, T): rows ``[:B]`` chosen, ``[B:]`` rejected, right-padded;
+    ``answer_lengths`` (2B,): each row's answer tokens (the whole row for bare (chosen, rejected) pairs)."""
+    rows = [p[0] for p in pairs] + [p[1] for p in pairs]
+    ids, mask = pad(rows, pad_id, "right")
+    if all(len(p) >= 4 for p in pairs):
+        lengths = [p[2] for p in pairs] + [p[3] for p in pairs]
+    else:
+        lengths = [len(r) for r in rows]
+    return {"input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor(lengths, dtype=torch.float32)}
 
 
 def pair_batches(

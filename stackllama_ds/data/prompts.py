@@ -8,36 +8,37 @@ import random
 from typing import NamedTuple
 
 from stackllama_ds.config import RunConfig
+from stackllama_ds.data.fit import fit_prompts
 from stackllama_ds.data.prepare import load_prepared
-from stackllama_ds.data.template import format_prompt
 from stackllama_ds.runtime import TrainingError, data_dir
 
 
 class Prompts(NamedTuple):
     questions: list[str]
     ids: list[list[int]]  # prompt token ids, ``format_prompt(question)`` with special tokens
-    counts: dict  # n_requested (None: all), n_available, n_too_long, n_prompts
+    counts: dict  # n_requested (None: all), n_available, n_too_long, n_question_cut, n_prompts
 
 
 def load_prompts(cfg: RunConfig, tok, split: str, limit: int | None = None) -> Prompts:
-    """The distinct questions of ``split`` (first row of each (site, qid), in split order) whose prompt
-    fits ``ppo.max_prompt_length`` tokens, the first ``limit`` of them; too-long prompts are counted."""
+    """The distinct questions of ``split`` (first row of each (site, qid), in split order) as prompts of
+    at most ``ppo.max_prompt_length`` tokens, the first ``limit`` of them. A longer question is cut to
+    fit, its start kept (``data.fit``); ``questions`` are the texts as prompted. Counts: n_question_cut,
+    and n_too_long for a prompt that cannot fit even then (left out)."""
     rows = load_prepared(data_dir(cfg))[split].select_columns(["site", "qid", "question"])
     seen, questions = set(), []
     for row in rows:
         if (row["site"], row["qid"]) not in seen:
             seen.add((row["site"], row["qid"]))
             questions.append(row["question"])
-    ids = tok([format_prompt(q) for q in questions], add_special_tokens=True)["input_ids"]
     L = cfg.ppo.max_prompt_length
-    fits = [i for i, x in enumerate(ids) if len(x) <= L]
-    keep = fits if limit is None else fits[:limit]
+    ids, used, fc = fit_prompts(tok, questions, L)
+    keep = len(ids) if limit is None else min(limit, len(ids))
     if not keep:
-        raise TrainingError(f"no {split} prompt fits ppo.max_prompt_length={L} tokens ({len(ids)} prompts, "
-                            f"shortest {min((len(x) for x in ids), default=0)} tokens)")
-    counts = {"n_requested": limit, "n_available": len(questions), "n_too_long": len(ids) - len(fits),
-              "n_prompts": len(keep)}
-    return Prompts([questions[i] for i in keep], [ids[i] for i in keep], counts)
+        raise TrainingError(f"no {split} prompt fits ppo.max_prompt_length={L} tokens ({len(questions)} prompts, "
+                            f"none fits even with its question cut)")
+    counts = {"n_requested": limit, "n_available": len(questions), "n_too_long": fc["dropped"],
+              "n_question_cut": fc["question_cut"], "n_prompts": keep}
+    return Prompts(used[:keep], ids[:keep], counts)
 
 
 @functools.lru_cache(maxsize=2)  # this pass and the next: a batch may straddle the boundary

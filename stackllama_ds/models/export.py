@@ -9,6 +9,7 @@ reward model keeps its trained ``score`` head (StackLLaMA once merged it as a ca
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Collection
@@ -30,6 +31,15 @@ from stackllama_ds.models.load import (
 
 def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def score_rows(sd: dict[str, torch.Tensor]) -> int:
+    """Heads of the trained reward score in a state dict: 1, or 2 with ODIN's length head."""
+    # plain "score.weight", or peft's trained copy "...score.modules_to_save.<adapter>.weight"
+    rows = {v.shape[0] for k, v in sd.items() if re.search(r"(^|\.)score\.(modules_to_save\.[^.]+\.)?weight$", k)}
+    if len(rows) != 1:
+        raise RuntimeError(f"export of reward: expected one trained score weight, found shapes {sorted(rows)}")
+    return rows.pop()
 
 
 def _load_exact(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, frozen: Collection[str]) -> None:
@@ -63,7 +73,8 @@ def export_hf(
     # the last non-pad token), so its tokenizer is saved that way.
     tok = load_tokenizer(base_path, padding_side="right" if kind == "reward" else "left")
     if kind == "reward":
-        model = load_reward_model(base_path, plain, pad_token_id=tok.pad_token_id, dtype="fp32", lora=lora)
+        model = load_reward_model(base_path, plain, pad_token_id=tok.pad_token_id, dtype="fp32", lora=lora,
+                                  num_labels=score_rows(state_dict))
         sd = state_dict
     else:
         model = load_causal_lm(base_path, plain, dtype="fp32", lora=lora)

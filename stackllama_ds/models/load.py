@@ -5,12 +5,14 @@ The same code loads the tiny test model and a real LLaMA folder on a cluster.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig
@@ -195,6 +197,54 @@ def empty_causal_lm(path: str | os.PathLike[str], mcfg: ModelConfig, *, dtype: s
     return contiguous_head_input(model)
 
 
+class Fp32Score(nn.Linear):
+    """A reward model's ``score`` layer that computes in fp32 whatever dtype the model runs in.
+
+    DeepSpeed casts the module to bf16/fp16 (its fp32 master weights live in the optimizer); a
+    reward is a small difference of two large dot products, so the head's matmul is done on fp32
+    copies of the hidden state and the weight. Same parameters and state-dict keys as nn.Linear.
+    ``fp32_weight``: the fp32 weight of the last forward with grad, in the autograd graph (ODIN's
+    orthogonality term reads it; under ZeRO-3 the parameter itself is only gathered in forward).
+    """
+
+    fp32_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (K, H), always a copy: ZeRO-3 empties the parameter itself after the forward
+        w = self.weight.to(torch.float32, copy=True)
+        self.__dict__["fp32_weight"] = w if torch.is_grad_enabled() else None  # not Module.__setattr__: no param
+        return F.linear(x.float(), w, None if self.bias is None else self.bias.float())  # (..., K) fp32
+
+
+def fp32_score(model: nn.Module) -> nn.Module:
+    """Make a sequence classifier's plain ``score`` Linear an ``Fp32Score`` in place (before peft
+    wraps it: its trainable copy keeps the class); returns ``model``."""
+    score = getattr(model, "score", None)
+    if type(score) is nn.Linear:  # not a quantised layer
+        score.__class__ = Fp32Score
+    return model
+
+
+def score_weight(model: nn.Module) -> torch.Tensor:
+    """The (K, H) fp32 weight the reward head used in its last forward with grad (plain or peft model)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # peft's ModulesToSaveWrapper holds the frozen original and the trained copy: the copy ran
+    used = [m.fp32_weight for m in lm.score.modules() if isinstance(m, Fp32Score) and m.fp32_weight is not None]
+    if len(used) != 1:
+        raise RuntimeError(f"expected one Fp32Score head run with grad, found {len(used)}")
+    return used[0]
+
+
+HEAD_LABELS = ("quality", "length")  # score rows: ODIN's quality head (what PPO reads), length head
+
+
+def _is_seq_cls_folder(path: str | os.PathLike[str]) -> bool:
+    """An exported reward model (its score head saved), not a causal LM to start one from."""
+    cfg = Path(path) / "config.json"
+    archs = (json.loads(cfg.read_text()).get("architectures") or []) if cfg.exists() else []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def load_reward_model(
     path: str | os.PathLike[str],
     mcfg: ModelConfig,
@@ -202,13 +252,28 @@ def load_reward_model(
     pad_token_id: int,
     dtype: str = "fp32",
     lora: LoraConfig | None = None,
+    num_labels: int | None = None,
 ) -> nn.Module:
-    """AutoModelForSequenceClassification with one output; the score is read at the last non-pad token."""
+    """AutoModelForSequenceClassification; the score is read at the last non-pad token, in fp32.
+
+    ``num_labels``: 1, or 2 for ODIN's quality and length heads (``HEAD_LABELS``); None takes an
+    exported reward model's own (a sequence-classification folder), else 1. Column 0 is always the
+    reward PPO, eval and ask read.
+    """
     from transformers import AutoModelForSequenceClassification
 
     _quiet()
-    model = _from_pretrained(AutoModelForSequenceClassification, path, mcfg, DTYPES[dtype], num_labels=1)
+    if num_labels is None and _is_seq_cls_folder(path):
+        labels = {}  # the folder's config: its num_labels and label names
+    elif (num_labels or 1) == 1:
+        labels = {"num_labels": 1}
+    elif num_labels == len(HEAD_LABELS):
+        labels = {"id2label": dict(enumerate(HEAD_LABELS)), "label2id": {n: i for i, n in enumerate(HEAD_LABELS)}}
+    else:
+        raise ValueError(f"num_labels must be 1 or 2 (quality, length), got {num_labels}")
+    model = _from_pretrained(AutoModelForSequenceClassification, path, mcfg, DTYPES[dtype], **labels)
     model.config.pad_token_id = pad_token_id
+    fp32_score(model)
     if mcfg.quantization == "4bit":
         _no_cpu_repack(model)
     if lora is not None and lora.enabled:
@@ -317,4 +382,5 @@ class TokenValueModel(nn.Module):
         keep: int | None = None,
     ):
         lm, body, _ = hf_parts(self.model)
-        return lm.score(tail_hidden(body, input_ids, attention_mask, position_ids, keep)).squeeze(-1).float()  # (B, T)
+        # column 0: a two-head (ODIN) reward model's quality head; the length head gets no gradient
+        return lm.score(tail_hidden(body, input_ids, attention_mask, position_ids, keep))[..., 0].float()  # (B, T)

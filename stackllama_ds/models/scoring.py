@@ -40,11 +40,17 @@ def right_padded_scores(forward, ids: torch.Tensor, lengths: torch.Tensor, group
 
 
 @torch.no_grad()
-def reward_scores(reward, tok, questions: list[str], responses: list[str], device) -> torch.Tensor:
-    """Raw reward-model logits (B,) for question + response in the one template, right-padded."""
+def reward_head_scores(reward, tok, questions: list[str], responses: list[str], device) -> torch.Tensor:
+    """Raw reward-model logits (B, K) for question + response in the one template, right-padded:
+    every head (K = 2 for an ODIN reward model: quality, length)."""
     enc = tok([format_qa(q, r) for q, r in zip(questions, responses)], add_special_tokens=True)["input_ids"]
     ids, mask = pad(enc, tok.pad_token_id, "right")
     # HF reads the score at the last non-pad token; with right padding that is the last real one,
     # and no real token sees a pad under the causal mask, so no padding mask (SDPA's fused path).
-    return right_padded_scores(lambda x: reward(input_ids=x, use_cache=False).logits[:, 0].float(),
+    return right_padded_scores(lambda x: reward(input_ids=x, use_cache=False).logits.float(),
                                ids.to(device), mask.sum(1), groups=2 if is_partitioned(reward) else None).cpu()
+
+
+def reward_scores(reward, tok, questions: list[str], responses: list[str], device) -> torch.Tensor:
+    """Raw reward-model logits (B,): column 0, the quality head (an ODIN model's length head is left out)."""
+    return reward_head_scores(reward, tok, questions, responses, device)[:, 0]

@@ -29,6 +29,7 @@ from .kl import (
 )
 from .losses import policy_loss, value_loss
 from .moments import RunningMoments
+from .odin import OdinStats, odin_penalty, pearson
 from .types import Rollout
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "KL_KINDS",
     "AdaptiveKLController",
     "FixedKLController",
+    "OdinStats",
     "Rollout",
     "RunningMoments",
     "degenerate_fraction",
@@ -50,6 +52,8 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "moments_to_mean_var",
+    "odin_penalty",
+    "pearson",
     "per_token_rewards",
     "policy_loss",
     "repeated_ngram_share",

@@ -25,8 +25,11 @@ records with ``dist.all_gather_object``; rank 0 sorts them and bootstraps with
 ``ppo.actor.dtype`` / ``ppo.reward.dtype`` on GPU, loaded one at a time.
 
 Outputs in ``<root>/eval/``: ``report.md`` (tables, the plots, four prompts answered side by side),
-the training-curve PNGs of ``stackllama_ds.report`` and ``eval.json``, whose keys are in full in
-``eval_summary.EVAL_JSON_KEYS`` (and in README.md).
+the training-curve PNGs of ``stackllama_ds.report``, ``eval.json``, whose keys are in full in
+``eval_summary.EVAL_JSON_KEYS`` (and in README.md), and the records every figure is computed from:
+``rm_pairs.jsonl`` (per-pair scores, lengths as scored, question), ``lm_texts.jsonl`` (per-text
+NLL) and ``responses.jsonl`` (prompt and response token ids). Intervals resample prompts, texts
+and, for the preference pairs, questions (several pairs share one question).
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from stackllama_ds.eval_summary import (
     summarize,
     summarize_lm,
     summarize_rm,
+    win_rates,
 )
-from stackllama_ds.heartbeat import Heartbeat, phase
+from stackllama_ds.heartbeat import Heartbeat, each, phase
 from stackllama_ds.models.forward import response_logprobs
 from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
@@ -93,11 +97,12 @@ def text_nll(lm, texts: list[tuple[list[int], list[int]]], pad_id: int) -> list[
 
 
 @torch.no_grad()
-def pair_scores(reward, pairs, pad_id: int) -> tuple[list[float], list[float]]:
-    """(r_chosen, r_rejected) raw reward-model scores of pairs, chosen and rejected in one batch."""
+def pair_scores(reward, pairs, pad_id: int) -> tuple[list[list[float]], list[list[float]]]:
+    """(r_chosen, r_rejected) raw reward-model scores of pairs, chosen and rejected in one batch:
+    every head's, (B, K) as lists; column 0 is the quality head, the reward everything else reads."""
     ids, mask = pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id, "right")  # (2B, T)
     # right padding: the score is read at the last real token; no real token sees a pad
-    r = right_padded_scores(lambda x: reward(input_ids=x).logits[:, 0].float(), dist.place(ids), mask.sum(1)).cpu()
+    r = right_padded_scores(lambda x: reward(input_ids=x).logits.float(), dist.place(ids), mask.sum(1)).cpu()  # (2B, K)
     return r[: len(pairs)].tolist(), r[len(pairs) :].tolist()
 
 
@@ -124,16 +129,17 @@ def run(cfg: RunConfig) -> None:
     out_dir = cfg.stage_dir("eval")
     runtime.setup(cfg)
     rank, world = dist.rank(), dist.world_size()
-    Heartbeat(out_dir, rank, world, cfg.launch.hang_timeout_s)  # each model's pass below beats in its phase
+    Heartbeat(out_dir, rank, world, cfg.launch.hang_timeout_s)  # the loops below beat per batch
     on_gpu = dist.device().type == "cuda"
     models = candidate_models(cfg)
     rm_path = runtime.rm_model_path(cfg)
     if not (rm_path / "config.json").exists():
         raise FileNotFoundError(f"reward model not found: {rm_path} (run rm first)")
-    tok = load_tokenizer(models.get("sft", next(iter(models.values()))))
-    questions, prompt_ids, counts = load_prompts(cfg, tok, "rl_eval", limit=e.n_prompts)
-    texts, lm_counts = load_lm_texts(cfg, tok)
-    pairs, rm_counts = load_rm_pairs(cfg, tok)
+    with phase("eval inputs", 0):  # tokenizer load, every rl_eval question tokenized: library calls
+        tok = load_tokenizer(models.get("sft", next(iter(models.values()))))
+        questions, prompt_ids, counts = load_prompts(cfg, tok, "rl_eval", limit=e.n_prompts)
+        texts, lm_counts = load_lm_texts(cfg, tok)
+        pairs, rm_counts = load_rm_pairs(cfg, tok)
     N, eos, pad_id = len(questions), tok.eos_token_id, tok.pad_token_id
     mine = _batches(N, e.batch_size, rank, world)
     mine_lm = _batches(len(texts), e.batch_size, rank, world)
@@ -151,64 +157,89 @@ def run(cfg: RunConfig) -> None:
     logp: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (scorer, sampler) -> batch -> (B,)
     lm_rows = {i: {"index": i, "tokens": sum(texts[i][1]), "nll": {}} for _, b in mine_lm for i in b}
     for name in order:
-        with phase(f"eval {name}", 0):
+        with phase(f"eval {name}: load", 0):  # one library call: beats from a thread
             dtype = cfg.ppo.actor.dtype if on_gpu else "fp32"
             lm = dist.place(load_causal_lm(models[name], cfg.model, dtype=dtype, trainable=False).eval())
-            resp[name] = {}
-            for j, _ in mine:
-                q_ids, q_mask = prompts[j]
-                torch.manual_seed(cfg.seed * 1_000_003 + j)  # per batch, not per rank: world-size independent
-                r = sample(lm, q_ids, q_mask, e.max_new_tokens)  # (B, max_new_tokens)
-                resp[name][j] = (r, cut_at_eos(r, eos))
-            for pol, ref in KL_PAIRS.items():  # the policy on its own samples, then the reference on them
-                if name in (pol, ref) and pol in resp and ref in models:
-                    logp[(name, pol)] = {j: response_logprob(lm, *prompts[j], *resp[pol][j]) for j, _ in mine}
-            for _, b in mine_lm:
-                for i, v in zip(b, text_nll(lm, [texts[i] for i in b], pad_id)):
-                    lm_rows[i]["nll"][name] = v
-            del lm
+        resp[name] = {}
+        for j, _ in each(mine, f"eval {name}: sampling"):  # each loop beats per batch
+            q_ids, q_mask = prompts[j]
+            torch.manual_seed(cfg.seed * 1_000_003 + j)  # per batch, not per rank: world-size independent
+            r = sample(lm, q_ids, q_mask, e.max_new_tokens)  # (B, max_new_tokens)
+            resp[name][j] = (r, cut_at_eos(r, eos))
+        for pol, ref in KL_PAIRS.items():  # the policy on its own samples, then the reference on them
+            if name in (pol, ref) and pol in resp and ref in models:
+                logp[(name, pol)] = {j: response_logprob(lm, *prompts[j], *resp[pol][j])
+                                     for j, _ in each(mine, f"eval {name}: log-probs of {pol}")}
+        for _, b in each(mine_lm, f"eval {name}: LM loss"):
+            for i, v in zip(b, text_nll(lm, [texts[i] for i in b], pad_id)):
+                lm_rows[i]["nll"][name] = v
+        del lm
 
     # step 2. decode and score every response, and the held-out pairs, with the reward model
-    with phase("eval reward model", 0):
+    with phase("eval reward model: load", 0):  # one library call: beats from a thread
         rm_dtype = cfg.ppo.reward.dtype if on_gpu else "fp32"
         reward = dist.place(load_reward_model(rm_path, cfg.model, pad_token_id=pad_id, dtype=rm_dtype).eval())
-        records = []
-        for j, b in mine:
-            per = {i: {"index": i, "question": questions[i], "responses": {}, "kl": {}} for i in b}
-            for name in models:
-                r, m = resp[name][j]
-                decoded = tok.batch_decode(r.masked_fill(m == 0, pad_id).cpu(), skip_special_tokens=True)
-                scores = reward_scores(reward, tok, [questions[i] for i in b], decoded, dist.device()).tolist()
-                has_eos = (r == eos).any(1).tolist()
+    records, resp_rows = [], []
+    for j, b in each(mine, "eval reward model: responses"):  # each loop beats per batch
+        per = {i: {"index": i, "question": questions[i], "responses": {}, "kl": {}} for i in b}
+        ids = {i: {"index": i, "prompt_ids": [int(t) for t in prompt_ids[i]], "token_ids": {}} for i in b}
+        for name in models:
+            r, m = resp[name][j]
+            decoded = tok.batch_decode(r.masked_fill(m == 0, pad_id).cpu(), skip_special_tokens=True)
+            scores = reward_scores(reward, tok, [questions[i] for i in b], decoded, dist.device()).tolist()
+            has_eos = (r == eos).any(1).tolist()
+            for k, i in enumerate(b):
+                per[i]["responses"][name] = {"text": decoded[k], "reward": scores[k], "length": int(m[k].sum()),
+                                             "eos": bool(has_eos[k]), "degenerate": rl.is_degenerate(decoded[k])}
+                ids[i]["token_ids"][name] = r[k, : int(m[k].sum())].tolist()  # up to and including the first EOS
+        for pol, ref in KL_PAIRS.items():
+            if (pol, pol) in logp and (ref, pol) in logp:
+                # sum_t log p_pol(y_t) - log p_ref(y_t) on the policy's own sample: a KL(pol || ref) draw
+                diff = (logp[(pol, pol)][j] - logp[(ref, pol)][j]).tolist()
                 for k, i in enumerate(b):
-                    per[i]["responses"][name] = {"text": decoded[k], "reward": scores[k], "length": int(m[k].sum()),
-                                                 "eos": bool(has_eos[k]), "degenerate": rl.is_degenerate(decoded[k])}
-            for pol, ref in KL_PAIRS.items():
-                if (pol, pol) in logp and (ref, pol) in logp:
-                    # sum_t log p_pol(y_t) - log p_ref(y_t) on the policy's own sample: a KL(pol || ref) draw
-                    diff = (logp[(pol, pol)][j] - logp[(ref, pol)][j]).tolist()
-                    for k, i in enumerate(b):
-                        per[i]["kl"][pol] = diff[k]
-            records += per.values()
-        rm_rows = []
-        for _, b in mine_rm:
-            rc, rr = pair_scores(reward, [pairs[i] for i in b], pad_id)
-            rm_rows += [{"index": i, "chosen": rc[k], "rejected": rr[k], "len_chosen": pairs[i][2],
-                         "len_rejected": pairs[i][3]} for k, i in enumerate(b)]
-        del reward
+                    per[i]["kl"][pol] = diff[k]
+        records += per.values()
+        resp_rows += ids.values()
+    rm_rows = []
+    for _, b in each(mine_rm, "eval reward model: pairs"):
+        rc, rr = pair_scores(reward, [pairs[i] for i in b], pad_id)
+        rm_rows += [{"index": i, "group": pairs[i].group, "case": pairs[i].case, "chosen": rc[k][0],
+                     "rejected": rr[k][0], "len_chosen": pairs[i].len_chosen, "len_rejected": pairs[i].len_rejected,
+                     "chosen_heads": rc[k], "rejected_heads": rr[k]}
+                    for k, i in enumerate(b)]
+    del reward
+
+    # step 2b. the independent judge (judge.enabled): every response scored again by a reward model
+    # trained on pairs disjoint from the reward model's
+    judge_path = cfg.stage_dir("judge") / "model"
+    if (judge_path / "config.json").exists():
+        with phase("eval judge: load", 0):
+            judge = dist.place(load_reward_model(judge_path, cfg.model, pad_token_id=pad_id, dtype=rm_dtype).eval())
+        by_index = {rec["index"]: rec for rec in records}
+        for _, b in each(mine, "eval judge: responses"):
+            for name in models:
+                texts = [by_index[i]["responses"][name]["text"] for i in b]
+                js = reward_scores(judge, tok, [questions[i] for i in b], texts, dist.device()).tolist()
+                for k, i in enumerate(b):
+                    by_index[i]["responses"][name]["judge"] = js[k]
+        del judge
 
     # step 3. gather on every rank, then rank 0 computes the figures and writes the report
-    parts = dist.all_gather_object((records, list(lm_rows.values()), rm_rows))
-    records, lm_all, rm_all = (sorted((r for p in parts for r in p[k]), key=lambda r: r["index"]) for k in range(3))
-    inputs = {"split": "rl_eval", **counts, "lm": lm_counts, "rm": rm_counts}
+    parts = dist.all_gather_object((records, list(lm_rows.values()), rm_rows, resp_rows))
+    records, lm_all, rm_all, resp_all = (sorted((r for p in parts for r in p[k]), key=lambda r: r["index"])
+                                         for k in range(4))
+    inputs = {"split": "rl_eval", **counts, "lm": lm_counts, "rm": {**rm_counts, "dtype": rm_dtype}}
     # Bootstrap intervals and plots: minutes on a large eval, so not in a barrier bounded by the collective timeout.
-    runtime.on_main_rank("eval report", lambda: write_report(cfg, models, rm_path, inputs, records, lm_all, rm_all))
+    runtime.on_main_rank("eval report", lambda: write_report(cfg, models, rm_path, inputs, records, lm_all, rm_all,
+                                                                   resp_all))
     runtime.mark_done(out_dir, f"{N} prompts, models {','.join(models)}")
 
 
 def write_report(cfg: RunConfig, models: dict[str, Path], rm_path: Path, inputs: dict, records: list[dict],
-                 lm_rows: list[dict], rm_rows: list[dict]) -> None:
-    """``eval.json``, ``report.md`` and the plots from every rank's records (rank 0)."""
+                 lm_rows: list[dict], rm_rows: list[dict], resp_rows: list[dict]) -> None:
+    """``eval.json``, ``report.md`` and the plots from every rank's records (rank 0); the records
+    themselves first (``rm_pairs.jsonl``, ``lm_texts.jsonl``, ``responses.jsonl``), so that every
+    figure can be recomputed from the run's own files."""
     e, root, out_dir = cfg.eval, cfg.root(), cfg.stage_dir("eval")
     names, n_boot = list(models), e.bootstrap_samples
     m_stats, wins, kl = summarize(records, names, n_boot, cfg.seed)
@@ -221,7 +252,12 @@ def write_report(cfg: RunConfig, models: dict[str, Path], rm_path: Path, inputs:
            "length_match_tol": LENGTH_MATCH_TOL, "models": m_stats, "win_rates": wins, "kl": kl,
            "lm": {**lm_counts, **summarize_lm(lm_rows, names, n_boot, cfg.seed)},
            "rm": {**rm_counts, **summarize_rm(rm_rows, n_boot, cfg.seed)}, "samples": records}
+    if records and "judge" in records[0]["responses"][names[0]]:
+        res["judge"] = {"model": _rel(cfg.stage_dir("judge") / "model", root),
+                        "win_rates": win_rates(records, names, n_boot, cfg.seed, key="judge")}
     out_dir.mkdir(parents=True, exist_ok=True)
+    for fname, rows in (("rm_pairs.jsonl", rm_rows), ("lm_texts.jsonl", lm_rows), ("responses.jsonl", resp_rows)):
+        _write_atomic(out_dir / fname, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     _write_atomic(out_dir / "eval.json", json.dumps(res, indent=1, allow_nan=False) + "\n")
     plots = redraw(root, out_dir, log=lambda s: print(s, flush=True))
     _write_atomic(out_dir / "report.md", render_markdown(res, [p.name for p in plots]))

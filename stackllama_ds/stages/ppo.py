@@ -58,8 +58,8 @@ def train(cfg: RunConfig) -> None:
     meta = checkpoint_meta("actor", runtime.sft_model_path(cfg), cfg, ppo.lora, ppo.actor.dtype)
     state = run.resume(engines.trained(), meta, extra=loop)
     log = run.logger(ppo.steps, bar_keys=("reward_mean", "kl", "kl_coef"), log_every=ppo.log_every)
-    run.text(f"ppo: {len(prompts.questions)} prompts ({prompts.counts['n_too_long']} longer than "
-             f"{ppo.max_prompt_length} tokens filtered), world {world}, batch {ppo.batch_size}/rank, minibatch "
+    run.text(f"ppo: {len(prompts.questions)} prompts ({prompts.counts['n_question_cut']} with the question cut "
+             f"to fit {ppo.max_prompt_length} tokens, {prompts.counts['n_too_long']} left out), world {world}, batch {ppo.batch_size}/rank, minibatch "
              f"{ppo.mini_batch_size} x accum {ppo.gradient_accumulation_steps}, {ppo.ppo_epochs} epochs, "
              f"reference={'adapter disabled' if engines.ref is None else 'engine'}, "
              f"critic={'engine' if critic else 'value head'}")

@@ -21,6 +21,7 @@ from stackllama_ds.data.prepare import check_prepared
 from stackllama_ds.data.tokens import sft_tokens
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
+from stackllama_ds.heartbeat import each
 from stackllama_ds.lifecycle import StageRun, checkpoint_meta
 from stackllama_ds.models.load import load_causal_lm, load_tokenizer, trainable_dtype, zero3_init
 
@@ -30,7 +31,7 @@ def evaluate(engine, batches: list[dict[str, torch.Tensor]]) -> tuple[float, flo
     """Token-weighted held-out loss over all ranks, and its perplexity."""
     engine.eval()
     sums = {"loss": 0.0, "tokens": 0.0}  # token-weighted loss sum, tokens
-    for b in batches:
+    for b in each(batches):  # beats per batch: sft.eval_batches can be many
         b = {k: v.to(engine.device) for k, v in b.items()}
         n = (b["labels"][:, 1:] != -100).sum().item()
         sums["loss"] += engine(**b, use_cache=False).loss.float().item() * n

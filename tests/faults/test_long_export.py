@@ -1,16 +1,18 @@
 """Long single-rank work at the end of a stage (issue 15): rank 0 exports for longer than both the
 collective timeout and the hang timeout while rank 1 waits, and the run still ends 0 with DONE; a
 rank 0 that stops beating in the export is still reported (exit 86, naming rank 0). The RM rerun
-covers resume (checkpoint verification), the final evaluation and the export, each slowed.
+covers resume (checkpoint verification), the final evaluation (per batch) and the export, each slowed.
 
     python -m pytest tests/faults/test_long_export.py -s
 
-STACKLLAMA_TEST_PHASE_SLEEP=<phase>:<seconds>[,...] sleeps inside a heartbeat phase (testhooks.py).
+STACKLLAMA_TEST_PHASE_SLEEP=<phase>:<seconds>[,...] sleeps inside a heartbeat phase, and
+STACKLLAMA_TEST_BATCH_SLEEP after each batch of a loop that beats per batch (testhooks.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -23,8 +25,10 @@ from tests.faults import _harness as h
 
 TIMEOUT_S, HANG_TIMEOUT_S = 15, 10.0  # launch.timeout_s has ge=10
 SLOW_S = 25.0  # the export's sleep: longer than both
+EVAL_BATCH_S = 1.5  # each batch of the final evaluation: its ~10 batches outlast the hang timeout
 FAST = {"max_steps": 2, "save_every": 2, "eval_every": 2, "eval_batches": 1, "seq_length": 128}
-FAST_RM = {"max_steps": 2, "save_every": 2, "eval_every": 2, "max_length": 128, "overlength": "truncate"}
+FAST_RM = {"max_steps": 2, "save_every": 2, "eval_every": 2, "max_length": 128, "overlength": "truncate",
+           "engine": {"micro_batch_size": 4}}
 SETS = ("--set", f"launch.timeout_s={TIMEOUT_S}", "--set", f"launch.hang_timeout_s={HANG_TIMEOUT_S:g}")
 
 
@@ -107,8 +111,8 @@ def long_runs(prepared_root, tmp_path_factory) -> dict[str, object]:
         (root / "rm" / "DONE").unlink()
         (root / "rm" / "accuracy.json").unlink()
         n_resumes = len(h.resumes_of(root / "rm"))
-        out["rm_rerun"] = h.run("rm", cfg, *SETS, STACKLLAMA_TEST_PHASE_SLEEP=f"final evaluation:{HANG_TIMEOUT_S + 5:g},"
-                                                                              f"export:{SLOW_S:g}")
+        out["rm_rerun"] = h.run("rm", cfg, *SETS, STACKLLAMA_TEST_PHASE_SLEEP=f"export:{SLOW_S:g}",
+                                STACKLLAMA_TEST_BATCH_SLEEP=f"final evaluation:{EVAL_BATCH_S:g}")
         out["rm_hang_report"] = _read(root / "rm" / "hang_report.json")
         out["rm_rerun_resumes"] = h.resumes_of(root / "rm")[n_resumes:]
     return out
@@ -159,12 +163,16 @@ def test_rm_rerun_verifies_evaluates_and_exports_beyond_the_timeouts(long_runs):
     assert long_runs["rm"].rc == 0, long_runs["rm"].err[-3000:]
     r = long_runs["rm_rerun"]
     root = long_runs["root"]
-    h.record(f"RM rerun: final evaluation {HANG_TIMEOUT_S + 5:g} s + export {SLOW_S:g} s",
+    acc = json.loads((root / "rm" / "accuracy.json").read_text()) if (root / "rm" / "accuracy.json").exists() else {}
+    mb = FAST_RM["engine"]["micro_batch_size"]  # type: ignore[index]
+    eval_s = EVAL_BATCH_S * math.ceil(math.ceil(acc.get("eval_pairs", 0) / 2) / mb)  # rank 0's micro batches
+    h.record(f"RM rerun: final evaluation {eval_s:g} s in batches of {EVAL_BATCH_S:g} s + export {SLOW_S:g} s",
              f"exit {r.rc}", r.wall_s, "nothing")
     assert r.rc == 0, r.err[-3000:]
     h.no_traceback(r.err)
     assert [(x["checkpoint"], x["step"]) for x in long_runs["rm_rerun_resumes"]] == [
         (str(root / "rm" / "checkpoints" / "step-2"), 2)]
     assert long_runs["rm_hang_report"] is None
-    assert (root / "rm" / "DONE").exists() and json.loads((root / "rm" / "accuracy.json").read_text())["step"] == 2
-    assert r.wall_s > HANG_TIMEOUT_S + 5 + SLOW_S
+    assert (root / "rm" / "DONE").exists() and acc["step"] == 2
+    assert eval_s > HANG_TIMEOUT_S, "the final evaluation must outlast the hang timeout"
+    assert r.wall_s > eval_s + SLOW_S

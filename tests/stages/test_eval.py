@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import (
     FAST_RM,
     FAST_SFT,
+    assert_eval_figures_match_records,
     assert_eval_figures_match_samples,
     cli_env,
     fresh_root,
@@ -73,19 +74,20 @@ def test_eval_sft_vs_base_and_rerun_identical(first_eval):
 
     rm = res["rm"]  # held-out pairs, the RM stage's length policy (FAST_RM: 128 tokens, truncate)
     assert (rm["max_length"], rm["overlength"]) == (FAST_RM["max_length"], FAST_RM["overlength"])
-    assert 1 <= rm["n_pairs"] == min(rm["n_requested"], rm["n_available"])
-    # truncate keeps every pair: the first n_pairs of rm_eval; lengths are answer tokens before the cut
-    from transformers import AutoTokenizer
+    t = rm["truncation"]  # eval.n_rm_pairs None: every pair of rm_eval read, the dropped ones left out
+    assert rm["n_requested"] is None and t["total"] == rm["n_available"]
+    assert 1 <= rm["n_pairs"] == t["total"] - t["dropped"] and rm["dtype"] == "fp32"  # CPU
+    # the pairs the RM stage scores (data.eval_inputs): questions, cases, answer lengths as scored
+    from stackllama_ds.config import load_config
+    from stackllama_ds.data.eval_inputs import load_rm_pairs
+    from stackllama_ds.models.load import load_tokenizer
 
-    from stackllama_ds.data.prepare import load_prepared
-
-    tok = AutoTokenizer.from_pretrained(eval_root / "sft" / "model")
-    pairs = load_prepared(eval_root / "data")["rm_eval"].select(range(rm["n_pairs"]))
-    lc, lr = ([len(x) for x in tok(list(pairs[k]), add_special_tokens=False)["input_ids"]]
-              for k in ("response_j", "response_k"))
-    longer = [float(c > r) + 0.5 * (c == r) for c, r in zip(lc, lr)]
-    assert rm["length_baseline"]["mean"] == pytest.approx(sum(longer) / len(longer))
-    assert rm["adversarial"]["n"] == sum(c < r for c, r in zip(lc, lr))  # the preferred answer is shorter
+    tok = load_tokenizer(eval_root / "sft" / "model")
+    fp = load_rm_pairs(load_config(eval_root / "cfg.yaml", check_files=False), tok)
+    rows = [json.loads(line) for line in (eval_root / "eval" / "rm_pairs.jsonl").read_text().splitlines()]
+    assert [(r["group"], r["case"], r["len_chosen"], r["len_rejected"]) for r in rows] == \
+        [(p.group, p.case, p.len_chosen, p.len_rejected) for p in fp.pairs]
+    assert t == fp.counts["truncation"] and t["whole"] < t["total"]  # beer answers are long: some are cut
     wins = rm["accuracy"]["mean"] * rm["n_pairs"] - 0.5 * rm["accuracy"]["ties"]
     assert wins == pytest.approx(round(wins), abs=1e-9)  # whole pairs won, a tie counting half
     for s in res["samples"]:
@@ -117,6 +119,8 @@ def test_eval_identical_policy_ties_and_zero_kl(first_eval, tmp_path):
     eval_root, two_ranks = first_eval
     root = fresh_root(eval_root, tmp_path / "same", stages=("sft", "rm"))
     shutil.copytree(root / "sft" / "model", root / "ppo" / "model")
+    # a judge that is the reward model itself: its win rates must be the reward model's, score for score
+    shutil.copytree(root / "rm" / "model", root / "judge" / "model")
     # The launcher gives each of N ranks cpu_count // N threads; CPU kernels may sum in another order
     # on another thread count (last-bit differences), so the one rank gets a two-rank run's threads.
     threads = str(max(1, (os.cpu_count() or 1) // 2))
@@ -141,4 +145,25 @@ def test_eval_identical_policy_ties_and_zero_kl(first_eval, tmp_path):
         assert s["responses"]["ppo"] == s["responses"]["sft"] and s["kl"]["ppo"] == 0.0
     # one rank here, two in the first test: batches are seeded by index, not by rank
     assert res["models"]["sft"] | {"path": None} == two_ranks["models"]["sft"] | {"path": None}
-    assert [s["responses"]["sft"] for s in res["samples"]] == [s["responses"]["sft"] for s in two_ranks["samples"]]
+    no_judge = [{k: v for k, v in s["responses"]["sft"].items() if k != "judge"} for s in res["samples"]]
+    assert no_judge == [s["responses"]["sft"] for s in two_ranks["samples"]]
+    assert "judge" not in two_ranks  # no judge folder there
+    assert res["judge"]["model"] == "judge/model" and res["judge"]["win_rates"] == res["win_rates"]
+    for s in res["samples"]:
+        assert all(r["judge"] == r["reward"] for r in s["responses"].values())
+
+
+def test_eval_figures_recomputed_from_its_records(first_eval):
+    """rm_pairs.jsonl, lm_texts.jsonl and responses.jsonl reproduce eval.json: every RM-pair figure and
+    its interval over questions, every loss and its interval over texts, each sample's tokens."""
+    from stackllama_ds.models.load import load_tokenizer
+
+    eval_root, res = first_eval
+    assert_eval_figures_match_records(eval_root / "eval", res, load_tokenizer(eval_root / "sft" / "model"))
+    rm = res["rm"]
+    assert 1 <= rm["n_questions"] < rm["n_pairs"]  # several pairs per question: resampling them matters
+    from stackllama_ds.eval_summary import EVAL_JSON_KEYS
+
+    files = ("rm_pairs.jsonl", "lm_texts.jsonl", "responses.jsonl")
+    documented = [k for k in (*rm, *rm["truncation"], *files) if f"`{k}`" in EVAL_JSON_KEYS or f"`{k}." in EVAL_JSON_KEYS]
+    assert documented == [*rm, *rm["truncation"], *files]

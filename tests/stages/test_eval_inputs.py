@@ -64,35 +64,55 @@ def test_lm_texts_count_answer_tokens_only(inputs):
 
 @pytest.mark.parametrize("overlength", ["truncate", "filter"])
 def test_rm_pairs_follow_the_rm_length_policy(inputs, overlength):
+    from stackllama_ds.data.fit import fit_pairs
+
     make_cfg, tok, data = inputs
     cfg = make_cfg(rm={"max_length": 200, "overlength": overlength}, eval={"n_rm_pairs": 20})
     pairs, counts = load_rm_pairs(cfg, tok)
     assert counts["n_pairs"] == len(pairs) <= 20 and counts["n_available"] == len(data["rm_eval"])
-    rows = data["rm_eval"]
+    t = counts["truncation"]
+    assert t["total"] == sum(t[k] for k in ("whole", "question_cut", "answer_cut", "dropped"))
+    assert t["total"] - t["dropped"] == len(pairs)
+    assert all(len(p.chosen) <= 200 and len(p.rejected) <= 200 for p in pairs)
+    # the first pairs of the split, as the RM stage fits them (one rule, one place)
+    rows = list(data["rm_eval"].select(range(t["total"])))
+    same = fit_pairs(rows, tok, 200, overlength)
+    assert [(p.chosen.tolist(), p.rejected.tolist(), p.len_chosen, p.len_rejected, p.group) for p in pairs] == \
+        [(p.chosen.tolist(), p.rejected.tolist(), p.len_chosen, p.len_rejected, p.group) for p in same.pairs]
     if overlength == "truncate":
-        assert len(pairs) == 20
-        for i, (j, k, lc, lr) in enumerate(pairs):
-            row = rows[i]
-            assert j == tok(format_qa(row["question"], row["response_j"]))["input_ids"][:200]
-            assert k == tok(format_qa(row["question"], row["response_k"]))["input_ids"][:200]
-            assert lc == len(tok(row["response_j"], add_special_tokens=False)["input_ids"])  # before any cut
-            assert lr == len(tok(row["response_k"], add_special_tokens=False)["input_ids"])
+        assert len(pairs) == 20 and t["whole"] < t["total"]  # beer answers are long: some are cut
     else:
-        assert all(len(j) <= 200 and len(k) <= 200 for j, k, _, _ in pairs)
-    assert counts["n_over_length"] >= 1  # beer answers are long
+        assert t["dropped"] >= 1 and t["question_cut"] == t["answer_cut"] == 0
 
 
 def test_summaries_on_synthetic_rows():
-    # RM rows: chosen beats rejected in pairs 0, 2; a tie in pair 1; lengths make pair 1 adversarial
-    rm = [{"index": 0, "chosen": 1.0, "rejected": 0.0, "len_chosen": 10, "len_rejected": 5},
-          {"index": 1, "chosen": 0.5, "rejected": 0.5, "len_chosen": 3, "len_rejected": 8},
-          {"index": 2, "chosen": 2.0, "rejected": 1.0, "len_chosen": 4, "len_rejected": 4}]
+    # RM rows: chosen beats rejected in pairs 0, 2; a tie in pair 1; lengths make pair 1 adversarial,
+    # pair 2 of equal length; pairs 0 and 1 answer one question, pair 2 another
+    rm = [{"index": 0, "group": "beer/7", "chosen": 1.0, "rejected": 0.0, "len_chosen": 10, "len_rejected": 5},
+          {"index": 1, "group": "beer/7", "chosen": 0.5, "rejected": 0.5, "len_chosen": 3, "len_rejected": 8},
+          {"index": 2, "group": "beer/9", "chosen": 2.0, "rejected": 1.0, "len_chosen": 4, "len_rejected": 4}]
     s = summarize_rm(rm, 100, 0)
+    assert (s["resample"], s["n_questions"]) == ("question", 2)
     assert s["accuracy"]["mean"] == (2 + 0.5) / 3 and s["accuracy"]["ties"] == 1
-    assert s["length_baseline"]["mean"] == (1 + 0 + 0.5) / 3
+    assert s["length_baseline"]["mean"] == (1 + 0 + 0.5) / 3 and s["length_baseline"]["ties"] == 1
     assert (s["adversarial"]["mean"], s["adversarial"]["n"]) == (0.5, 1)
     assert s["margin_mean"] == pytest.approx(2 / 3)
+    # intervals over questions, by hand: question beer/7 holds outcomes 1 + 0.5 over 2 pairs, beer/9
+    # 1 over 1; a resample draws 2 questions and averages over their pairs
+    gidx = np.random.default_rng(0).integers(0, 2, size=(100, 2))
+    total, n = np.array([1.5, 1.0]), np.array([2.0, 1.0])
+    means = total[gidx].sum(1) / n[gidx].sum(1)  # each in {3/4, 2.5/3, 1}
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    assert (s["accuracy"]["lo"], s["accuracy"]["hi"]) == pytest.approx((lo, hi), rel=1e-12)
+    assert s["accuracy"]["lo"] >= 0.75  # a resample of pairs could draw the tie three times (0.5)
+    # the one adversarial pair's question is drawn in every resample: no spread
+    assert (s["adversarial"]["lo"], s["adversarial"]["hi"]) == (0.5, 0.5)
     assert summarize_rm(rm[2:], 100, 0)["adversarial"] == {"mean": None, "lo": None, "hi": None, "n": 0}
+    # rows without a question are resampled one by one, and say so
+    plain = summarize_rm([{k: v for k, v in r.items() if k != "group"} for r in rm], 100, 0)
+    assert (plain["resample"], plain["n_questions"]) == ("pair", None)
+    assert (plain["accuracy"]["lo"], plain["accuracy"]["hi"]) == \
+        evalstats.win_rate_ci([1.0, 0.5, 2.0], [0.0, 0.5, 1.0], 100, 0)[1:]
 
     # LM rows: per-text summed NLL over `tokens` answer tokens; token-weighted mean
     lm = [{"index": 0, "tokens": 2, "nll": {"base": 8.0, "sft": 4.0}},

@@ -126,21 +126,6 @@ def test_length_groups_split_only_when_it_saves_padding():
     assert w.grad == lengths_cut.sum()
 
 
-def test_tokenize_pairs_filter_and_truncate():
-    from stackllama_ds.data.pairs_batch import tokenize_pairs
-    from stackllama_ds.data.template import format_qa
-
-    rows = [("q", "short", "also short"), ("q", "x" * 100, "y"), ("q", "a", "b" * 100)]
-    limit = len(format_qa("q", "also short")) + 1
-    f = tokenize_pairs(_split(rows), _Tok(), limit, "filter")
-    assert (len(f.pairs), f.overlength, f.total) == (1, 2, 3)
-    t = tokenize_pairs(_split(rows), _Tok(), limit, "truncate")
-    assert (len(t.pairs), t.overlength, t.total) == (3, 2, 3)
-    assert all(len(j) <= limit and len(k) <= limit for j, k in t.pairs)
-    assert [x.tolist() for x in t.pairs[0]] == [x.tolist() for x in f.pairs[0]]
-    assert t.pairs[1][0].tolist() == tokenize_pairs(_split(rows), _Tok(), 10**6, 'filter').pairs[1][0][:limit].tolist()
-
-
 def test_pair_batches_shard_and_resume():
     from stackllama_ds.data.pairs_batch import pair_batches
 
@@ -255,7 +240,7 @@ def test_learns_synthetic_preference(synth_run):
     assert acc["accuracy"] >= 0.9
     rows = rows_of(synth_run)
     assert [r["step"] for r in rows] == list(range(1, 101))
-    assert rows[0]["train_pairs"] == 64 and rows[0]["train_truncated"] == 0
+    assert rows[0]["train_pairs"] == 64 and rows[0]["train_whole"] == 64  # every pair fits: nothing cut
     assert rows[-1]["pairs"] == 800 and rows[-1]["loss"] < rows[0]["loss"]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [50, 100]
     for k in ("step", "loss", "accuracy", "lr", "grad_norm", "pairs", "pairs_per_s", "elapsed_s"):
@@ -352,8 +337,10 @@ def test_lora_zero3_export_keeps_trained_head(prepared_root, synth_data, tmp_pat
     r = run_cli("rm", cfg)
     assert r.returncode == 0, r.stderr[-4000:]
     acc = json.loads((root / "rm" / "accuracy.json").read_text())
-    assert acc["n_pairs"] == 23 and acc["train_truncated"] == 64 and acc["eval_truncated"] == 23
-    assert rows_of(root)[0]["train_truncated"] == 64
+    t = acc["truncation"]  # 40 tokens: every pair is over; answers sharing their start end up identical
+    assert (t["train"]["total"], t["eval"]["total"], t["train"]["whole"], t["eval"]["whole"]) == (64, 23, 0, 0)
+    assert acc["n_pairs"] == 23 - t["eval"]["dropped"] >= 2 and acc["train_pairs"] == 64 - t["train"]["dropped"]
+    assert rows_of(root)[0]["train_answer_cut"] == t["train"]["answer_cut"] >= 1
 
     sd = consolidated_state_dict(latest_checkpoint(root / "rm" / "checkpoints") / "model")
     trained = next(v for k, v in sd.items() if k.endswith("score.modules_to_save.default.weight"))
@@ -382,21 +369,29 @@ def test_beer_sample(rm_root):
     acc = json.loads((rm_root / "rm" / "accuracy.json").read_text())
     report = json.loads((rm_root / "data" / "report.json").read_text())
     print(f"beer sample held-out accuracy {acc['accuracy']} on {acc['n_pairs']} pairs (margin {acc['margin']}); "
-          f"train pairs {acc['train_pairs']}, truncated {acc['train_truncated']} to max_length {acc['max_length']}")
+          f"train pairs {acc['train_pairs']}, cut {acc['truncation']['train']} to max_length {acc['max_length']}")
     assert acc["overlength"] == "truncate"  # FAST_RM: beer answers are long, every pair is kept
     rows = rows_of(rm_root)
     assert [r["step"] for r in rows] == list(range(1, 13))
     # accuracy.json holds the last step's held-out evaluation, logged with that step too; the
-    # accuracy is a share of whole pairs (a tie counts as wrong)
+    # accuracy is a share of pairs, a tie counting half
     assert acc["step"] == 12
     figures = ("accuracy", "margin", "loss")
     assert [acc[k] for k in figures] == [rows[-1][f"eval_{k}"] for k in figures]
-    correct = acc["accuracy"] * acc["n_pairs"]
-    assert correct == pytest.approx(round(correct), abs=1e-9)
-    assert acc["train_pairs"] == report["splits"]["rm_train"]["pairs"]
-    assert acc["eval_pairs"] == report["splits"]["rm_eval"]["pairs"] == acc["n_pairs"]
-    assert 0 < acc["train_truncated"] <= acc["train_pairs"]
-    assert rows[0]["train_truncated"] == acc["train_truncated"]
+    halves = 2 * acc["accuracy"] * acc["n_pairs"]
+    assert halves == pytest.approx(round(halves), abs=1e-9)
+    t = acc["truncation"]
+    assert acc["train_pairs"] == report["splits"]["rm_train"]["pairs"] - t["train"]["dropped"]
+    assert acc["eval_pairs"] == report["splits"]["rm_eval"]["pairs"] - t["eval"]["dropped"] == acc["n_pairs"]
+    assert 0 < t["train"]["question_cut"] + t["train"]["answer_cut"] <= acc["train_pairs"]
+    assert rows[0]["train_question_cut"] == t["train"]["question_cut"]
+    # the final evaluation pair by pair (rm/eval_pairs.jsonl) gives the figures of accuracy.json
+    pairs = [json.loads(x) for x in (rm_root / "rm" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in pairs] == list(range(acc["n_pairs"]))
+    won = [float(p["chosen"] > p["rejected"]) + 0.5 * (p["chosen"] == p["rejected"]) for p in pairs]
+    assert acc["held_out"]["accuracy"]["mean"] == pytest.approx(sum(won) / len(won))
+    assert acc["accuracy"] == pytest.approx(sum(won) / len(won), abs=1e-6)  # one head: the sum is the quality head
+    assert acc["held_out"]["resample"] == "question" and acc["held_out"]["dtype"] in ("bf16", "fp32")  # dtype auto
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [6, 12]
     assert (rm_root / "rm" / "model" / "config.json").exists() and (rm_root / "rm" / "DONE").exists()
 
