@@ -284,8 +284,9 @@ class PPOConfig(_Strict):
     # instead of 2 cut that phase ~25%), at the cost of (rows, response, vocab) fp32 logits at once.
     forward_batch_size: int | None = Field(None, ge=1)
     # The rollout forwards (actor and reference log-probs, values) in fp32 arithmetic on the engines'
-    # bf16/fp16 weights: in bf16 the per-response KL estimate near the reference is +-0.5 nats of
-    # rounding noise (fp32: 0.004, SmolLM2-135M); costs that phase ~2.5x on a CPU (bench/RESULTS.md).
+    # bf16/fp16 weights (models.forward.Fp32Compute): in bf16 the per-response KL estimate near the
+    # reference is +-0.5 nats of rounding noise (fp32: 0.006, SmolLM2-135M). That phase (~16% of a
+    # CPU LoRA PPO step) takes ~1.7x as long.
     rollout_fp32: bool = True
     gradient_accumulation_steps: int = Field(8, ge=1)
     ppo_epochs: int = Field(4, ge=1)

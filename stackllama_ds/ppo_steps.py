@@ -12,7 +12,7 @@ from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
 from stackllama_ds.engines.generate import GenerationCopy
 from stackllama_ds.models.export import load_value_head
-from stackllama_ds.models.forward import critic_values, policy_forward, response_logprobs
+from stackllama_ds.models.forward import critic_values, fp32_compute, policy_forward, response_logprobs
 from stackllama_ds.models.load import (
     ActorWithValueHead,
     TokenValueModel,
@@ -122,21 +122,23 @@ class RolloutForwards(NamedTuple):
 
 @torch.no_grad()
 def rollout_forwards(e: Engines, ids: torch.Tensor, mask: torch.Tensor, P: int, p: PPOConfig) -> RolloutForwards:
-    """Actor, reference and critic forwards over the rollout, ``ppo.forward_batch_size`` rows at a time."""
+    """Actor, reference and critic forwards over the rollout, ``ppo.forward_batch_size`` rows at a time;
+    in fp32 arithmetic with ``ppo.rollout_fp32`` (``models.forward.Fp32Compute``: why)."""
     e.actor.eval()
     chunks: list[RolloutForwards] = []
-    for s in range(0, ids.shape[0], p.forward_batch_size):
-        rows = slice(s, s + p.forward_batch_size)
-        lp, values, logits = policy_forward(e.actor.module, ids[rows], mask[rows], P)
-        if e.ref is None:
-            ref_lp, _, ref_logits = policy_forward(e.actor.module, ids[rows], mask[rows], P, disable_adapter=True)
-        else:
-            ref_lp, ref_logits = response_logprobs(e.ref, ids[rows], mask[rows], P)
-        if e.critic is not None:
-            values = critic_values(e.critic, ids[rows], mask[rows], P)
-        # "full" needs both distributions, hence per chunk rather than from the log-probs at the end.
-        kl = rl.kl_penalty(lp, ref_lp, p.kl_penalty, logits=logits, ref_logits=ref_logits)
-        chunks.append(RolloutForwards(lp, values, ref_lp, kl, rl.entropy_from_logits(logits)))
+    with fp32_compute(p.rollout_fp32):
+        for s in range(0, ids.shape[0], p.forward_batch_size):
+            rows = slice(s, s + p.forward_batch_size)
+            lp, values, logits = policy_forward(e.actor.module, ids[rows], mask[rows], P)
+            if e.ref is None:
+                ref_lp, _, ref_logits = policy_forward(e.actor.module, ids[rows], mask[rows], P, disable_adapter=True)
+            else:
+                ref_lp, ref_logits = response_logprobs(e.ref, ids[rows], mask[rows], P)
+            if e.critic is not None:
+                values = critic_values(e.critic, ids[rows], mask[rows], P)
+            # "full" needs both distributions, hence per chunk rather than from the log-probs at the end.
+            kl = rl.kl_penalty(lp, ref_lp, p.kl_penalty, logits=logits, ref_logits=ref_logits)
+            chunks.append(RolloutForwards(lp, values, ref_lp, kl, rl.entropy_from_logits(logits)))
     e.actor.train()
     return RolloutForwards(*(torch.cat(parts) for parts in zip(*chunks)))
 

@@ -4,8 +4,11 @@
 
 Plots (PNG, matplotlib's Agg renderer through ``matplotlib.figure.Figure``, no pyplot state):
     sft_loss.png      sft/metrics.jsonl: loss per step, and eval_loss where logged
+    rm_training.png   rm/metrics.jsonl: training loss and accuracy per step with their moving averages
+                      (10 steps), ln 2 (chance) and 0.5 drawn
     rm_accuracy.png   rm/metrics.jsonl: eval_accuracy per step (rows holding a number there)
-    ppo.png           ppo/metrics.jsonl: reward_mean, kl and kl_coef per step, one panel each
+    ppo.png           ppo/metrics.jsonl: reward_mean with a +-1 std band (reward_std) and its moving
+                      average, kl, kl_coef and response_len per step, one panel each
 A missing file, or one without a usable row yet, skips its plot with a message; a partial file
 (a line cut by a kill) is read up to the cut.
 """
@@ -27,6 +30,9 @@ class Panel:
     title: str
     keys: tuple[str, ...]
     ylim: tuple[float, float] | None = None
+    smooth: int = 0  # also draw each key's trailing moving average over this many steps
+    hline: tuple[float, str] | None = None  # a reference level and its label (ln 2: a chance-level RM)
+    band: str | None = None  # a std key: the first key +- it, shaded
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,15 @@ class Plot:
 
 PLOTS: tuple[Plot, ...] = (
     Plot("sft_loss.png", "sft", (Panel("SFT loss", ("loss", "eval_loss")),)),
+    Plot("rm_training.png", "rm", (Panel("RM training loss", ("loss",), smooth=10, hline=(math.log(2), "ln 2")),
+                                   Panel("RM training accuracy", ("accuracy",), ylim=(0.0, 1.0), smooth=10,
+                                         hline=(0.5, "chance")))),
     Plot("rm_accuracy.png", "rm", (Panel("RM held-out accuracy", ("eval_accuracy",), ylim=(0.0, 1.0)),)),
-    Plot("ppo.png", "ppo", (Panel("PPO reward (mean score)", ("reward_mean",)),
+    Plot("ppo.png", "ppo", (Panel("PPO reward (mean score, +-1 std over rollouts)", ("reward_mean",), smooth=5,
+                                  band="reward_std"),
                             Panel("KL(policy || reference) per sequence", ("kl",)),
-                            Panel("KL coefficient", ("kl_coef",)))),
+                            Panel("KL coefficient", ("kl_coef",)),
+                            Panel("response length (tokens)", ("response_len",)))),
 )
 
 
@@ -58,6 +69,17 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def moving_average(ys: list[float], window: int) -> list[float]:
+    """Trailing mean of the last ``window`` values at each point (fewer at the start): m_i = mean(y[max(0, i-w+1) .. i])."""
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= window:
+            acc -= ys[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def draw(plot: Plot, rows: list[dict], out: Path) -> bool:
     """Write ``out`` (PNG) for ``plot`` from metrics rows; False, and nothing written, when no series has a point."""
     from matplotlib.figure import Figure
@@ -69,14 +91,27 @@ def draw(plot: Plot, rows: list[dict], out: Path) -> bool:
     axes = fig.subplots(len(plot.panels), 1, squeeze=False)[:, 0]
     for ax, panel, lines in zip(axes, plot.panels, series):
         for key, xs, ys in lines:
-            if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+            if not xs:
+                continue
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key,
+                    alpha=0.45 if panel.smooth else 1.0)
+            if panel.band and key == panel.keys[0]:
+                bx, sd = _series(rows, panel.band)
+                mean = dict(zip(xs, ys))
+                pts = [(x, mean[x], d) for x, d in zip(bx, sd) if x in mean]
+                if pts:
+                    ax.fill_between([p[0] for p in pts], [p[1] - p[2] for p in pts], [p[1] + p[2] for p in pts],
+                                    alpha=0.2, label=f"+-{panel.band}")
+            if panel.smooth and len(ys) > 1:
+                ax.plot(xs, moving_average(ys, panel.smooth), label=f"{key} ({panel.smooth}-step mean)")
+        if panel.hline is not None:
+            ax.axhline(panel.hline[0], color="grey", linestyle="--", linewidth=1, label=panel.hline[1])
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step")
         if panel.ylim is not None:
             ax.set_ylim(*panel.ylim)
         ax.grid(alpha=0.3)
-        if sum(1 for _, xs, _ in lines if xs) > 1:
+        if sum(1 for _, xs, _ in lines if xs) > 1 or panel.smooth or panel.hline or panel.band:
             ax.legend(fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -104,7 +104,7 @@ def test_every_stage_has_a_loadable_model_and_eval_figures(killed_and_rerun):
     assert set(ev["win_rates"]) == {"sft_vs_base", "ppo_vs_base", "ppo_vs_sft"}
     assert_eval_figures_match_samples(ev)
     pngs = sorted((root / "eval").glob("*.png"))
-    assert {p.name for p in pngs} == {"sft_loss.png", "rm_accuracy.png", "ppo.png"}
+    assert {p.name for p in pngs} == {"sft_loss.png", "rm_training.png", "rm_accuracy.png", "ppo.png"}
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     assert "| ppo vs sft |" in (root / "eval" / "report.md").read_text()

@@ -41,7 +41,7 @@ def test_redraw_writes_valid_pngs(tmp_path):
     _write_rows(root / "ppo" / "metrics.jsonl", ppo, tail='{"step": 9, "reward_me')
     messages: list[str] = []
     paths = redraw(root, log=messages.append)
-    assert [p.name for p in paths] == ["sft_loss.png", "rm_accuracy.png", "ppo.png"]
+    assert [p.name for p in paths] == ["sft_loss.png", "rm_training.png", "rm_accuracy.png", "ppo.png"]
     assert all(p.parent == root / "eval" for p in paths)
     for p in paths:
         _check_png(p)
@@ -51,13 +51,21 @@ def test_redraw_writes_valid_pngs(tmp_path):
     assert redraw(root, log=messages.append) == paths
 
 
+def test_moving_average_by_hand():
+    from stackllama_ds.report import moving_average
+
+    # window 3: [1], [1, 2], [1, 2, 3], [2, 3, 7], [3, 7, 5]
+    assert moving_average([1.0, 2.0, 3.0, 7.0, 5.0], 3) == [1.0, 1.5, 2.0, 4.0, 5.0]
+    assert moving_average([4.0, 0.0], 1) == [4.0, 0.0]
+
+
 def test_redraw_skips_missing_and_empty(tmp_path):
     root = tmp_path / "run"
     _write_rows(root / "sft" / "metrics.jsonl", [{"step": 1, "loss": 3.0}])
     _write_rows(root / "rm" / "metrics.jsonl", [{"step": 1, "loss": 0.7, "eval_accuracy": None}])  # no eval yet
     messages: list[str] = []
     paths = redraw(root, tmp_path / "plots", log=messages.append)
-    assert [p.name for p in paths] == ["sft_loss.png"]
+    assert [p.name for p in paths] == ["sft_loss.png", "rm_training.png"]  # the RM's training loss is there
     _check_png(tmp_path / "plots" / "sft_loss.png")
     assert not (tmp_path / "plots" / "rm_accuracy.png").exists()
     assert any("rm_accuracy.png skipped" in m and "eval_accuracy" in m for m in messages)

@@ -10,9 +10,59 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from stackllama_ds.models.padding import position_ids_from_mask, trim_left_padding
 from stackllama_ds.rl import logprobs_from_logits
+
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
+             torch.Tensor.bmm}
+_LOW = (torch.bfloat16, torch.float16)
+_LINEAR = torch._C._nn.linear  # F.linear itself, which ZeRO-3 may rebind to its own wrapper
+
+
+class Fp32Compute(TorchFunctionMode):
+    """While active, linear layers, matmuls and embeddings compute in fp32 from bf16/fp16 weights
+    (upcast per call, the parameters untouched), so the whole forward runs in fp32 arithmetic.
+
+    Why: two bf16 forwards of nearly equal functions (the LoRA actor a few updates from its base, the
+    reference) do not give nearly equal log-probs. As soon as one bit differs early in the network,
+    every later bf16 rounding differs, and each forward carries its own ~0.06 nats/token (rms) of
+    bf16 error against fp32 (SmolLM2-135M): the per-response sum of logp - logp_ref, PPO's KL
+    estimate, gets 0.4-0.5 nats of noise (std over sampled responses) where fp32's is 0.006. Computing
+    the head, or only the LoRA delta, in fp32 does not help (measured): the error builds up in every layer.
+    ``torch.matmul`` is covered because ZeRO-3 may route ``nn.Linear`` through its own
+    ``input.matmul(weight.t())``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _LINEAR:
+            return func(*(_up(a) for a in args), **{k: _up(v) for k, v in kwargs.items()})
+        if func in _MATMULS and any(_is_low(a) for a in args) and any(_is_f32(a) for a in args):
+            return func(*(_up(a) for a in args), **kwargs)
+        out = func(*args, **kwargs)
+        if func is F.embedding and _is_low(out):
+            return out.float()  # a lookup: upcasting its output is exact
+        return out
+
+
+def _is_low(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype in _LOW
+
+
+def _is_f32(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == torch.float32
+
+
+def _up(x):
+    return x.float() if _is_low(x) else x
+
+
+def fp32_compute(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """``Fp32Compute`` when ``enabled``, else nothing."""
+    return Fp32Compute() if enabled else contextlib.nullcontext()
 
 
 def is_partitioned(model) -> bool:

@@ -56,7 +56,7 @@ from stackllama_ds.eval_summary import (
     win_rates,
 )
 from stackllama_ds.heartbeat import Heartbeat, each, phase
-from stackllama_ds.models.forward import response_logprobs
+from stackllama_ds.models.forward import fp32_compute, response_logprobs
 from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
 from stackllama_ds.models.scoring import reward_scores, right_padded_scores
@@ -82,7 +82,8 @@ def candidate_models(cfg: RunConfig) -> dict[str, Path]:
 def response_logprob(lm, q_ids, q_mask, resp, r_mask) -> torch.Tensor:
     """(B,) sum over response tokens (up to the first EOS) of log p(y_t | prompt, y_<t) under ``lm``."""
     ids, mask = torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1)
-    lp, _ = response_logprobs(lm, ids, mask, q_ids.shape[1])  # (B, T)
+    with fp32_compute():  # a bf16 model (GPU): the KL's two forwards in fp32 arithmetic, as PPO's rollout
+        lp, _ = response_logprobs(lm, ids, mask, q_ids.shape[1])  # (B, T)
     return (lp * r_mask).sum(1).float().cpu()
 
 

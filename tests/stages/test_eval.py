@@ -96,7 +96,7 @@ def test_eval_sft_vs_base_and_rerun_identical(first_eval):
 
     out = eval_root / "eval"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["rm_accuracy.png", "sft_loss.png"]  # no ppo/metrics.jsonl yet: that plot is skipped
+    assert pngs == ["rm_accuracy.png", "rm_training.png", "sft_loss.png"]  # no ppo/metrics.jsonl yet: that plot is skipped
     import matplotlib.image as mpimg
 
     for p in pngs:
