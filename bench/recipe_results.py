@@ -25,6 +25,10 @@ def _ci(d: dict | None, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(d['mean'])} [{fmt.format(d['lo'])}, {fmt.format(d['hi'])}]"
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def machine() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = re.search(r"Model name:\s*(.+)", out)
@@ -58,14 +62,42 @@ def table(root: Path, log: Path) -> str:
         rows.append(f"| {name} | {_ci(m['loss'])} | {_ci(m['ppl'], '{:.1f}')} |")
     for name, d in lm.get("diffs", {}).items():
         rows.append(f"| {name} (difference) | {_ci(d)} | |")
-    rows += ["", f"Reward model on {rm.get('n_pairs')} held-out rm_eval pairs (ties half):", "",
+    t = rm.get("truncation", {})
+    rows += ["", f"Reward model on {rm.get('n_pairs')} held-out rm_eval pairs ({rm.get('n_questions')} questions; "
+             f"cut to {rm.get('max_length')} tokens: {t.get('whole')} whole, {t.get('question_cut')} question cut, "
+             f"{t.get('answer_cut')} answer cut, {t.get('dropped')} dropped), scored by `eval` in {rm.get('dtype')}; "
+             "ties half; 95% bootstrap over questions:", "",
              "| figure | value [95% CI] |", "|---|---|",
-             f"| accuracy | {_ci(rm.get('accuracy'))} |",
-             f"| length baseline (longer answer wins) | {_ci(rm.get('length_baseline'))} |",
+             f"| accuracy (quality head) | {_ci(rm.get('accuracy'))} |",
+             f"| length baseline (longer answer wins, answers as scored) | {_ci(rm.get('length_baseline'))} |",
              f"| accuracy on the length-adversarial subset (n = {rm.get('adversarial', {}).get('n')}) "
              f"| {_ci(rm.get('adversarial'))} |"]
-    if acc:
-        rows.append(f"| RM stage's own held-out accuracy (ties half, {acc.get('dtype', 'engine dtype')}) | {acc.get('accuracy', acc)} |")
+    held = acc.get("held_out") or {}
+    if held:
+        rows.append(f"| RM stage's own held-out accuracy, same pairs ({held.get('dtype')}) | {_ci(held.get('accuracy'))} |")
+    heads = rm.get("heads") or {}
+    if heads:
+        rows += ["", "| head | accuracy | accuracy, length-adversarial | Spearman(score, answer length) |",
+                 "|---|---|---|---|"]
+        for h, f in heads.items():
+            rows.append(f"| {h} | {_num(f.get('accuracy'))} | {_num(f.get('adversarial_accuracy'))} | "
+                        f"{_num(f.get('length_spearman'))} |")
+    judge_acc = root / "judge" / "accuracy.json"
+    if judge_acc.exists():
+        jh = json.loads(judge_acc.read_text()).get("held_out") or {}
+        rows += ["", f"Independent judge (sft split's pairs, from the base model) on the same held-out pairs "
+                 f"({jh.get('dtype')}): accuracy {_ci(jh.get('accuracy'))}, length baseline "
+                 f"{_ci(jh.get('length_baseline'))}, length-adversarial {_ci(jh.get('adversarial'))}"]
+    ppo_rows = [json.loads(x) for x in (root / "ppo" / "metrics.jsonl").read_text().splitlines()
+                if x.strip()] if (root / "ppo" / "metrics.jsonl").exists() else []
+    if len(ppo_rows) >= 4:
+        k = max(1, len(ppo_rows) // 4)
+        first, last = ppo_rows[:k], ppo_rows[-k:]
+        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        rows += ["", f"PPO rollouts ({len(ppo_rows)} steps): mean reward of the first {k} steps "
+                 f"{mean(first, 'reward_mean'):.3f}, of the last {k} {mean(last, 'reward_mean'):.3f}; "
+                 f"KL {mean(first, 'kl'):.2f} -> {mean(last, 'kl'):.2f} nats; response length "
+                 f"{mean(first, 'response_len'):.1f} -> {mean(last, 'response_len'):.1f} tokens"]
     rows += ["", f"Generation on {ev['n_prompts']} held-out rl_eval prompts, {ev['max_new_tokens']} new tokens, "
              "plain sampling:", "",
              "| model | reward [95% CI] | length (tokens) | Spearman(reward, length) | degenerate | EOS |",
@@ -78,6 +110,14 @@ def table(root: Path, log: Path) -> str:
     for name, w in ev["win_rates"].items():
         lmw = w.get("length_matched", {})
         rows.append(f"| {name} | {_ci(w)} | {_ci(lmw)} | {lmw.get('n')} |")
+    judge = ev.get("judge") or {}
+    if judge:
+        rows += ["", f"Win rates judged by the independent judge (`{judge.get('model')}`):", "",
+                 "| win rate | all prompts [95% CI] | length-matched (within 20%) [95% CI] | n matched |",
+                 "|---|---|---|---|"]
+        for name, w in judge.get("win_rates", {}).items():
+            lmw = w.get("length_matched", {})
+            rows.append(f"| {name} | {_ci(w)} | {_ci(lmw)} | {lmw.get('n')} |")
     for name, k in ev.get("kl", {}).items():
         rows += ["", f"KL {name} (nats per response, Monte-Carlo on the policy's samples): {_ci(k)}"]
     return "\n".join(rows)

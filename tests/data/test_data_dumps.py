@@ -106,7 +106,8 @@ def test_markdown_properties_on_real_bodies():
         if doc.xpath("//pre/code"):
             assert "```" in md and "<pre" not in md
             checked["fence"] += 1
-        for code in doc.xpath("//code[not(ancestor::pre)]"):
+        # code inside a link may become the link's text (<a href=u><code>u</code></a> -> <u>, an autolink)
+        for code in doc.xpath("//code[not(ancestor::pre) and not(ancestor::a)]"):
             text = code.text_content()
             if text and "`" not in text and "\n" not in text and text == text.strip() and len(code) == 0:
                 assert f"`{text}`" in md, (text, md)
@@ -122,7 +123,9 @@ def test_markdown_properties_on_real_bodies():
         if doc.xpath("//ul/li"):
             assert re.search(r"^[\s>]*[-*+] ", md, re.M), md
             checked["list"] += 1
-        for em in doc.xpath("//em[not(ancestor::pre)]|//strong[not(ancestor::pre)]"):
+        # an emphasis nested in one of its kind (<strong>a <strong>b</strong></strong>) is one run of marks
+        for em in doc.xpath("//em[not(ancestor::pre) and not(ancestor::em)]"
+                            "|//strong[not(ancestor::pre) and not(ancestor::strong)]"):
             text = re.sub(" +", " ", em.text_content())  # HTML collapses runs of spaces
             if _PLAIN_TEXT.match(text) and len(em) == 0 and text == text.strip():
                 mark = "**" if em.tag == "strong" else "*"
