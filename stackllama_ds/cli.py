@@ -60,7 +60,7 @@ def run_stage(stage: str, config: str, overrides: list[str] | None) -> int:
         cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
         from stackllama_ds.runtime import run_entry
 
-        return run_entry(_stage_fn(stage), cfg)
+        return run_entry(_stage_fn(stage), cfg, stage)
     cfg = load_config(config, overrides)
     from stackllama_ds.launcher.spawn import spawn
 
@@ -252,17 +252,33 @@ def main(argv: list[str] | None = None) -> int:
         from stackllama_ds.checkpoint import CheckpointError
         from stackllama_ds.models.fetch import FetchError
 
-        known = (CheckpointError, FileNotFoundError, ValueError, FetchError)
+        own: tuple[type[Exception], ...] = (FetchError,)  # our own messages: they say all
         try:
             from stackllama_ds.data.posts import DataError
 
-            known = known + (DataError,)
+            own = own + (DataError,)
         except ImportError:
             pass
-        if isinstance(e, known):
+        if isinstance(e, own):
             print(f"stackllama-ds {args.command}: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, (CheckpointError, FileNotFoundError, ValueError)):
+            print(f"stackllama-ds {args.command}: {e}{_keep_traceback(args.command, e)}", file=sys.stderr)
+            return 2
         raise
+
+
+def _keep_traceback(command: str, e: Exception) -> str:
+    """A ValueError may come from deep in transformers or bitsandbytes: its traceback goes to a file
+    in the temp folder, named on the console line (empty when it cannot be written)."""
+    import tempfile
+    import time
+
+    from stackllama_ds.fsutil import append_traceback
+
+    path = Path(tempfile.gettempdir()) / f"stackllama-ds-{command}-{os.getpid()}.traceback"
+    ok = append_traceback(path, e, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} stackllama-ds {command}")
+    return f" (traceback in {path})" if ok else ""
 
 
 if __name__ == "__main__":

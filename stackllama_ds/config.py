@@ -449,6 +449,10 @@ def cross_checks(cfg: RunConfig, world_size: int, base: Path) -> list[tuple[tupl
         lc.enabled for lc in (cfg.sft.lora, cfg.rm.lora, cfg.ppo.lora)
     ):
         errs.append((("model", "quantization"), "an 8-/4-bit base can only be trained with LoRA enabled"))
+    for loc in quantized_zero3_engines(cfg):
+        errs.append((loc, f"3 with model.quantization: {cfg.model.quantization}: ZeRO-3 does not partition "
+                          "8-/4-bit weights (every rank would hold the whole base); use zero_stage 0-2, or "
+                          "model.quantization: none"))
     # Files that must exist.
     if isinstance(cfg.data.posts, str):
         posts = resolve_path(cfg.data.posts, base)
@@ -469,6 +473,26 @@ def cross_checks(cfg: RunConfig, world_size: int, base: Path) -> list[tuple[tupl
     if cfg.rm.init_from is not None and not (resolve_path(cfg.rm.init_from, base) / "config.json").exists():
         errs.append((("rm", "init_from"), f"not a Hugging Face model folder: {cfg.rm.init_from}"))
     return errs
+
+
+def quantized_zero3_engines(cfg: RunConfig) -> list[tuple[str, ...]]:
+    """The ``zero_stage`` fields of engines that would hold an 8-/4-bit base under ZeRO-3.
+
+    bitsandbytes weights are not ZeRO-3 parameters: each rank keeps them whole while the planner (and
+    ZeRO-3's purpose) assumes 1/world of them. Every engine that loads ``model.name_or_path`` counts;
+    PPO's reference, reward and critic engines only where the config builds them.
+    """
+    if cfg.model.quantization == "none":
+        return []
+    p = cfg.ppo
+    engines = {("sft", "engine"): cfg.sft.engine, ("rm", "engine"): cfg.rm.engine, ("ppo", "actor"): p.actor}
+    if p.separate_critic:
+        engines["ppo", "critic"] = p.critic
+    if not p.lora.enabled:
+        engines["ppo", "reference"] = p.reference
+    if p.rule_reward is None:
+        engines["ppo", "reward"] = p.reward
+    return [(*loc, "zero_stage") for loc, eng in engines.items() if eng.zero_stage == 3]
 
 
 def resolve_path(p: str, base: Path) -> Path:

@@ -1,4 +1,4 @@
-"""File modes of outputs that are built in a temporary folder and renamed into place.
+"""File modes of outputs that are built in a temporary folder and renamed into place; error logs.
 
     python -c "from stackllama_ds.fsutil import umask; print(oct(umask()))"
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import traceback
 from pathlib import Path
 
 
@@ -55,3 +56,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def append_traceback(path: str | os.PathLike[str], exc: BaseException, header: str) -> bool:
+    """Append ``header`` and ``exc``'s full traceback to ``path`` (folders made as needed), so a
+    failure reported in one console line keeps its stack. False when the file cannot be written."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"{header}\n{''.join(traceback.format_exception(exc))}")
+        return True
+    except OSError:
+        return False

@@ -58,6 +58,18 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """This rank's CUDA device among those it sees: ``local_rank % device_count``.
+
+    LOCAL_RANK itself when every rank sees the node's GPUs (torchrun, the deepspeed launcher); 0 when
+    Slurm gives each task its own GPU (``--gpus-per-task=1``, ``--gpu-bind``: CUDA_VISIBLE_DEVICES
+    lists one device, while LOCAL_RANK still counts to 7).
+    """
+    if device_count < 1:
+        raise ValueError(f"no visible CUDA device for local rank {local_rank}")
+    return local_rank % device_count
+
+
 def auto_dtype() -> str:
     """``bf16`` on a bf16 GPU or a CPU with native bf16 units, else ``fp32``."""
     gpu = cuda_bf16()

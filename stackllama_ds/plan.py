@@ -61,7 +61,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stackllama_ds.config import EngineConfig, LoraConfig, RunConfig, resolve_path
+from stackllama_ds.config import EngineConfig, LoraConfig, RunConfig, quantized_zero3_engines, resolve_path
 
 GiB = float(2**30)
 ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -519,7 +519,7 @@ def _variants(cfg: RunConfig, stage: str) -> list[tuple[str, RunConfig]]:
         out.append(lora_on("8bit", f"{stage}.lora.enabled: true with model.quantization: 8bit"))
     if cfg.model.quantization != "4bit":
         out.append(lora_on("4bit", f"{stage}.lora.enabled: true with model.quantization: 4bit (ZeRO-2)"))
-    return out
+    return [(label, c) for label, c in out if not quantized_zero3_engines(c)]  # validation rejects those
 
 
 def replace_engine(eng: EngineConfig, kw: dict) -> EngineConfig:

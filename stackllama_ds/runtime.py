@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -29,6 +30,7 @@ from stackllama_ds.checkpoint import (
 )
 from stackllama_ds.config import RunConfig, resolve_path
 from stackllama_ds.engines import dist
+from stackllama_ds.fsutil import append_traceback
 from stackllama_ds.hardware import has_cuda
 from stackllama_ds.proc import EXIT_RESUME
 
@@ -215,8 +217,31 @@ def check_finite(step: int, **values: float) -> None:
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
-def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
-    """Run a stage on this rank and map the outcome to an exit code: 0 done, 75 resume me, 1 failed."""
+ERRORS = "errors"  # <stage>/errors/rank-R.log: the full traceback of each failure of that rank
+
+
+def error_log(cfg: RunConfig, stage: str, rank: int) -> Path:
+    return cfg.stage_dir(stage) / ERRORS / f"rank-{rank}.log"
+
+
+def _keep_traceback(e: BaseException, cfg: RunConfig, stage: str | None) -> Path | None:
+    """Append ``e``'s traceback to this rank's error log; None without a stage or a writable folder."""
+    if stage is None:
+        return None
+    rank = dist.rank()
+    path = error_log(cfg, stage, rank)
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    header = f"--- {when} {stage} rank {rank} host {socket.gethostname()} pid {os.getpid()}"
+    return path if append_traceback(path, e, header) else None
+
+
+def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig, stage: str | None = None) -> int:
+    """Run a stage on this rank and map the outcome to an exit code: 0 done, 75 resume me, 1 failed.
+
+    A failure's console line is one line; its full traceback goes to ``error_log`` (appended, so a
+    requeued job keeps the earlier ones): a ValueError from bitsandbytes or transformers deep in a
+    model load is otherwise only its message. Without ``stage`` the traceback goes to the console.
+    """
     try:
         fn(cfg)
         code = 0
@@ -225,22 +250,30 @@ def run_entry(fn: Callable[[RunConfig], None], cfg: RunConfig) -> int:
             print(f"stopped for resume: {e} (exit {EXIT_RESUME})", file=sys.stderr, flush=True)
         code = EXIT_RESUME
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+        kept = _keep_traceback(e, cfg, stage)
+        if kept is None:
+            traceback.print_exc()
+        where = f" (traceback in {kept})" if kept else ""
+        print(f"error on rank {dist.rank()}: {e}{where}", file=sys.stderr, flush=True)
         code = 1
     except Exception as e:
         code = 1
+        kept = _keep_traceback(e, cfg, stage)
+        where = f" (traceback in {kept})" if kept else ""
         if StopSignal.received is not None:
             # Slurm signals every process of the step: a child (a build, a loader) or a peer killed by
             # the same stop signal fails setup. Nothing is lost: the last complete checkpoint resumes.
             print(f"stopped for resume on rank {dist.rank()}: {signal.Signals(StopSignal.received).name}, then "
-                  f"{type(e).__name__}: {' '.join(str(e).split())[:160]} (exit {EXIT_RESUME})", file=sys.stderr, flush=True)
+                  f"{type(e).__name__}: {' '.join(str(e).split())[:160]} (exit {EXIT_RESUME}){where}",
+                  file=sys.stderr, flush=True)
             code = EXIT_RESUME
         elif any(s in str(e) for s in _PEER_LOST):  # a consequence: the launcher names the rank that died
             print(f"error on rank {dist.rank()}: lost the connection to another rank, which stopped first "
-                  f"({str(e).strip().splitlines()[0][:160]})", file=sys.stderr, flush=True)
+                  f"({str(e).strip().splitlines()[0][:160]}){where}", file=sys.stderr, flush=True)
         else:
             traceback.print_exc()
-            print(f"error on rank {dist.rank()}: unexpected failure (traceback above)", file=sys.stderr, flush=True)
+            print(f"error on rank {dist.rank()}: unexpected failure (traceback above){where}",
+                  file=sys.stderr, flush=True)
     try:
         dist.destroy()
     except Exception:

@@ -104,6 +104,10 @@ BAD = [
     ("sft: [1, 2\n", [], ["bad.yaml:2", "invalid YAML"]),
     ("- a\n- b\n", [], ["bad.yaml:1", "top level must be a mapping"]),
     ("model:\n  quantization: 8bit\n", [], ["model.quantization", "only be trained with LoRA enabled"]),
+    ("model:\n  quantization: 8bit\nsft:\n  lora: {enabled: true}\n  engine:\n    zero_stage: 3\n", [],
+     ["bad.yaml:6", "model.quantization: 8bit", "sft.engine.zero_stage", "ZeRO-3 does not partition"]),
+    ("model:\n  quantization: 4bit\nppo:\n  lora: {enabled: true}\n", ["ppo.actor.zero_stage=3"],
+     ["--set ppo.actor.zero_stage", "model.quantization: 4bit", "ppo.actor.zero_stage"]),
     ("model:\n  tokenizer: /x\n", [], ["bad.yaml:2", "model.tokenizer", "unknown key (removed: every stage"]),
     ("ppo:\n  actor:\n    micro_batch_size: 2\n", [],
      ["bad.yaml:3", "ppo.actor.micro_batch_size", "does not apply to a PPO engine", "ppo.mini_batch_size"]),
@@ -136,6 +140,21 @@ def test_validate_cli_exit_codes(tmp_path):
     bad = run_cli("validate", _write(tmp_path, "sft:\n  engine:\n    zero_stage: 7\n"))
     assert bad.returncode == 2
     assert "bad.yaml:3: sft.engine.zero_stage:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_quantized_base_under_zero3_is_rejected(tmp_path):
+    """One error per engine that would hold the 8-bit base whole under ZeRO-3; engines the run does
+    not build (the reference of a LoRA actor) and unquantized bases are left alone."""
+    text = ("model:\n  quantization: 8bit\nsft:\n  lora: {enabled: true}\n  engine:\n    zero_stage: 3\n"
+            "rm:\n  engine:\n    zero_stage: 3\nppo:\n  lora: {enabled: true}\n  reference:\n    zero_stage: 3\n"
+            "  reward:\n    zero_stage: 3\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(_write(tmp_path, text), world_size=2)
+    bad = [line.split(": ")[1] for line in ei.value.lines if "ZeRO-3 does not partition" in line]
+    assert bad == ["sft.engine.zero_stage", "rm.engine.zero_stage", "ppo.reward.zero_stage"]
+    assert load_config(_write(tmp_path, text), ["model.quantization=none"], world_size=2).sft.engine.zero_stage == 3
+    r = run_cli("validate", _write(tmp_path, text), "--world-size", "2")
+    assert r.returncode == 2 and "bad.yaml:6: sft.engine.zero_stage:" in r.stderr, r.stderr
 
 
 def test_world_size_changes_batch_arithmetic(tmp_path):

@@ -44,3 +44,54 @@ def test_shipped_configs_are_auto(monkeypatch):
         cfg = load_config(REPO / "configs" / name, check_files=False)
         engines = [cfg.sft.engine, cfg.rm.engine, cfg.ppo.actor, cfg.ppo.critic, cfg.ppo.reference, cfg.ppo.reward]
         assert {e.dtype for e in engines} == {"fp32"}, name
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "count", "index"),
+    [(0, 8, 0), (5, 8, 5), (5, 1, 0), (7, 1, 0), (3, 2, 1), (0, 1, 0)],
+)
+def test_cuda_device_index_maps_local_rank_to_a_visible_device(local_rank, count, index):
+    """Every rank sees the node's 8 GPUs: LOCAL_RANK; one GPU per Slurm task: 0."""
+    assert hardware.cuda_device_index(local_rank, count) == index
+
+
+def test_cuda_device_index_needs_a_device():
+    with pytest.raises(ValueError):
+        hardware.cuda_device_index(0, 0)
+
+
+def _one_gpu_per_task(monkeypatch, local_rank: int):
+    """A rank of a job with --gpus-per-task=1: LOCAL_RANK counts to 7, CUDA shows one device."""
+    import torch
+
+    from stackllama_ds.engines import dist
+
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(dist, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return dist, chosen
+
+
+def test_rank_device_with_one_gpu_per_task(monkeypatch):
+    import os
+
+    import torch
+
+    dist, chosen = _one_gpu_per_task(monkeypatch, 5)
+    assert dist.device() == torch.device("cuda", 0)
+    assert dist.bind_cuda_device() == 0 and chosen == [0]
+    assert os.environ["LOCAL_RANK"] == "0"  # what DeepSpeed's engine and zero.Init take as the device index
+
+
+def test_quantized_load_places_on_the_visible_gpu(monkeypatch):
+    import torch
+
+    from stackllama_ds.config import ModelConfig
+    from stackllama_ds.models.load import _quant_kwargs
+
+    _one_gpu_per_task(monkeypatch, 5)
+    kw = _quant_kwargs(ModelConfig(quantization="8bit"), torch.bfloat16)
+    assert kw["device_map"] == {"": "cuda:0"}

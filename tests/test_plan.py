@@ -113,6 +113,19 @@ def test_suggestions_name_concrete_changes(tmp_path):
     assert any(k in sft_line for k in ("zero_stage: 3", "lora", "gradient_checkpointing"))
 
 
+def test_suggestions_never_pair_a_quantized_base_with_zero3(tmp_path):
+    """Validation rejects 8-/4-bit bases under ZeRO-3, so the planner does not suggest them."""
+    from stackllama_ds.config import quantized_zero3_engines
+
+    for quant, zero in (("8bit", 2), ("none", 3)):
+        cfg = RunConfig()
+        cfg.model.quantization = quant
+        cfg.sft.lora.enabled = True
+        cfg.sft.engine = EngineConfig(zero_stage=zero, dtype="bf16", micro_batch_size=4)
+        variants = plan._variants(cfg, "sft")
+        assert variants and all(not quantized_zero3_engines(c) for _, c in variants), quant
+
+
 def test_cli_prints_table_and_exit_code(tmp_path):
     from tests.conftest import TINY_YAML, run_cli
 

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as tdist
 
-from stackllama_ds.hardware import has_cuda
+from stackllama_ds.hardware import cuda_device_index, has_cuda
 from stackllama_ds.proc import free_port
 
 _TIMEOUT_S = 600.0  # the process group's collective timeout, as given to init()
@@ -33,11 +33,22 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     if backend == "auto":
         backend = "nccl" if has_cuda() else "gloo"
     if has_cuda():
-        torch.cuda.set_device(local_rank())
+        bind_cuda_device()
     import deepspeed
 
     _skip_unused_ops()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def bind_cuda_device() -> int:
+    """Make this rank's visible GPU (``hardware.cuda_device_index``) the current device, and LOCAL_RANK
+    its index: DeepSpeed (init_process_group's device_id, the engine, zero.Init) and transformers take
+    LOCAL_RANK itself as the device index, so with one GPU per Slurm task local rank 5 would ask for
+    cuda:5 of 1. Unchanged where every rank sees all the node's GPUs."""
+    idx = cuda_device_index(local_rank(), torch.cuda.device_count())
+    os.environ["LOCAL_RANK"] = str(idx)
+    torch.cuda.set_device(idx)
+    return idx
 
 
 def _skip_unused_ops() -> None:
@@ -79,11 +90,13 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", local_rank()) if has_cuda() else torch.device("cpu")
+    if not has_cuda():
+        return torch.device("cpu")
+    return torch.device("cuda", cuda_device_index(local_rank(), torch.cuda.device_count()))
 
 
 def place(x):
-    """Put a tensor, a dict of tensors or a module on this rank's device (cuda:LOCAL_RANK, else the
+    """Put a tensor, a dict of tensors or a module on this rank's device (its visible GPU, else the
     CPU): the one helper every stage uses for models, copies and batches. Quantized (bitsandbytes)
     models stay where loading placed them: they cannot be moved."""
     if isinstance(x, dict):

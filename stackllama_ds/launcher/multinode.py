@@ -7,6 +7,7 @@
     python -m stackllama_ds.launcher.multinode node sft CONFIG        # an srun task: torchrun/deepspeed
     python -m stackllama_ds.launcher.multinode rank sft CONFIG        # a rank: the stage itself
     python -m stackllama_ds.launcher.multinode hostfile PATH          # DeepSpeed hostfile of the job
+    python -m stackllama_ds.launcher.multinode deepspeed-env PATH     # the ranks' variables, for pdsh
 
 Layers: ``job`` (the batch shell, node 0) starts one ``srun`` step with a task per node (``node``,
 which runs torchrun or ``deepspeed --no_ssh``) or a task per rank (``launch/rank.sh``); every
@@ -330,6 +331,14 @@ def cmd_hostfile(path: str, env: Mapping[str, str] = os.environ) -> int:
     return 0
 
 
+def cmd_deepspeed_env(path: str, env: Mapping[str, str] = os.environ) -> int:
+    """Write the variables ``deepspeed --hostfile`` sends to every node: its runner reads the file
+    named by ``DS_ENV_FILE`` (default ``.deepspeed_env``, in ``~`` and in the current folder)."""
+    Path(path).write_text(slurm.deepspeed_env_text(env))
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stackllama_ds.launcher.multinode", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -342,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env")
     p = sub.add_parser("hostfile")
     p.add_argument("path")
+    p = sub.add_parser("deepspeed-env")
+    p.add_argument("path")
     a = ap.parse_args(argv)
     fns: dict[str, Callable[[], int]] = {
         "job": lambda: cmd_job(a.stage, a.config, a.set),
@@ -350,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": cmd_plan,
         "env": cmd_env,
         "hostfile": lambda: cmd_hostfile(a.path),
+        "deepspeed-env": lambda: cmd_deepspeed_env(a.path),
     }
     try:
         return fns[a.cmd]()

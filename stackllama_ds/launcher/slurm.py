@@ -110,13 +110,51 @@ def gpus_per_node(env: Mapping[str, str]) -> int:
 
 
 def master_port(job_id: int | str) -> int:
-    """A port every node derives alike from the job id: 20000 + jobid % 20000 (in 20000..39999)."""
-    return 20000 + int(job_id) % 20000
+    """A port every node derives alike from the job id: 20000 + jobid % 12000 (in 20000..31999), below
+    Linux's ephemeral range (32768+), where an outgoing connection may already hold the port."""
+    return 20000 + int(job_id) % 12000
+
+
+def cpus_per_node(env: Mapping[str, str]) -> int | None:
+    """CPUs the job has on its smallest node: SLURM_JOB_CPUS_PER_NODE (``72(x2),36``), else
+    SLURM_CPUS_ON_NODE; None when neither says."""
+    counts: list[int] = []
+    for part in env.get("SLURM_JOB_CPUS_PER_NODE", "").split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if counts:
+        return min(counts)
+    v = env.get("SLURM_CPUS_ON_NODE", "").strip()
+    return int(v) if v.isdigit() else None
 
 
 def hostfile_text(hosts: Sequence[str], slots: int) -> str:
     """DeepSpeed hostfile: one ``host slots=N`` line per node."""
     return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+# What the ranks need on the other nodes. `deepspeed --hostfile` runs them through pdsh/ssh, which
+# carries only the launcher's own prefixes (NCCL, PYTHON, UCX, MV2, MLFLOW) and .deepspeed_env.
+DEEPSPEED_ENV_PREFIXES = ("MALLOC_", "OMP_NUM_THREADS", "HF_", "STACKLLAMA_", "TORCH_NCCL_", "GLOO_",
+                          "DS_ACCELERATOR", "PATH", "LD_LIBRARY_PATH")
+
+
+def deepspeed_env_text(env: Mapping[str, str]) -> str:
+    """``.deepspeed_env``: one ``KEY=VALUE`` line per variable the ranks need (DEEPSPEED_ENV_PREFIXES).
+
+    DeepSpeed's runner splits each line at its first ``=`` (a blank line is an error) and puts
+    ``export KEY=VALUE;`` in the remote command, double-quoted where the value has shell characters:
+    values with a newline, ``"``, ``$``, a backquote or a backslash would not arrive intact, so they
+    are left out.
+    """
+    lines = []
+    for k in sorted(env):
+        v = env[k]
+        if (k.startswith(DEEPSPEED_ENV_PREFIXES) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)
+                and not re.search(r'[\n\r"$`\\]', v)):
+            lines.append(f"{k}={v}\n")
+    return "".join(lines)
 
 
 # ----------------------------------------------------------------------------- the allocation
@@ -131,6 +169,7 @@ class SlurmJob:
     master_addr: str
     master_port: int
     restart_count: int = 0
+    cpus_per_node: int | None = None  # the smallest node's CPUs in the job; None: unknown
 
     @property
     def nnodes(self) -> int:
@@ -182,6 +221,7 @@ def job_from_env(env: Mapping[str, str]) -> SlurmJob:
         master_addr=env.get("MASTER_ADDR") or hosts[0],
         master_port=_int(env, "MASTER_PORT", master_port(job_id)),
         restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
+        cpus_per_node=cpus_per_node(env),
     )
 
 
@@ -242,8 +282,16 @@ def deepspeed_cmd(job: SlurmJob, hostfile: str, entry: Sequence[str], no_ssh: bo
 
 
 def srun_cmd(job: SlurmJob, launcher: str, entry: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    """The one job step: a task per node (torchrun, deepspeed --no_ssh) or a task per rank (srun)."""
+    """The one job step: a task per node (torchrun, deepspeed --no_ssh) or a task per rank (srun).
+
+    Without ``--cpus-per-task`` a task counts as one CPU, and sites with task affinity bind it to that
+    one: torchrun and all its ranks on one core. So each task asks for its share of the node's CPUs
+    (all of them for a task per node), and ``--cpu-bind=none`` leaves the ranks unpinned.
+    """
     per_node = job.gpus_per_node if launcher == "srun" else 1
+    cpus = []
+    if job.cpus_per_node and job.cpus_per_node >= per_node:
+        cpus.append(f"--cpus-per-task={job.cpus_per_node // per_node}")
     return [
         "srun",
         "--kill-on-bad-exit=1",  # a rank or node that dies ends the step everywhere, at once
@@ -252,6 +300,8 @@ def srun_cmd(job: SlurmJob, launcher: str, entry: Sequence[str], extra: Sequence
         f"--ntasks={job.nnodes * per_node}",
         f"--ntasks-per-node={per_node}",
         "--distribution=block",  # ranks 0..k-1 on the first node (host_of_rank relies on it)
+        *cpus,
+        "--cpu-bind=none",
         *extra,
         *entry,
     ]

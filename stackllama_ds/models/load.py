@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig
+from stackllama_ds.hardware import cuda_device_index
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -102,7 +103,9 @@ def _quant_kwargs(mcfg: ModelConfig, dtype: torch.dtype) -> dict:
         q = BitsAndBytesConfig(load_in_8bit=True)
     else:
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    dev = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    dev = "cpu"
+    if torch.cuda.is_available():  # the rank's own GPU, as engines.dist places everything else
+        dev = f"cuda:{cuda_device_index(int(os.environ.get('LOCAL_RANK', '0')), torch.cuda.device_count())}"
     return {"quantization_config": q, "device_map": {"": dev}}
 
 

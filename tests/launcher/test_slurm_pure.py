@@ -58,11 +58,77 @@ def test_gpus_per_node_rejects(bad):
         slurm.gpus_per_node({"GPUS_PER_NODE": bad})
 
 
-def test_master_port_deterministic_and_in_range():
+def test_master_port_deterministic_and_below_the_ephemeral_range():
     assert slurm.master_port(1) == 20001
-    assert slurm.master_port("20000") == 20000
-    assert slurm.master_port(123456) == 20000 + 123456 % 20000
-    assert all(20000 <= slurm.master_port(j) < 40000 for j in range(0, 100000, 997))
+    assert slurm.master_port("12000") == 20000
+    assert slurm.master_port(123456) == 20000 + 123456 % 12000 == 23456
+    # Linux hands out 32768-60999 to outgoing connections: a port there may already be taken
+    assert {slurm.master_port(j) for j in range(0, 100000)} == set(range(20000, 32000))
+
+
+def test_rank_sh_derives_the_same_port(tmp_path):
+    """launch/rank.sh's own fallback (no MASTER_PORT from the batch process) agrees with master_port."""
+    import os
+    import subprocess
+
+    from tests.conftest import REPO
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho $MASTER_PORT\n")
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "SLURM_JOB_ID": "15000", "SLURM_PROCID": "0",
+           "SLURM_NTASKS": "1", "MASTER_ADDR": "n1"}
+    r = subprocess.run(["bash", str(REPO / "launch" / "rank.sh"), "sft", "cfg.yaml"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == slurm.master_port(15000) == 23000
+
+
+@pytest.mark.parametrize(
+    "env, cpus",
+    [
+        ({}, None),
+        ({"SLURM_JOB_CPUS_PER_NODE": "128(x3)"}, 128),
+        ({"SLURM_JOB_CPUS_PER_NODE": "72(x2),36"}, 36),
+        ({"SLURM_JOB_CPUS_PER_NODE": "64,96"}, 64),
+        ({"SLURM_CPUS_ON_NODE": "48"}, 48),
+        ({"SLURM_JOB_CPUS_PER_NODE": "32(x2)", "SLURM_CPUS_ON_NODE": "48"}, 32),
+    ],
+)
+def test_cpus_per_node(env, cpus):
+    assert slurm.cpus_per_node(env) == cpus
+
+
+def test_deepspeed_env_text_carries_what_the_ranks_need():
+    env = {
+        "MALLOC_MMAP_THRESHOLD_": "33554432",
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": "/shared/hf",
+        "STACKLLAMA_CACHE": "/shared/cache",
+        "PATH": "/shared/venv/bin:/usr/bin",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "NCCL_SOCKET_IFNAME": "ib0",  # DeepSpeed exports NCCL_* itself
+        "HOME": "/home/u",
+        "SLURM_JOB_ID": "7",
+        "HF_TOKEN_PATH": "/home/u/my token",  # a space: DeepSpeed quotes it
+        "STACKLLAMA_BAD": 'say "hi"',  # would not survive the remote shell's double quotes
+        "HF_X": "$HOME/x",
+        "PATHOLOGICAL\nKEY": "1",
+    }
+    text = slurm.deepspeed_env_text(env)
+    assert text == (
+        "HF_HOME=/shared/hf\n"
+        "HF_TOKEN_PATH=/home/u/my token\n"
+        "MALLOC_MMAP_THRESHOLD_=33554432\n"
+        "OMP_NUM_THREADS=1\n"
+        "PATH=/shared/venv/bin:/usr/bin\n"
+        "STACKLLAMA_CACHE=/shared/cache\n"
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING=1\n"
+    )
+    # read back as DeepSpeed's runner reads .deepspeed_env: each line split at its first "="
+    assert dict(line.split("=", maxsplit=1) for line in text.splitlines()) == {
+        k: env[k] for k in ("HF_HOME", "HF_TOKEN_PATH", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS", "PATH",
+                            "STACKLLAMA_CACHE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")}
 
 
 def test_hostfile_text():
@@ -138,6 +204,30 @@ def test_srun_cmd(launcher, per_node):
     cmd = slurm.srun_cmd(JOB, launcher, ["entry"])
     assert cmd[0] == "srun" and "--kill-on-bad-exit=1" in cmd and cmd[-1] == "entry"
     assert f"--ntasks={2 * per_node}" in cmd and f"--ntasks-per-node={per_node}" in cmd
+
+
+@pytest.mark.parametrize("launcher, cpus", [("torchrun", "128"), ("deepspeed", "128"), ("srun", "32")])
+def test_srun_cmd_gives_each_task_its_share_of_the_cpus(launcher, cpus):
+    """A task per node gets all the node's CPUs, a task per rank its share; nothing is pinned."""
+    job = slurm.job_from_env({**ENV, "SLURM_JOB_CPUS_PER_NODE": "128(x3)", "GPUS_PER_NODE": "4"})
+    cmd = slurm.srun_cmd(job, launcher, ["entry"])
+    assert [c for c in cmd if c.startswith("--cpus-per-task")] == [f"--cpus-per-task={cpus}"]
+    assert "--cpu-bind=none" in cmd and cmd.index("--cpu-bind=none") < cmd.index("entry")
+    # CPU count unknown, or fewer CPUs than tasks: no request, still unpinned
+    for cpus_env in ({}, {"SLURM_JOB_CPUS_PER_NODE": "2(x3)"}):
+        job = slurm.job_from_env({**ENV, **cpus_env, "GPUS_PER_NODE": "4"})
+        cmd = slurm.srun_cmd(job, "srun", ["entry"])
+        assert not [c for c in cmd if c.startswith("--cpus-per-task")] and "--cpu-bind=none" in cmd
+
+
+def test_every_sbatch_script_asks_for_the_nodes_memory():
+    from tests.conftest import REPO
+
+    scripts = sorted((REPO / "slurm").glob("*.sbatch"))
+    assert len(scripts) == 4
+    for p in scripts:
+        directives = [line.split()[1] for line in p.read_text().splitlines() if line.startswith("#SBATCH ")]
+        assert "--mem=0" in directives, p.name
 
 
 def _host(r):
