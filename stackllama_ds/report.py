@@ -4,8 +4,8 @@
 
 Plots (PNG, matplotlib's Agg renderer through ``matplotlib.figure.Figure``, no pyplot state):
     sft_loss.png      sft/metrics.jsonl: loss per step, and eval_loss where logged
-    rm_training.png   rm/metrics.jsonl: training loss and accuracy per step with their moving averages
-                      (10 steps), ln 2 (chance) and 0.5 drawn
+    rm_training.png   rm/metrics.jsonl: training ranking loss (loss_rank with a length head, else loss)
+                      and accuracy per step with their moving averages (10 steps), ln 2 (chance) and 0.5 drawn
     rm_accuracy.png   rm/metrics.jsonl: eval_accuracy per step (rows holding a number there)
     ppo.png           ppo/metrics.jsonl: reward_mean with a +-1 std band (reward_std) and its moving
                       average, kl, kl_coef and response_len per step, one panel each
@@ -33,6 +33,7 @@ class Panel:
     smooth: int = 0  # also draw each key's trailing moving average over this many steps
     hline: tuple[float, str] | None = None  # a reference level and its label (ln 2: a chance-level RM)
     band: str | None = None  # a std key: the first key +- it, shaded
+    first_only: bool = False  # plot only the first key that has points (alternatives, not companions)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class Plot:
 
 PLOTS: tuple[Plot, ...] = (
     Plot("sft_loss.png", "sft", (Panel("SFT loss", ("loss", "eval_loss")),)),
-    Plot("rm_training.png", "rm", (Panel("RM training loss", ("loss",), smooth=10, hline=(math.log(2), "ln 2")),
+    # the ranking loss (loss_rank: a length head's ODIN terms are not in it; else loss is that loss)
+    Plot("rm_training.png", "rm", (Panel("RM training loss (pairwise ranking)", ("loss_rank", "loss"), smooth=10,
+                                         hline=(math.log(2), "ln 2"), first_only=True),
                                    Panel("RM training accuracy", ("accuracy",), ylim=(0.0, 1.0), smooth=10,
                                          hline=(0.5, "chance")))),
     Plot("rm_accuracy.png", "rm", (Panel("RM held-out accuracy", ("eval_accuracy",), ylim=(0.0, 1.0)),)),
@@ -85,6 +88,8 @@ def draw(plot: Plot, rows: list[dict], out: Path) -> bool:
     from matplotlib.figure import Figure
 
     series = [[(k, *_series(rows, k)) for k in p.keys] for p in plot.panels]
+    series = [[next(x for x in lines if x[1])] if p.first_only and any(x[1] for x in lines) else lines
+              for p, lines in zip(plot.panels, series)]
     if not any(xs for panel in series for _, xs, _ in panel):
         return False
     fig = Figure(figsize=(6.4, 2.6 * len(plot.panels)), layout="constrained")
