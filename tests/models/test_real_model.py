@@ -84,6 +84,7 @@ def _smoke_config(tmp_path, smollm2_dir):
     cfg["logging"] = {"progress": False}
     cfg["sft"].update(max_steps=2, eval_every=2, eval_batches=1, save_every=2, seq_length=128)
     cfg["rm"].update(max_steps=2, eval_every=2, save_every=2, max_length=128)
+    cfg["judge"].update(max_steps=2)  # smollm2.yaml enables the independent judge
     cfg["rm"]["engine"]["micro_batch_size"] = 2
     cfg["ppo"].update(steps=1, batch_size=2, mini_batch_size=1, response_min_length=4, response_max_length=6,
                       max_prompt_length=96, save_every=1)
@@ -101,7 +102,7 @@ def test_every_stage_runs_on_the_real_model(tmp_path, smollm2_dir):
     r = run_cli("pipeline", cfg, timeout=1500)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-4000:])
     root = tmp_path / "run"
-    for stage in ("sft", "rm", "ppo", "eval"):
+    for stage in ("sft", "rm", "judge", "ppo", "eval"):
         assert (root / stage / "DONE").exists(), stage
     sft = [json.loads(line) for line in (root / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in sft if "loss" in row][:2] == [1, 2]
@@ -110,6 +111,9 @@ def test_every_stage_runs_on_the_real_model(tmp_path, smollm2_dir):
     assert len(ppo) == 1 and abs(ppo[0]["kl"]) < 1.0  # one step from the SFT model: policy ~ reference
     ev = json.loads((root / "eval" / "eval.json").read_text())
     assert set(ev["models"]) == {"base", "sft", "ppo"}
+    assert set(ev["judge"]["win_rates"]) == set(ev["win_rates"])  # the judge scored every response too
+    rm_conf = json.loads((root / "rm" / "model" / "config.json").read_text())
+    assert rm_conf["id2label"] == {"0": "quality", "1": "length"}  # smollm2.yaml: ODIN's length head
     from safetensors import safe_open
 
     with safe_open(str(root / "ppo" / "model" / "model.safetensors"), "pt") as f:
