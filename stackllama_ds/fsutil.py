@@ -1,4 +1,4 @@
-"""File modes of outputs that are built in a temporary folder and renamed into place; error logs.
+"""File modes of outputs that are built in a temporary folder and renamed into place; atomic writes; error logs.
 
     python -c "from stackllama_ds.fsutil import umask; print(oct(umask()))"
 
@@ -68,3 +68,11 @@ def append_traceback(path: str | os.PathLike[str], exc: BaseException, header: s
         return True
     except OSError:
         return False
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` and a rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -218,6 +218,17 @@ def _rm_head_lines(heads: dict) -> list[str]:
               f"{num(h['length_spearman'])} |" for name, h in heads.items())]
 
 
+def _win_table(win_rates: dict) -> list[str]:
+    """The win-rate table of eval.json's ``win_rates`` (the reward model's or the judge's)."""
+    lines = ["| A vs B | win rate of A [CI] | wins / ties / losses | length-matched win rate [CI] | matched prompts |",
+             "|---|---|---|---|---|"]
+    for w in win_rates.values():
+        lm = w.get("length_matched") or {}
+        lines.append(f"| {w['a']} vs {w['b']} | {_ci(w)} | {w['wins']} / {w['ties']} / {w['losses']} | "
+                     f"{_ci(lm)} | {lm.get('n', '-')} |")
+    return lines
+
+
 def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
     """``eval/report.md`` from the ``eval.json`` dict: tables, KL, plots, samples side by side."""
     pct = round(100 * (1 - res["alpha"]))
@@ -246,24 +257,14 @@ def render_markdown(res: dict, plots: list[str], n_samples: int = 4) -> str:
         lines += ["", "## Win rates", "",
                   "Share of prompts where A's response gets the higher reward; a tie counts half. Length-matched: "
                   f"the same on the prompts whose two responses' lengths la, lb satisfy |la - lb| <= {tol:g} * "
-                  "max(la, lb) (tokens); a win that holds there is not a length effect.", "",
-                  "| A vs B | win rate of A [CI] | wins / ties / losses | length-matched win rate [CI] | matched prompts |",
-                  "|---|---|---|---|---|"]
-        for w in res["win_rates"].values():
-            lm = w.get("length_matched") or {}
-            lines.append(f"| {w['a']} vs {w['b']} | {_ci(w)} | {w['wins']} / {w['ties']} / {w['losses']} | "
-                         f"{_ci(lm)} | {lm.get('n', '-')} |")
+                  "max(la, lb) (tokens); a win that holds there is not a length effect.", ""]
+        lines += _win_table(res["win_rates"])
     if res.get("judge"):
         lines += ["", "## Win rates by the independent judge", "",
                   f"The same responses scored by `{res['judge']['model']}`, a reward model trained from the base model "
                   "on preference pairs disjoint from the reward model's; a gain the judge does not see is the policy "
-                  "exploiting its own reward model.", "",
-                  "| A vs B | win rate of A [CI] | wins / ties / losses | length-matched win rate [CI] | matched prompts |",
-                  "|---|---|---|---|---|"]
-        for w in res["judge"]["win_rates"].values():
-            lm = w.get("length_matched") or {}
-            lines.append(f"| {w['a']} vs {w['b']} | {_ci(w)} | {w['wins']} / {w['ties']} / {w['losses']} | "
-                         f"{_ci(lm)} | {lm.get('n', '-')} |")
+                  "exploiting its own reward model.", ""]
+        lines += _win_table(res["judge"]["win_rates"])
     if res["kl"]:
         lines += ["", "## KL", "",
                   "Monte-Carlo KL(policy || ref): mean over the policy's own samples of "

@@ -55,6 +55,7 @@ from stackllama_ds.eval_summary import (
     summarize_rm,
     win_rates,
 )
+from stackllama_ds.fsutil import write_atomic
 from stackllama_ds.heartbeat import Heartbeat, each, phase
 from stackllama_ds.models.forward import fp32_compute, response_logprobs
 from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
@@ -111,12 +112,6 @@ def _rel(p: Path, root: Path) -> str:
     """``p`` relative to the run root when it lies under it (as written, symlinks not followed)."""
     p, root = Path(os.path.abspath(p)), Path(os.path.abspath(root))
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _batches(n: int, size: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
@@ -258,9 +253,9 @@ def write_report(cfg: RunConfig, models: dict[str, Path], rm_path: Path, inputs:
                         "win_rates": win_rates(records, names, n_boot, cfg.seed, key="judge")}
     out_dir.mkdir(parents=True, exist_ok=True)
     for fname, rows in (("rm_pairs.jsonl", rm_rows), ("lm_texts.jsonl", lm_rows), ("responses.jsonl", resp_rows)):
-        _write_atomic(out_dir / fname, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
-    _write_atomic(out_dir / "eval.json", json.dumps(res, indent=1, allow_nan=False) + "\n")
+        write_atomic(out_dir / fname, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+    write_atomic(out_dir / "eval.json", json.dumps(res, indent=1, allow_nan=False) + "\n")
     plots = redraw(root, out_dir, log=lambda s: print(s, flush=True))
-    _write_atomic(out_dir / "report.md", render_markdown(res, [p.name for p in plots]))
+    write_atomic(out_dir / "report.md", render_markdown(res, [p.name for p in plots]))
     print(render_markdown(res, [], n_samples=0).split("## Samples")[0].rstrip(), flush=True)
     print(f"eval: results in {out_dir}/ (report.md, eval.json, {len(plots)} plot(s))", flush=True)

@@ -14,7 +14,6 @@ and length: the ranking loss is taken on their sum, plus ``rl.odin_penalty``; PP
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +30,7 @@ from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
 from stackllama_ds.eval_summary import head_figures, summarize_rm
+from stackllama_ds.fsutil import write_atomic
 from stackllama_ds.heartbeat import each
 from stackllama_ds.lifecycle import StageRun, checkpoint_meta
 from stackllama_ds.models.forward import is_partitioned
@@ -181,15 +181,11 @@ def init_path(cfg: RunConfig) -> Path:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def judge_config(cfg: RunConfig) -> RunConfig:
