@@ -37,7 +37,7 @@ import torch
 
 from stackllama_ds import testhooks
 from stackllama_ds.engines import dist
-from stackllama_ds.fsutil import sha256_file
+from stackllama_ds.fsutil import sha256_by_name, sha256_file
 from stackllama_ds.proc import early_stop_signal
 
 MANIFEST = "manifest.json"
@@ -340,9 +340,13 @@ def save_checkpoint(
             f"checkpoint of step {state.step} failed ({'; '.join(errors)}); "
             f"previous checkpoint kept: {prev if prev else 'none'}"
         )
-    # Each rank hashes a share of the files; rank 0 writes the manifest and renames.
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    mine = {str(p.relative_to(tmp)): sha256_file(p) for i, p in enumerate(files) if i % dist.world_size() == dist.rank()}
+    # One file list for all ranks: the union of what each rank sees (a rank always sees its own writes,
+    # while a shared-FS listing can miss another node's new files for seconds). Each rank hashes its
+    # share of that list, opening files by name; rank 0 writes the manifest and renames.
+    seen = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    files = sorted(set().union(*dist.all_gather_object(seen)))
+    ws, me = dist.world_size(), dist.rank()
+    mine = {rel: sha256_by_name(tmp / rel) for i, rel in enumerate(files) if i % ws == me}
     digests: dict[str, str] = {}
     for part in dist.all_gather_object(mine):
         digests.update(part)

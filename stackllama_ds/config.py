@@ -366,6 +366,9 @@ class LaunchConfig(_Strict):
     timeout_s: int = Field(600, ge=10)
     # No heartbeat from any rank for this long: name the stuck rank and phase, exit 86. 0 disables.
     hang_timeout_s: float = Field(300.0, ge=0)
+    # After a stop signal (preemption, time-limit warning) a rank finishes its step and saves: torchrun
+    # waits this long before SIGKILLing its workers. Must exceed a step plus a checkpoint save.
+    stop_timeout_s: int = Field(1800, ge=30)
 
 
 class LoggingConfig(_Strict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -56,6 +57,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_by_name(path: str | os.PathLike[str], wait_s: float = 30.0) -> str:
+    """``sha256_file``, retrying a missing file for up to ``wait_s``: on a shared filesystem a file
+    another node has just written can be invisible here for seconds (attribute and negative-lookup
+    caches); opening it by name again reaches the server."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return sha256_file(path)
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def append_traceback(path: str | os.PathLike[str], exc: BaseException, header: str) -> bool:

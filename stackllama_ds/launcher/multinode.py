@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from stackllama_ds.launcher import slurm, spawn
@@ -60,33 +60,72 @@ def _stage_argv(stage: str, config: str, sets: Sequence[str]) -> list[str]:
     return argv
 
 
-def status_dir(stage: str, config: str, sets: Sequence[str], job_id: int | str) -> Path:
-    """Where the ranks of one job report their exit codes: under the stage folder (shared FS)."""
+def status_dir(stage: str, config: str, sets: Sequence[str], job_id: int | str, restart: int = 0) -> Path:
+    """Where the ranks of one run of a job report: under the stage folder (shared FS), one folder per
+    Slurm restart, so a requeued run never reads (or deletes) what the run before it reported."""
     from stackllama_ds.config_loader import load_config
 
     cfg = load_config(config, list(sets), check_files=False)
-    return cfg.stage_dir(stage) / ".launch" / f"job-{job_id}"
+    return cfg.stage_dir(stage) / ".launch" / f"job-{job_id}" / f"restart-{restart}"
 
 
 # ----------------------------------------------------------------------------- rank status files
-def write_status(directory: Path, rank: int, code: int, host: str) -> None:
+def write_status(directory: Path, rank: int, code: int, host: str, stop_signal: str = "-") -> None:
+    """``rank-R``: the stage's exit code, the host, and the stop signal this rank itself received."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".rank-{rank}.tmp"
-    tmp.write_text(f"{code} {host}\n")
+    tmp.write_text(f"{code} {host} {stop_signal}\n")
     os.replace(tmp, directory / f"rank-{rank}")
 
 
-def read_statuses(directory: Path) -> dict[int, tuple[int, str]]:
+def _read_fields(directory: Path, prefix: str, ranks: Iterable[int] | None, wait_s: float) -> dict[int, list[str]]:
+    """Open ``<prefix>-R`` by name for each expected rank, retrying for up to ``wait_s``: a listing of a
+    shared folder right after a step can miss files for seconds (NFS attribute caches); an open by
+    name goes to the server. Without ``ranks``, fall back to a listing (info only)."""
+    if ranks is None:
+        ranks = sorted(int(p.name.split("-")[1]) for p in directory.glob(f"{prefix}-*")
+                       if p.name.split("-")[1].isdigit()) if directory.is_dir() else []
+    todo, out = list(ranks), {}
+    deadline = time.monotonic() + wait_s
+    while True:
+        for r in list(todo):
+            try:
+                fields = (directory / f"{prefix}-{r}").read_text().split()
+            except OSError:
+                continue
+            if len(fields) >= 2:
+                out[r] = fields
+                todo.remove(r)
+        if not todo or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.5)
+
+
+def read_statuses(directory: Path, ranks: Iterable[int] | None = None, wait_s: float = 0.0) -> dict[int, tuple[int, str]]:
+    """rank -> (exit code, host) from the ranks' status files (see ``_read_fields`` for the retry)."""
     out: dict[int, tuple[int, str]] = {}
-    if not directory.is_dir():
-        return out
-    for p in directory.glob("rank-*"):
+    for r, f in _read_fields(directory, "rank", ranks, wait_s).items():
         try:
-            code, host = p.read_text().split(maxsplit=1)
-            out[int(p.name.split("-")[1])] = (int(code), host.strip())
-        except (OSError, ValueError):
+            out[r] = (int(f[0]), f[1])
+        except ValueError:
             continue
     return out
+
+
+def read_stop_signals(directory: Path, ranks: Iterable[int] | None = None) -> dict[int, str]:
+    """rank -> the stop signal the rank's own process received (``SIGUSR1``, ``SIGTERM``) or ``-``."""
+    return {r: (f[2] if len(f) > 2 else "-") for r, f in _read_fields(directory, "rank", ranks, 0.0).items()}
+
+
+def write_pid(directory: Path, rank: int, host: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".pid-{rank}.tmp"
+    tmp.write_text(f"{os.getpid()} {host}\n")
+    os.replace(tmp, directory / f"pid-{rank}")
+
+
+def read_pids(directory: Path, ranks: Iterable[int]) -> dict[int, int]:
+    return {r: int(f[0]) for r, f in _read_fields(directory, "pid", ranks, 0.0).items() if f[0].isdigit()}
 
 
 # ----------------------------------------------------------------------------- rank
@@ -102,6 +141,9 @@ def cmd_rank(stage: str, config: str, sets: Sequence[str]) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(f"[rank {rank}/{world}] host={host} local_rank={local} pid={os.getpid()} stage={stage}", flush=True)
+    d = os.environ.get(STATUS_ENV)
+    if d:  # the node process forwards stop signals to this pid (torchrun's workers sit in their own sessions)
+        write_pid(Path(d), rank, host)
     from stackllama_ds.cli import main as cli_main
 
     try:
@@ -113,9 +155,11 @@ def cmd_rank(stage: str, config: str, sets: Sequence[str]) -> int:
 
         traceback.print_exc()
         code = 1
-    d = os.environ.get(STATUS_ENV)
     if d:
-        write_status(Path(d), rank, code, host)
+        from stackllama_ds.checkpoint import StopSignal
+
+        got = StopSignal.received
+        write_status(Path(d), rank, code, host, signal.Signals(got).name if got else "-")
     print(f"[rank {rank}/{world}] host={host} {stage} exited {code} at {time.strftime('%H:%M:%S')}", flush=True)
     return 0 if d and code == EXIT_RESUME else code
 
@@ -131,12 +175,16 @@ def _exit_now(code: int) -> None:
 
 # ----------------------------------------------------------------------------- node
 def cmd_node(stage: str, config: str, sets: Sequence[str], env: Mapping[str, str] = os.environ) -> int:
-    """One srun task per node: run torchrun (or ``deepspeed --no_ssh``) for this node's ranks."""
+    """One srun task per node: run torchrun (or ``deepspeed --no_ssh``) for this node's ranks, and
+    forward every stop signal it gets to each of them (see ``_NodeForwarder``)."""
+    from stackllama_ds.config_loader import load_config
+
     job = slurm.job_from_env(env)
     launcher = slurm.choose_launcher(env)
     entry = _entry("rank", stage, config, sets)
+    grace = load_config(config, list(sets), check_files=False).launch.stop_timeout_s
     if launcher == "torchrun":
-        cmd = slurm.torchrun_cmd(job, entry)
+        cmd = slurm.torchrun_cmd(job, entry, shutdown_timeout_s=grace)
     elif launcher == "deepspeed":
         hf = Path(env.get("STACKLLAMA_HOSTFILE") or Path(env.get(STATUS_ENV, "/tmp")) / "hostfile")
         if not hf.exists():
@@ -144,35 +192,59 @@ def cmd_node(stage: str, config: str, sets: Sequence[str], env: Mapping[str, str
             hf.write_text(slurm.hostfile_text(job.hosts, job.gpus_per_node))
         cmd = slurm.deepspeed_cmd(job, str(hf), entry, no_ssh=True)
         if env.get("DS_ACCELERATOR") == "cpu":
-            # Without --num_gpus the CPU accelerator reports one device per node (shared/NOTES.md).
+            # Without --num_gpus the CPU accelerator reports one device per node (one device per host).
             cmd.insert(1, f"--num_gpus={job.gpus_per_node}")
     else:
         raise slurm.SlurmEnvError(f"launcher {launcher!r} has no per-node process (use launch/rank.sh)")
     if shutil.which(cmd[0]) is None and (Path(sys.executable).parent / cmd[0]).exists():
         cmd[0] = str(Path(sys.executable).parent / cmd[0])  # the venv's launcher, venv not activated
-    # Slurm signals every process of the step; the ranks handle USR1 themselves (checkpoint, exit 75)
-    # but torchrun and the deepspeed launcher would die of it (default action), so they ignore it.
-    old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # The launcher would die of USR1 (default action) and torchrun SIGKILLs its workers 30 s after a
+    # TERM unless told otherwise (--shutdown-timeout above): the launcher ignores USR1, and this
+    # process sends USR1 to every rank of the node itself.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec by the launcher
     proc = subprocess.Popen(cmd)
-    signal.signal(signal.SIGUSR1, old)
-    got: list[int] = []
-
-    def note(signum, frame):  # the launcher and the ranks got the same signal from Slurm
-        got.append(signum)
-
-    for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, note)
-    rc = proc.wait()
+    mine = range(job.node_id * job.gpus_per_node, (job.node_id + 1) * job.gpus_per_node)
+    d = env.get(STATUS_ENV)
+    fwd = _NodeForwarder(Path(d) if d else None, mine)
+    while True:
+        try:
+            rc = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            fwd.forward()
     host = env.get("SLURMD_NODENAME") or socket.gethostname()
     log(f"node {job.node_id} ({host}): {launcher} exited {rc}")
-    d = env.get(STATUS_ENV)
     if rc != 0 and d:
         # torchrun exits non-zero after a SIGTERM even when its workers checkpointed: trust the ranks.
-        mine = range(job.node_id * job.gpus_per_node, (job.node_id + 1) * job.gpus_per_node)
-        st = read_statuses(Path(d))
+        st = read_statuses(Path(d), mine, wait_s=10.0)
         if all(r in st and st[r][0] in (0, EXIT_RESUME) for r in mine):
             return 0
     return rc
+
+
+class _NodeForwarder:
+    """Send SIGUSR1 to each of this node's ranks once a stop signal (USR1, TERM, INT) reached this
+    process. The signal from Slurm does not reach every rank by itself: torchrun starts its workers in
+    their own sessions (a process-group based proctrack misses them), and the per-node launcher
+    ignores USR1. Ranks register their pids in the status folder as they start; one that registers
+    after the signal gets it then. A rank treats a repeated USR1 as the same request."""
+
+    def __init__(self, status: Path | None, ranks: range) -> None:
+        self.status, self.ranks = status, ranks
+        self.got: list[int] = []
+        self.sent: set[int] = set()
+        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda signum, frame: self.got.append(signum))
+
+    def forward(self) -> None:
+        if not self.got or self.status is None:
+            return
+        for rank, pid in read_pids(self.status, [r for r in self.ranks if r not in self.sent]).items():
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:  # already gone (finished or died): nothing to stop
+                pass
+            self.sent.add(rank)
 
 
 # ----------------------------------------------------------------------------- job (batch shell)
@@ -207,8 +279,8 @@ def run_step(stage: str, config: str, sets: Sequence[str], sig: _Signals, env: M
     """One srun step of a stage across the allocation; wait for it, forwarding stop signals."""
     job = slurm.job_from_env(env)
     launcher = slurm.choose_launcher(env)
-    sdir = status_dir(stage, config, sets, job.job_id)
-    shutil.rmtree(sdir, ignore_errors=True)  # a previous run of this job (before a requeue)
+    sdir = status_dir(stage, config, sets, job.job_id, job.restart_count)
+    shutil.rmtree(sdir, ignore_errors=True)  # a retry of the same restart
     sdir.mkdir(parents=True, exist_ok=True)
     child_env = dict(env)
     child_env.update(
@@ -251,7 +323,8 @@ def run_step(stage: str, config: str, sets: Sequence[str], sig: _Signals, env: M
             # A rank still starting up (before its handler exists) ignores USR1: ask again.
             last = time.time()
             _forward_usr1(job.job_id)
-    out = slurm.resolve_outcome(read_statuses(sdir), job.world_size, rc, job.host_of_rank)
+    out = slurm.resolve_outcome(read_statuses(sdir, range(job.world_size), wait_s=10.0), job.world_size, rc,
+                                job.host_of_rank)
     log(f"{stage}: srun exited {rc} after {time.time() - t0:.0f}s; {out.message} -> exit {out.code}")
     return out
 

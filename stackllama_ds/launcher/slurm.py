@@ -9,6 +9,8 @@ ports, hostfile text, per-rank variables and launcher command lines. ``multinode
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -59,8 +61,21 @@ def _expand_range(body: str, whole: str) -> list[str]:
     return out
 
 
+def hostnames(nodelist: str) -> list[str]:
+    """The hosts of a Slurm nodelist, in order: ``scontrol show hostnames`` (Slurm's own parser, on
+    every Slurm node); ``expand_hostlist`` only where scontrol is absent (a login-less test box)."""
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        r = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0 or not r.stdout.split():
+            raise SlurmEnvError(f"scontrol show hostnames {nodelist!r} failed: {(r.stderr or r.stdout).strip()}")
+        return r.stdout.split()
+    return expand_hostlist(nodelist)
+
+
 def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand Slurm hostlist syntax in order, like ``scontrol show hostnames``.
+    """Expand Slurm hostlist syntax in order, like ``scontrol show hostnames`` (the fallback of
+    ``hostnames`` where scontrol is absent).
 
     ``gpu[01-03]`` -> gpu01 gpu02 gpu03; ``a1,b[2-4,7]`` -> a1 b2 b3 b4 b7;
     ``node-[001-003,010]`` -> node-001 .. node-003 node-010; ``x`` -> x; several bracket groups
@@ -206,7 +221,7 @@ def job_from_env(env: Mapping[str, str]) -> SlurmJob:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise SlurmEnvError("SLURM_JOB_NODELIST is not set: run inside a Slurm allocation (sbatch/salloc)")
-    hosts = tuple(expand_hostlist(nodelist))
+    hosts = tuple(hostnames(nodelist))
     nnodes = _int(env, "SLURM_NNODES", len(hosts))
     if nnodes != len(hosts):
         raise SlurmEnvError(f"SLURM_NNODES={nnodes} but SLURM_JOB_NODELIST={nodelist!r} names {len(hosts)} hosts")
@@ -256,8 +271,11 @@ def rank_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- command lines
-def torchrun_cmd(job: SlurmJob, entry: Sequence[str]) -> list[str]:
-    """One torchrun per node; static rendezvous so global ranks follow node order (rank 0 on host 0)."""
+def torchrun_cmd(job: SlurmJob, entry: Sequence[str], shutdown_timeout_s: int = 1800) -> list[str]:
+    """One torchrun per node; static rendezvous so global ranks follow node order (rank 0 on host 0).
+
+    ``--shutdown-timeout``: after a SIGTERM torchrun passes it to its workers and SIGKILLs them this
+    many seconds later (its default, 30 s, is shorter than a 7B PPO step plus a checkpoint)."""
     return [
         "torchrun",
         f"--nnodes={job.nnodes}",
@@ -266,6 +284,7 @@ def torchrun_cmd(job: SlurmJob, entry: Sequence[str]) -> list[str]:
         f"--master-addr={job.master_addr}",
         f"--master-port={job.master_port}",
         "--max-restarts=0",
+        f"--shutdown-timeout={shutdown_timeout_s}",
         "--no-python",
         *entry,
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from stackllama_ds.launcher import slurm
@@ -26,6 +28,15 @@ from stackllama_ds.proc import EXIT_RESUME
 )
 def test_expand_hostlist(nodelist, hosts):
     assert slurm.expand_hostlist(nodelist) == hosts
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="no scontrol on this machine")
+@pytest.mark.parametrize("nodelist", ["gpu[01-03]", "a1,b[2-4,7]", "node-[001-003,010]", "r[1-2]n[1-2]",
+                                      "n[8-11]", "a,b,c[1,3]"])
+def test_hostnames_are_slurms_own_and_the_fallback_agrees(nodelist, monkeypatch):
+    assert slurm.hostnames(nodelist) == slurm.expand_hostlist(nodelist)
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)  # a machine without scontrol
+    assert slurm.hostnames(nodelist) == slurm.expand_hostlist(nodelist)
 
 
 @pytest.mark.parametrize("bad", ["", "n[1-2", "n1-2]", "n[a-b]", "n[3-1]"])
@@ -273,3 +284,20 @@ def test_launcher_module_imports_no_torch():
     code = "import sys, stackllama_ds.launcher.slurm, stackllama_ds.launcher.multinode; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_status_files_are_opened_by_name_when_the_listing_is_stale(tmp_path, monkeypatch):
+    """NFS attribute caches can hide new files from a listing for seconds: the expected files are
+    opened by name, and one written late is still read within the wait."""
+    import threading
+    from pathlib import Path
+
+    from stackllama_ds.launcher.multinode import read_statuses, read_stop_signals, write_status
+
+    d = tmp_path / "s"
+    write_status(d, 0, 75, "n1", "SIGTERM")
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))  # a stale, empty listing
+    threading.Timer(1.0, write_status, (d, 1, 75, "n2")).start()
+    assert read_statuses(d, range(2), wait_s=10.0) == {0: (75, "n1"), 1: (75, "n2")}
+    assert read_stop_signals(d, range(2)) == {0: "SIGTERM", 1: "-"}
+    assert read_statuses(d, range(3), wait_s=0.0) == {0: (75, "n1"), 1: (75, "n2")}  # rank 2 silent

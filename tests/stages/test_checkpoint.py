@@ -34,6 +34,7 @@ from stackllama_ds.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from stackllama_ds.fsutil import sha256_file
 from tests.conftest import (
     REPO,
     assert_resumed_at,
@@ -83,6 +84,28 @@ def test_save_is_complete_and_load_restores(tmp_path):
     state, client = load_checkpoint({"model": eng}, ckpt)
     assert state.step == 3 and state.samples == 24 and client == {"kind": "x"}
     assert torch.equal(eng.w, torch.full((4,), 3.0))
+
+
+def test_manifest_lists_files_another_ranks_listing_saw(tmp_path, monkeypatch):
+    """A shared-FS listing here can miss a file another node has just written (attribute caches):
+    the manifest lists the union of the ranks' listings and hashes each file by name."""
+    from stackllama_ds.engines import dist
+
+    weights = "model/ds/mp_rank_00_model_states.pt"
+    real_rglob, real_gather = Path.rglob, dist.all_gather_object
+    monkeypatch.setattr(Path, "rglob", lambda self, pat: (p for p in real_rglob(self, pat)
+                                                           if not str(p).endswith(weights)))
+
+    def gather(obj):  # a second rank (the writer) whose listing has the file
+        if isinstance(obj, list) and all(isinstance(x, str) for x in obj):
+            return [obj, [*obj, weights]]
+        return real_gather(obj)
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    ckpt = _save(tmp_path, 2)
+    monkeypatch.undo()
+    m = verify_checkpoint(ckpt)
+    assert weights in m["files"] and m["files"][weights] == sha256_file(ckpt / weights)
 
 
 def test_rng_is_restored(tmp_path):
