@@ -2,7 +2,8 @@
 # The body of slurm/{sft,rm,ppo,pipeline}.sbatch, run by the batch shell of an allocation:
 #   launch/slurm_stage.sh sft|rm|ppo|eval|pipeline CONFIG [--set a.b=v ...]
 # 1. read the allocation (nodes, GPUs per node, master address/port), 2. validate the config for
-# that world size (a bad config fails the job here, before any rank starts), 3. exec the batch
+# that world size (a bad config fails the job here, before any rank starts), then check that torch
+# can use the GPUs nvidia-smi lists (launch/gpu_torch_check.sh) and the memory plan, 3. exec the batch
 # process, which runs one srun step per stage, forwards the USR1 warning to the ranks and requeues
 # the job when they stopped after a checkpoint (exit 75). See docs/cluster.md.
 set -euo pipefail
@@ -20,6 +21,9 @@ if ! "$PY" -m stackllama_ds.cli validate "$CONFIG" --world-size "$WORLD" "$@"; t
     echo "[launch] invalid config ${CONFIG} (errors above): job failed before any rank started" >&2
     exit 2
 fi
+
+# GPUs that torch cannot use (a CPU or too-new CUDA build) fail here in one line, not in NCCL later.
+"$(dirname "$0")/gpu_torch_check.sh" || exit 2
 
 # Memory plan before any rank starts: a GPU launch that cannot fit is refused (STACKLLAMA_FORCE=1 overrides).
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

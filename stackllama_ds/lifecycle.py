@@ -64,7 +64,7 @@ class StageRun:
     def __init__(self, cfg: RunConfig, name: str):
         # First: a SIGUSR1/SIGTERM during the (slow) setup would otherwise kill the rank outright.
         self.stop = StopSignal()
-        runtime.setup(cfg)
+        runtime.setup(cfg, name)
         self.cfg, self.name = cfg, name
         self.dir = cfg.stage_dir(name)
         self.ckpt_root = self.dir / "checkpoints"

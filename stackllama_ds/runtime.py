@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from stackllama_ds import heartbeat, testhooks
+from stackllama_ds import heartbeat, logs, testhooks
 from stackllama_ds.checkpoint import (
     CheckpointError,
     StopSignal,
@@ -162,14 +162,18 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: RunConfig) -> None:
+def setup(cfg: RunConfig, stage: str | None = None) -> None:
     """Join the process group; seed every rank alike so fresh heads/adapters start identical.
+    With ``stage``, the libraries' full logs go to ``<stage>/logs/rank-R.log`` and the console keeps
+    what an operator needs (``logs.quiet_libraries``).
 
     Call ``seed_ranks`` once the models are built, before anything samples.
     """
     # DeepSpeed still calls a c10d function that torch deprecates; one warning per rank per call is noise.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     dist.init(cfg.launch.backend, cfg.launch.timeout_s)
+    if stage is not None:  # after dist.init: importing deepspeed resets its logger
+        logs.quiet_libraries(dist.rank(), logs.rank_log(cfg.stage_dir(stage), dist.rank()))
     if not has_cuda():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     seed_all(cfg.seed)

@@ -14,6 +14,7 @@ from stackllama_ds.config import EngineConfig, OptimConfig
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.ds_config import ds_config
 from stackllama_ds.hardware import has_cuda
+from stackllama_ds.logs import prints_to_rank_log
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -100,12 +101,13 @@ def build_train_engine(
     cast_added_parameters(model, eng)
     cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=grad_accum, optim=optim, on_cuda=has_cuda())
     fn = lr_lambda(optim.scheduler, optim.warmup_steps, total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, optim.weight_decay),
-        config=cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn),
-    )
+    with prints_to_rank_log():  # DeepSpeed's memory report ("MA ... Max_MA") is print()ed
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, optim.weight_decay),
+            config=cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn),
+        )
     # from_pretrained returns a model in eval mode: without this, dropout stays off until the first
     # evaluation switches it on (so a resumed run would train differently from an uninterrupted one).
     engine.train()
@@ -122,7 +124,8 @@ def build_eval_engine(model: torch.nn.Module, eng: EngineConfig) -> deepspeed.De
     if eng.zero_stage in (1, 2):
         # ZeRO-1/2 partition optimizer state and gradients only: a frozen model gains nothing.
         cfg["zero_optimization"] = {"stage": 0}
-    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
+    with prints_to_rank_log():  # "begin bf16_optimizer" and its memory report
+        engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
     engine.eval()
     release_free_heap()
     return engine

@@ -123,7 +123,7 @@ def _batches(n: int, size: int, rank: int, world: int) -> list[tuple[int, list[i
 def run(cfg: RunConfig) -> None:
     e = cfg.eval
     out_dir = cfg.stage_dir("eval")
-    runtime.setup(cfg)
+    runtime.setup(cfg, "eval")
     rank, world = dist.rank(), dist.world_size()
     Heartbeat(out_dir, rank, world, cfg.launch.hang_timeout_s)  # the loops below beat per batch
     on_gpu = dist.device().type == "cuda"
