@@ -155,7 +155,9 @@ def update_stats(pg: torch.Tensor, vf: torch.Tensor, pst: dict, vst: dict, token
     """One minibatch update's figures: its per-token means (TOKEN_STATS), response tokens, skipped."""
     means = {"policy_loss": pg, "value_loss": vf, "clipfrac": pst["clipfrac"], "vf_clipfrac": vst["clipfrac"],
              "approx_kl": pst["approx_kl"], "policy_kl": pst["policy_kl"]}
-    return {**{k: float(v) for k, v in means.items()}, "tokens": tokens, "skipped": float(skipped)}
+    # detach: pg and vf are the losses just backpropagated (float() of a grad tensor warns)
+    return {**{k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in means.items()},
+            "tokens": tokens, "skipped": float(skipped)}
 
 
 def update_sums(updates: list[dict]) -> dict[str, float]:
