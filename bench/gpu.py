@@ -15,13 +15,17 @@ tokenizer trained on the beer dump), bf16, all GPUs of the node:
 Peak GPU memory per GPU is sampled with nvidia-smi while each run goes (the stages run in their
 own processes).
 
-The helpers of `bench/gpu_check.sh` (one command for the day a GPU can be used) live here too:
+The helpers of `bench/gpu_check.sh` (one prepared command for a GPU machine) live here too:
 
     python bench/gpu.py preflight --json OUT/env.json          # versions, GPU, imports; exit 1 if one is missing
     python bench/gpu.py memhook DIR                            # DIR/sitecustomize.py: CUDA peak of every stage process
     python bench/gpu.py plan-json CONFIG [--set a.b=v ...] --run NAME --json OUT/plan-NAME.json
     python bench/gpu.py report OUT [--work DIR]                # OUT/summary.md + OUT/summary.json
     python bench/gpu.py slim-wheel bitsandbytes-*.whl --keep cpu,cuda13   # drop the other CUDA builds
+    python bench/gpu.py pack-model .gpu_check/smollm2-135m [--weights]    # SmolLM2's config + tokenizer to carry
+    python bench/gpu.py init-model SRC OUT                     # random weights at SRC's config.json
+    python bench/gpu.py reload EXPORTED --seconds S --json F   # load an export with transformers, score a text
+    python bench/gpu.py figure ppo|export|resume|preflight|bench ...     # one check's `GPU-CHECK` figure
 """
 
 from __future__ import annotations
@@ -501,12 +505,16 @@ def report(argv: list[str]) -> int:
     bench_res = _load(a.out / "bench_gpu.json")
     counts = {s: sum(x["status"] == s for x in steps) for s in ("pass", "fail", "timeout", "skipped", "dry")}
     gpu = env.get("gpu") or {}
-    lines = [f"# GPU check: {gpu.get('name', '?')} ({gpu.get('memory_gb', 0):.0f} GiB), torch "
+    lines = [f"# GPU check: {gpu.get('name', 'no CUDA device')} ({gpu.get('memory_gb', 0):.0f} GiB), torch "
              f"{(env.get('versions') or {}).get('torch', '?')} (CUDA {env.get('cuda', '?')}), "
              f"python {env.get('python', '?')}; model: {a.model or '?'}",
              "", f"{counts['pass']} passed, {counts['fail']} failed, {counts['timeout']} timed out, "
              f"{counts['skipped']} skipped{f', {n} dry (commands only)' if (n := counts['dry']) else ''}. "
              "Logs: `logs/<step>.log`.", ""]
+    try:  # the `GPU-CHECK <name>: <figure>` lines, as printed when each check finished
+        lines += ["```", *(a.out / "figures.txt").read_text().splitlines(), "```", ""]
+    except OSError:
+        pass
     lines.append(common.table(["step", "status", "s", "timeout s", "started at s", "note"],
                               [[s["name"], s["status"], s["seconds"], s["timeout_s"], s["started_s"], s["note"]]
                                for s in steps], "## Steps"))
@@ -574,8 +582,192 @@ def slim_wheel(argv: list[str]) -> int:
     return 0
 
 
+SMOLLM2_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja")
+
+
+def pack_model(argv: list[str]) -> int:
+    """SmolLM2-135M for the GPU machine (gpu_check.sh --fetch): config, tokenizer and chat template
+    (3.4 MiB), and with --weights its weights in bf16 (257 MiB; too large for the device tool)."""
+    ap = argparse.ArgumentParser(prog="gpu.py pack-model")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--weights", action="store_true")
+    a = ap.parse_args(argv)
+    from stackllama_ds.models.fetch import resolve_model
+
+    src = resolve_model("smollm2-135m")  # the cache's converted folder; fetched and converted once if absent
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in SMOLLM2_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, tmp / name)
+    if a.weights:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).save_pretrained(str(tmp))
+    (tmp / "SOURCE.md").write_text(f"SmolLM2-135M-Instruct from {src} (stackllama-ds fetch-model smollm2-135m); "
+                                   f"weights: {'bf16' if a.weights else 'none: gpu.py init-model draws them'}\n")
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.replace(tmp, a.out)
+    print(f"{a.out}: {sum(p.stat().st_size for p in a.out.iterdir()) / 2**20:.1f} MiB")
+    return 0
+
+
+def init_model(argv: list[str]) -> int:
+    """A model folder with random weights (torch seed 0) at SRC's config.json; SRC's other files copied.
+
+    Where a model's weights cannot travel, the checks run its architecture and tokenizer: the same
+    shapes, memory and speed; the texts are noise."""
+    ap = argparse.ArgumentParser(prog="gpu.py init-model")
+    ap.add_argument("src", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    a = ap.parse_args(argv)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in a.src.iterdir():
+        if p.is_file() and not p.name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
+            shutil.copy2(p, tmp / p.name)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(a.src)), dtype=dtype)
+    model.save_pretrained(str(tmp))
+    (tmp / "SOURCE.md").write_text(f"random weights (torch seed 0, {a.dtype}) at {a.src}'s config.json\n")
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.replace(tmp, a.out)
+    print(f"{a.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, random ({a.dtype})")
+    return 0
+
+
+RELOAD_TEXT = "How long should I let a stout age in the bottle before it tastes its best?"
+
+
+def reload_check(argv: list[str]) -> int:
+    """Load an exported folder with plain transformers and score one text: the export is usable."""
+    ap = argparse.ArgumentParser(prog="gpu.py reload")
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--seconds", type=float, required=True, help="how long the export took")
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(str(a.dir))
+    model = AutoModelForCausalLM.from_pretrained(str(a.dir), dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+    ids = tok(RELOAD_TEXT, return_tensors="pt").input_ids.to(dev)
+    with torch.no_grad():
+        nll = float(model.to(dev)(input_ids=ids, labels=ids).loss)
+    size = sum(p.stat().st_size for p in a.dir.rglob("*") if p.is_file())
+    res = {"seconds": a.seconds, "mib": size / 2**20, "device": dev, "tokens": ids.shape[1], "nll": nll}
+    a.json.write_text(json.dumps(res))
+    print(res)
+    return 0 if math.isfinite(nll) else 1
+
+
+def _ppo_step_s(row: dict) -> float:
+    return sum(row.get(k) or 0.0 for k in ("t_generate", "t_score", "t_logprobs", "t_train"))
+
+
+def _peak_allocated(mem: Path, run: str, stage: str) -> float | None:
+    rows = [r for r in (_load(p) for p in mem.glob("*.json")) if r and r.get("run") == run and r["stage"] == stage]
+    return max((r["max_allocated"] for r in rows), default=None)
+
+
+def figure(argv: list[str]) -> int:
+    """The figure of one gpu_check.sh check, one line on stdout (the script prints it after
+    `GPU-CHECK <name>: `); exit 1 when the check's own evidence is missing or wrong.
+
+        figure preflight --env OUT/env.json
+        figure ppo --root RUN_ROOT --run NAME --mem OUT/mem --out OUT CONFIG [--set a=b ...]
+        figure export --json WORK/export.json
+        figure resume --root RUN_ROOT --before METRICS_BEFORE.jsonl
+        figure bench --json OUT/bench_gpu.json
+    """
+    ap = argparse.ArgumentParser(prog="gpu.py figure")
+    ap.add_argument("kind", choices=("preflight", "ppo", "export", "resume", "bench"))
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--env", type=Path)
+    ap.add_argument("--root", type=Path)
+    ap.add_argument("--run")
+    ap.add_argument("--mem", type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--before", type=Path)
+    a = ap.parse_args(argv)
+    if a.kind == "preflight":
+        env = _load(a.env) or {}
+        gpu, v = env.get("gpu") or {}, env.get("versions") or {}
+        print(f"{gpu.get('memory_gb', 0.0):.1f} GiB GPU memory ({gpu.get('name', 'no CUDA device')}; torch "
+              f"{v.get('torch')}, CUDA {env.get('cuda')}, python {env.get('python')})")
+        return 0 if env else 1
+    if a.kind == "ppo":
+        rows = _rows(a.root / "ppo" / "metrics.jsonl")
+        if not rows:
+            print(f"no PPO metrics in {a.root / 'ppo'}")
+            return 1
+        last = rows[-1]
+        text = (f"{_ppo_step_s(last):.3f} s/step (step {last['step']}: generate {last['t_generate']:.2f} s, train "
+                f"{last['t_train']:.2f} s; reward {last['reward_mean']:.3f}, kl {last['kl']:.4f}")
+        from stackllama_ds.config import load_config
+        from stackllama_ds.plan import model_shape, plan_ppo
+
+        env = _load(a.out / "env.json") or {}
+        gpu_mem = (env.get("gpu") or {}).get("memory_gb") or 80.0
+        on_gpu = bool(env.get("cuda_available"))
+        cfg = load_config(a.config, a.set)
+        sp = plan_ppo(cfg, model_shape(cfg), 1, gpu_mem * GiB, "gpu" if on_gpu else "cpu")
+        live = (sp.total - sp.overhead) / GiB
+        (a.out / f"plan-{a.run}.json").write_text(json.dumps(
+            {"run": a.run, "gpu_mem_gb": gpu_mem, "stages": {"ppo": {"live_gb": live, "total_gb": sp.total / GiB}}}))
+        peak = _peak_allocated(a.mem, a.run, "ppo") if a.mem else None
+        if peak is None:
+            text += f"; plan {live:.2f} GiB live, no CUDA peak measured)"
+        else:
+            text += f"; peak {peak / GiB:.2f} GiB allocated, plan {live:.2f} GiB live, {live / (peak / GiB) - 1:+.0%})"
+        print(text)
+        return 0
+    if a.kind == "export":
+        r = _load(a.json)
+        if not r:
+            print(f"no reload result ({a.json})")
+            return 1
+        print(f"{r['seconds']:.1f} s ({r['mib']:.1f} MiB folder; reloaded with transformers on {r['device']}: "
+              f"NLL {r['nll']:.3f} over {r['tokens']} tokens)")
+        return 0
+    if a.kind == "resume":
+        before, after = _rows(a.before), _rows(a.root / "ppo" / "metrics.jsonl")
+        kept = 0  # rows of the first run kept as they were (wall-clock fields too): resumed after them
+        while kept < min(len(before), len(after)) and after[kept] == before[kept]:
+            kept += 1
+        ok = kept == len(before) > 0 and [r["step"] for r in after] == list(range(1, len(after) + 1))
+        new = after[kept:]
+        step_s = f"{_ppo_step_s(new[-1]):.3f} s" if new else "none"
+        print(f"{kept} (resumed after step {kept} of {len(before)}; {len(new)} new step(s), the last {step_s})")
+        return 0 if ok and new else 1
+    res = _load(a.json) or {}
+    sft = next((s for s in res.get("sft", []) if s["zero"] == 2), None)
+    if sft is None:
+        print("no SFT figure (bench/gpu.py stopped before its first part)")
+        return 1
+    ppo = f"; PPO step {res['ppo']['step_s']:.2f} s" if "ppo" in res else ""
+    print(f"{100 * sft['mfu']:.1f} % MFU (SFT ZeRO-2, {sft['tokens_s']:,.0f} tokens/s, {res['params'] / 1e9:.2f}B "
+          f"Llama{ppo})")
+    return 0
+
+
 MODES = {"memhook": memhook, "preflight": preflight, "plan-json": plan_json, "report": report,
-         "slim-wheel": slim_wheel}
+         "slim-wheel": slim_wheel, "pack-model": pack_model, "init-model": init_model, "reload": reload_check,
+         "figure": figure}
 
 
 def main() -> None:

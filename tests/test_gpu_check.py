@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,10 @@ def _fake_nvidia_smi(bindir: Path, rc: int) -> None:
     exe.chmod(0o755)
 
 
-def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def _run(args: list[str], tmp_path: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     e = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **env}
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=e, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize("smi_rc, reason", [(9, "nvidia-smi -L failed"), (0, "torch.cuda.is_available() is False")])
@@ -57,24 +59,76 @@ def test_script_syntax_and_shellcheck():
 def test_every_run_config_validates(tmp_path, model):
     r = _run(["--validate"], tmp_path, GPU_CHECK_MODEL=model)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("OK (world size 1)") == 4  # z2, z3gen, 8bit, 4bit
+    assert r.stdout.count("OK (world size 1)") == 4  # ppo-lora-8bit, resume, ppo-zero3-gen, ppo-lora-4bit
 
 
-def test_dry_run_logs_every_step_and_skips_the_dependent_ones(tmp_path):
-    r = _run(["--dry-run"], tmp_path, GPU_CHECK_MODEL="tiny")
+# The checks of a run in their order, and the figure each line starts with: a number.
+CHECKS = ("env", "preflight", "prepare", "ppo-lora-8bit", "export", "resume", "ppo-zero3-gen", "ppo-lora-4bit")
+LINE = re.compile(r"^GPU-CHECK (\S+): (.*)$", re.M)
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_check_on_cpu_and_prints_its_figure(tmp_path):
+    """--dry-run: the GPU plan end to end on the tiny model with DS_ACCELERATOR=cpu; only bench is skipped."""
+    t = time.time()
+    r = _run(["--dry-run"], tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    lines = LINE.findall(r.stdout)
+    assert [n for n, _ in lines] == [*CHECKS, "bench"], r.stdout
+    figures = dict(lines)
+    for name in CHECKS:
+        m = re.match(r"(\d+(?:\.\d+)?) ", figures[name])
+        assert m, f"{name}: no figure in {figures[name]!r}"
+        figures[name] = float(m.group(1))
+    assert figures["ppo-lora-8bit"] > 0 and figures["ppo-zero3-gen"] > 0 and figures["ppo-lora-4bit"] > 0  # s/step
+    assert figures["resume"] == 2  # resumed after the step-2 checkpoint, not from scratch
+    assert figures["export"] > 0
+    assert dict(lines)["bench"].startswith("skipped (needs CUDA")
     out = tmp_path / "out"
-    steps = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "steps.tsv").read_text().splitlines()}
-    for name in ("preflight", "fused-adam", "prepare", "z2-pipeline", "8bit-sft", "4bit-sft", "plan-z3gen",
-                 "bench-prep", "bench"):
-        assert steps[name] == "dry", name
-    # nothing ran, so the steps that need an earlier stage's model say so instead of failing
-    assert steps["z3gen-ppo"] == steps["8bit-rm"] == steps["4bit-ppo"] == "skipped"
-    log = (out / "logs" / "z2-pipeline.log").read_text()
-    assert "stackllama_ds.cli pipeline configs/tiny.yaml" in log and "ppo.actor.zero_stage=2" in log
-    assert "model.quantization=4bit" in (out / "logs" / "4bit-sft.log").read_text()
-    assert "dry (commands only)" in (out / "summary.md").read_text()
+    assert LINE.findall((out / "figures.txt").read_text()) == lines  # the same lines, kept as printed
+    assert "8 passed, 0 failed" in (out / "summary.md").read_text()
     assert not (out / "work").exists()
+    print(f"dry run: {time.time() - t:.0f} s")
+
+
+def test_resume_figure_fails_a_run_that_started_over(tmp_path):
+    """The resume check's evidence: rows up to the checkpoint kept as written (wall-clock fields too)."""
+    before = [{"step": 1, "elapsed_s": 1.0}, {"step": 2, "elapsed_s": 2.0}]
+    new = {"step": 3, "elapsed_s": 3.0, "t_generate": 0.5, "t_score": 0.1, "t_logprobs": 0.1, "t_train": 0.3}
+    root = tmp_path / "root"
+    (root / "ppo").mkdir(parents=True)
+    (tmp_path / "before.jsonl").write_text("".join(json.dumps(x) + "\n" for x in before))
+
+    def fig(after: list[dict]) -> subprocess.CompletedProcess:
+        (root / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in after))
+        return subprocess.run([sys.executable, str(GPU_PY), "figure", "resume", "--root", str(root), "--before",
+                               str(tmp_path / "before.jsonl")], capture_output=True, text=True)
+
+    r = fig([*before, new])
+    assert r.returncode == 0 and r.stdout.startswith("2 (resumed after step 2 of 2; 1 new step(s), the last 1.000 s")
+    r = fig([{"step": 1, "elapsed_s": 1.5}, {"step": 2, "elapsed_s": 2.5}, new])  # recomputed: started over
+    assert r.returncode == 1 and r.stdout.startswith("0 (")
+
+
+def test_init_model_draws_random_weights_at_a_config(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(str(src))
+    (src / "tokenizer.json").write_text("{}")
+    (src / "model.safetensors").write_text("not copied")
+    subprocess.run([sys.executable, str(GPU_PY), "init-model", str(src), str(tmp_path / "out")], check=True,
+                   capture_output=True)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model.config.hidden_size == 16 and (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+    assert not (tmp_path / "out.tmp").exists()
+
+
+def test_carried_folder_is_ignored_by_git():
+    r = subprocess.run(["git", "check-ignore", "-q", ".gpu_check/wheels/x.whl"], cwd=REPO)
+    assert r.returncode == 0  # it travels with `carry`, never in a commit
 
 
 def test_memhook_records_the_cuda_peak_of_a_stage_process(tmp_path):

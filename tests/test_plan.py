@@ -157,3 +157,49 @@ def test_cli_gpu_plan_without_a_gpu_needs_its_memory():
         pytest.skip("this machine has a GPU to measure")
     r = run_cli("plan", TINY_YAML, "--device", "gpu", timeout=120)
     assert r.returncode == 2 and "--gpu-mem" in r.stderr
+
+
+# --------------------------------------------------------------- issue 24: hand-computed 7B figures
+# LLaMA-7B: h 4096, L 32, i 11008, V 32000, 32 heads (kv 4096), bf16 (e = 2).
+# Decoder Linears per layer: 4h^2 + 3hi = 202,375,168; x 32 = 6,476,005,376 (int8, 1 B each).
+# Their output rows per layer: 5h + 2i = 42,496; x 32 = 1,359,872 fp32 scales (SCB) = 5,439,488 B.
+# Embedding 131,072,000; norms 32 x 2h + h = 266,240; lm_head 131,072,000; score head h = 4,096.
+LIN_7B, ROWS_7B, EMB_7B, NORMS_7B = 6_476_005_376, 1_359_872, 131_072_000, 266_240
+
+
+def test_8bit_reward_model_weights_are_one_byte_per_linear_weight():
+    cfg = _cfg(**{"model.quantization": "8bit"})
+    cfg.ppo.lora.enabled = True
+    reward = next(e for e in plan.plan_ppo(cfg, LLAMA_7B, 8, 80 * 2**30).engines if e.name == "reward")
+    non_linear = EMB_7B + NORMS_7B + 4_096  # embedding, norms, score head: bf16
+    assert reward.weights == LIN_7B * 1 + ROWS_7B * 4 + non_linear * 2 == 6_744_129_536  # 6.28 GiB, not 12.3
+
+
+def test_int8_matmul_inputs_are_kept_under_checkpointing():
+    # bitsandbytes keeps each int8 matmul's input outside checkpointing's reach: per layer the four
+    # distinct inputs (q/k/v, o, gate/up, down) = e x (3h + i) per token, for every layer.
+    lora = LoraConfig(enabled=True)
+    q8, bf = est(lora=lora, quant="8bit", ckpt=True), est(lora=lora, quant="none", ckpt=True)
+    assert q8.activations - bf.activations == 1024 * 32 * 2 * (3 * 4096 + 11008) == 1_526_726_656
+    # Without checkpointing those inputs are among the layer's activations already.
+    assert est(lora=lora, quant="8bit").activations == est(lora=lora).activations
+
+
+def test_lora_activations_under_checkpointing_are_one_layers_worth():
+    # Per token: boundaries L x e x h = 262,144; one recomputed layer e(7h + 2kv + 4i) + 8h = 194,560;
+    # embeddings/final norm 2eh = 16,384; logits V(e + 12) = 448,000; LoRA on q, v of ONE layer:
+    # 2 x ((e + 1) x h + e x r) = 24,640. Sum 945,728 x 1024 tokens.
+    e = est(lora=LoraConfig(enabled=True, r=16, target_modules=["q_proj", "v_proj"]), ckpt=True)
+    assert e.activations == 1024 * (262_144 + 194_560 + 16_384 + 448_000 + 24_640) == 968_425_472
+    # Without checkpointing every layer keeps its adapters' activations: 32 x 24,640 per token.
+    full = est(lora=LoraConfig(enabled=True), ckpt=False).activations - est(ckpt=False).activations
+    assert full == 1024 * 32 * 24_640
+
+
+def test_zero3_generation_copy_gathers_the_whole_policy_on_each_rank():
+    eng = EngineConfig(zero_stage=3, dtype="bf16", micro_batch_size=1)
+    e = engine_estimate("actor", LLAMA_7B, eng, 8, Workload(1, 128, gen_batch=1, gen_copy=True))
+    policy_bf16 = (LIN_7B + 2 * EMB_7B + NORMS_7B) * 2  # 6,738,415,616 params x 2 B
+    assert e.gen_copy == e.gen_gather == policy_bf16 == 13_476_831_232
+    assert e.activations + e.kv_cache < policy_bf16  # the gather is this engine's largest transient
+    assert e.transient == policy_bf16 and e.total == e.persistent + policy_bf16
