@@ -2,7 +2,7 @@
 
 bf16 only where it runs natively: a CUDA GPU with bf16, or a CPU with bf16 matrix units
 (avx512_bf16 or AMX). Elsewhere fp32: on an AVX2-only CPU a bf16 matmul is emulated and runs
-tens of times slower than fp32 (2048^3: ~37x measured on an AMD EPYC, shared/NOTES.md).
+tens of times slower than fp32 (2048^3: ~37x measured on an AMD EPYC without avx512_bf16).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Dependencies point one way (shared/STYLE.md): checked by walking every module's imports with ast."""
+"""Dependencies point one way (engines/ alone imports deepspeed, rl/ only torch): checked by walking
+every module's imports with ast."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def rank_env(nproc: int, rank: int, port: int, cuda: bool, base: dict[str, str] 
     )
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    # The deepspeed launcher leaves this unset and 2 ranks on 2 cores run 3x slower (shared/NOTES.md).
+    # The deepspeed launcher leaves this unset, and 2 ranks on 2 cores then run ~3x slower (measured).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for k, v in MALLOC_ENV.items():
         env.setdefault(k, v)
