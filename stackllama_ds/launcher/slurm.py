@@ -124,10 +124,13 @@ def gpus_per_node(env: Mapping[str, str]) -> int:
     return DEFAULT_GPUS_PER_NODE
 
 
-def master_port(job_id: int | str) -> int:
-    """A port every node derives alike from the job id: 20000 + jobid % 12000 (in 20000..31999), below
-    Linux's ephemeral range (32768+), where an outgoing connection may already hold the port."""
-    return 20000 + int(job_id) % 12000
+def master_port(job_id: int | str, restart: int = 0) -> int:
+    """A port every node derives alike from the job id and Slurm's restart count:
+    20000 + (jobid + 997 x restart) % 12000 (in 20000..31999), below Linux's ephemeral range (32768+),
+    where an outgoing connection may already hold the port. A requeued run takes another port than
+    the run before it: its rendezvous never meets what is left of the previous one on the same host
+    (a torchrun rendezvous hung for 5 min on the reused port after a preemption, once in CI)."""
+    return 20000 + (int(job_id) + 997 * int(restart)) % 12000
 
 
 def cpus_per_node(env: Mapping[str, str]) -> int | None:
@@ -234,7 +237,7 @@ def job_from_env(env: Mapping[str, str]) -> SlurmJob:
         node_id=node_id,
         gpus_per_node=gpus_per_node(env),
         master_addr=env.get("MASTER_ADDR") or hosts[0],
-        master_port=_int(env, "MASTER_PORT", master_port(job_id)),
+        master_port=_int(env, "MASTER_PORT", master_port(job_id, _int(env, "SLURM_RESTART_COUNT", 0))),
         restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
         cpus_per_node=cpus_per_node(env),
     )

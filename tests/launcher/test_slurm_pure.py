@@ -75,6 +75,11 @@ def test_master_port_deterministic_and_below_the_ephemeral_range():
     assert slurm.master_port(123456) == 20000 + 123456 % 12000 == 23456
     # Linux hands out 32768-60999 to outgoing connections: a port there may already be taken
     assert {slurm.master_port(j) for j in range(0, 100000)} == set(range(20000, 32000))
+    # a requeued run (SLURM_RESTART_COUNT) rendezvous on another port than the run before it
+    assert len({slurm.master_port(123456, r) for r in range(12)}) == 12
+    assert all(20000 <= slurm.master_port(123456, r) < 32000 for r in range(100))
+    env = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "n1", "SLURM_RESTART_COUNT": "2"}
+    assert slurm.job_from_env(env).master_port == slurm.master_port(123456, 2) != slurm.master_port(123456)
 
 
 def test_rank_sh_derives_the_same_port(tmp_path):
@@ -93,6 +98,9 @@ def test_rank_sh_derives_the_same_port(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) == slurm.master_port(15000) == 23000
+    r = subprocess.run(["bash", str(REPO / "launch" / "rank.sh"), "sft", "cfg.yaml"],
+                       env={**env, "SLURM_RESTART_COUNT": "3"}, capture_output=True, text=True, timeout=30)
+    assert int(r.stdout) == slurm.master_port(15000, 3) != 23000
 
 
 @pytest.mark.parametrize(
