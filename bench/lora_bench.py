@@ -410,10 +410,11 @@ def pairs_file(max_length: int) -> Path:
     return path
 
 
-def rm_ours(a, tag: str, turn: Turn) -> dict:
+def rm_ours(a, tag: str, turn: Turn, packed: bool = True) -> dict:
     run = common.OUT / f"lora-rm-{tag}"
     cfg = write_config(run, 1, rm={"init_from": str(model_dir()), "max_steps": a.steps, "eval_every": 10_000,
-                                   "save_every": 10_000, "overlength": "filter", "engine": {"zero_stage": a.zero}})
+                                   "save_every": 10_000, "overlength": "filter", "engine": {"zero_stage": a.zero},
+                                   "packed": packed})
     times, rss = run_cli("rm", cfg, None, turn, f"our rm ({tag})")
     dts = timed(times, a.warmup, drop_last=True)  # our last step also evaluates
     shutil.rmtree(run, ignore_errors=True)
@@ -451,6 +452,17 @@ def rm_order(a) -> list[int]:
     return epoch_order(n, smol()["seed"], 0)[:need]
 
 
+def timed_ids(a, order: list[int]) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) of the timed steps' pairs, in our run's order."""
+    from stackllama_ds.models.load import load_tokenizer
+
+    rc = smol()["rm"]
+    mb, lines = rc["engine"]["micro_batch_size"], open(pairs_file(rc["max_length"])).readlines()
+    texts = [json.loads(lines[i]) for i in order[a.warmup * mb:(a.steps - 1) * mb]]
+    ids = load_tokenizer(model_dir())([x for t in texts for x in (t["chosen"], t["rejected"])])["input_ids"]
+    return list(zip(ids[::2], ids[1::2]))
+
+
 def stage_rm(a, shape: Shape) -> float:
     rc = smol()["rm"]
     L, mb = rc["max_length"], rc["engine"]["micro_batch_size"]
@@ -461,18 +473,22 @@ def stage_rm(a, shape: Shape) -> float:
     print(f"# RM, LoRA: {header(a)}; {len(lens)} rm_train pairs within {L} tokens (ours: overlength filter), "
           f"micro batch {mb} pairs, LoRA {lora_text(rc['lora'])} SEQ_CLS + trained score head; {a.steps} steps "
           f"({a.warmup} warm-up, the last not timed); peer: TRL 1.16.0 RewardTrainer (same peft LoRA, base in "
-          f"{a.peer_base}, gradient checkpointing off as ours), fed the pairs our run draws, in its order")
+          f"{a.peer_base}, gradient checkpointing off as ours), fed the pairs our run draws, in its order; "
+          f"ours {'packed' if rc.get('packed', True) else 'padded'} (rm.packed)")
     n_lora = shape.n_lora(rc["lora"]["r"], lora_spec(rc["lora"])["target_modules"])
     per_pair = sum(train_flops(shape, c, 0, n_lora) + train_flops(shape, r, 0, n_lora) for c, r in pairs) / len(pairs)
     mean_tokens = sum(c + r for c, r in pairs) / len(pairs)
     rows = int(mb * mean_tokens)
+    padded = {"ours padded": lambda i, t: rm_ours(a, f"{i}-padded", t, packed=False)} if a.rm_padded else {}
     res = interleaved(a.rounds, {
         "ours": lambda i, t: rm_ours(a, str(i), t),
+        **padded,
         "TRL": lambda i, t: rm_peer(a, py, str(i), t),
         "matmul": lambda i, t: probe_side(a, shape, rows, False, per_pair * mb, f"rm-{i}", t, True),
     }, lambda r: f"{r['pps']:.3f} pairs/s, {r['rss']:.0f} MB" if "pps" in r else f"{r['rate'] / 1e9:.0f} GFLOP/s")
     print(common.compare_table({k: v for k, v in res.items() if k != "matmul"}, "pps", "pairs/s",
                                f"RM LoRA ({a.dtype})"))
+    print(common.rm_tokens_line(common.rm_tokens(timed_ids(a, order), mb)))
     txt, share = ceiling_lines(shape, rows, False, per_pair, "pairs", res, "pps", a)
     print(txt + f" (the timed steps' pairs hold {mean_tokens:.0f} real tokens on average)")
     info = res["TRL"][0]["info"]
@@ -685,6 +701,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="default: 5 (SFT, RM), 3 (PPO)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rm-padded", action="store_true", help="RM: also our padded rows (rm.packed false)")
     ap.add_argument("--response-len", type=int, default=36, help="PPO: the mean of smollm2.yaml's 24-48")
     ap.add_argument("--zero", type=int, default=0, help="our ZeRO stage on 1 rank")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of a 1-rank run (peer and matmul)")

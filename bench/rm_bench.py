@@ -5,7 +5,8 @@
 
 Both sides train a fresh scalar head on the benchmark Llama from the same (chosen, rejected)
 pairs of rm_train (both texts within ``--max-length`` tokens), micro batch ``--micro-batch`` pairs,
-1 rank, alternating ours / TRL / TRL with our launcher's ``MALLOC_*`` heap settings (TRL+heap;
+1 rank, ours with ``rm.packed`` (its default: one row per micro batch, each question once, no padding),
+alternating ours / TRL / TRL with our launcher's ``MALLOC_*`` heap settings (TRL+heap;
 ``--no-peer-heap`` drops it) in fresh processes; ours ZeRO-0 by default (1 rank: ZeRO-1/2 partition nothing). pairs/s = micro batch over the mean wall time
 of the steps after ``--warmup`` (the orders differ: each side shuffles with its own seed, so
 use enough steps that padding averages out).
@@ -42,6 +43,14 @@ def pairs_file(max_length: int) -> Path:
                 lines.append(json.dumps({"chosen": cj, "rejected": ck}) + "\n")
         path.write_text("".join(lines))
     return path
+
+
+def pair_ids(max_length: int) -> list[tuple[list[int], list[int]]]:
+    from stackllama_ds.models.load import load_tokenizer
+
+    texts = [json.loads(x) for x in open(pairs_file(max_length))]
+    ids = load_tokenizer(common.ROOT / "tiny")([x for t in texts for x in (t["chosen"], t["rejected"])])["input_ids"]
+    return list(zip(ids[::2], ids[1::2]))
 
 
 def run_ours(a, dtype: str, tag: str) -> dict:
@@ -106,6 +115,8 @@ def main() -> None:
             a.peer_heap)
         res = common.alternate(a.rounds, sides, lambda r: f"{r['pps']:.2f} pairs/s, {r['rss']:.0f} MB")
         print(common.compare_table(res, "pps", "pairs/s", f"RM {dtype}"))
+    print(common.rm_tokens_line(common.rm_tokens(pair_ids(a.max_length), a.micro_batch))
+          + " (over the pairs file in its order: each side shuffles with its own seed)")
 
 
 if __name__ == "__main__":

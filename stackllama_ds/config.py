@@ -205,6 +205,11 @@ class RMConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     save_every: int = Field(500, ge=1)
     log_every: int = Field(1, ge=1)
+    # One packed row per micro batch (data/packed_pairs.py): each pair's question once, both answers
+    # attending to it, no padding; same scores and gradients as the padded rows within rounding.
+    # False: the padded [chosen..., rejected...] rows (for comparison, and for flash_attention_2,
+    # which takes no custom 4D mask).
+    packed: bool = True
     # ODIN (arXiv 2402.07319): a second, length head beside the quality head; the ranking loss is on
     # their sum, PPO and eval read the quality head. Weights of lambda_L * -rho(r_L, len) +
     # lambda_Q * |rho(r_Q, len)| + lambda_O * |cos(w_Q, w_L)| (rl/odin.py), rho over each micro
@@ -439,6 +444,9 @@ def cross_checks(cfg: RunConfig, world_size: int, base: Path) -> list[tuple[tupl
             resolve_grad_accum(sc.engine, sc.global_batch_size, world_size)
         except ValueError as e:
             errs.append(((stage, "global_batch_size"), str(e)))
+    if cfg.rm.packed and cfg.model.attn_implementation == "flash_attention_2":
+        errs.append((("rm", "packed"), "rm.packed needs model.attn_implementation sdpa or eager (its 4D mask; "
+                     "flash_attention_2 takes none): set rm.packed: false or change the attention"))
     p = cfg.ppo
     if p.batch_size % (p.mini_batch_size * p.gradient_accumulation_steps):
         errs.append(

@@ -118,6 +118,7 @@ BAD = [
      ["bad.yaml:3", "ppo.reference.gradient_checkpointing", "does not apply to a frozen engine"]),
     ("ppo:\n  reward:\n    offload_optimizer: true\n", [], ["bad.yaml:3", "ppo.reward.offload_optimizer", "no optimizer"]),
     ("sft:\n  engine:\n    gradient_clipping: -1\n", [], ["bad.yaml:3", "sft.engine.gradient_clipping", "greater than"]),
+    ("model:\n  attn_implementation: flash_attention_2\n", [], ["rm.packed", "sdpa or eager", "rm.packed: false"]),
 ]
 
 

@@ -5,14 +5,15 @@ A pair is ``format_qa(question, response_j)`` (chosen) and ``format_qa(question,
 micro batch of ``B`` pairs is ONE tensor of ``2B`` rows, ``[chosen..., rejected...]``, so both sides
 go through the engine in a single forward. Padding is on the right: positions of the
 real tokens are the same as unpadded, and the sequence classifier reads the score at the last
-non-pad token. Global pair index ``g`` runs over seeded orders per pass and goes to rank
+non-pad token. ``collate=pack_pairs`` (``data.packed_pairs``) gives one padding-free row per micro
+batch instead, each question once. Global pair index ``g`` runs over seeded orders per pass and goes to rank
 ``g % world``; the data position is the number of global pairs consumed (as in ``packing``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -36,9 +37,12 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]
 
 
 def pair_batches(
-    pairs: Sequence[Pair], pad_id: int, micro_batch: int, rank: int, world: int, seed: int, start: int = 0
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro batches of this rank's pairs; ``start`` = global pairs already consumed."""
+    pairs: Sequence[Pair], pad_id: int, micro_batch: int, rank: int, world: int, seed: int, start: int = 0,
+    collate: Callable[[list[Pair]], object] | None = None,
+) -> Iterator:
+    """Endless micro batches of this rank's pairs; ``start`` = global pairs already consumed.
+    ``collate``: micro batch -> batch, default ``collate_pairs(mb, pad_id)``."""
+    collate = collate or (lambda mb: collate_pairs(mb, pad_id))
     if not pairs:
         raise ValueError("no reward-model pairs to train on (empty split or all filtered)")
     n = len(pairs)
@@ -52,20 +56,22 @@ def pair_batches(
         if g % world == rank:
             mine.append(pairs[order[i]])
             if len(mine) == micro_batch:
-                yield collate_pairs(mine, pad_id)
+                yield collate(mine)
                 mine = []
         g += 1
 
 
 def eval_pair_batches(
-    pairs: Sequence[Pair], pad_id: int, micro_batch: int, rank: int, world: int
-) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    pairs: Sequence[Pair], pad_id: int, micro_batch: int, rank: int, world: int,
+    collate: Callable[[list[Pair]], object] | None = None,
+) -> list[tuple[object, torch.Tensor]]:
     """Every held-out pair exactly once over all ranks: ``[(batch, weight (B,)), ...]``.
 
     Rank ``r`` takes pairs ``i % world == r``. Every rank gets the same number of micro batches
     (ZeRO-3 hangs when ranks run different numbers of forwards): a short shard is filled with
-    repeats of a pair with weight 0, so the padding never counts.
+    repeats of a pair with weight 0, so the padding never counts. ``collate`` as in ``pair_batches``.
     """
+    collate = collate or (lambda mb: collate_pairs(mb, pad_id))
     if not pairs:
         return []
     shard = math.ceil(len(pairs) / world)  # the largest shard (rank 0's)
@@ -78,5 +84,5 @@ def eval_pair_batches(
         weight.append(0.0)
     out = []
     for s in range(0, len(mine), micro_batch):
-        out.append((collate_pairs(mine[s : s + micro_batch], pad_id), torch.tensor(weight[s : s + micro_batch])))
+        out.append((collate(mine[s : s + micro_batch]), torch.tensor(weight[s : s + micro_batch])))
     return out

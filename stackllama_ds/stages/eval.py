@@ -60,7 +60,7 @@ from stackllama_ds.heartbeat import Heartbeat, each, phase
 from stackllama_ds.models.forward import fp32_compute, response_logprobs
 from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
-from stackllama_ds.models.scoring import reward_scores, right_padded_scores
+from stackllama_ds.models.scoring import pair_head_scores, reward_scores
 from stackllama_ds.report import redraw, render_markdown
 
 
@@ -101,10 +101,9 @@ def text_nll(lm, texts: list[tuple[list[int], list[int]]], pad_id: int) -> list[
 @torch.no_grad()
 def pair_scores(reward, pairs, pad_id: int) -> tuple[list[list[float]], list[list[float]]]:
     """(r_chosen, r_rejected) raw reward-model scores of pairs, chosen and rejected in one batch:
-    every head's, (B, K) as lists; column 0 is the quality head, the reward everything else reads."""
-    ids, mask = pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id, "right")  # (2B, T)
-    # right padding: the score is read at the last real token; no real token sees a pad
-    r = right_padded_scores(lambda x: reward(input_ids=x).logits.float(), dist.place(ids), mask.sum(1)).cpu()  # (2B, K)
+    every head's, (B, K) as lists; column 0 is the quality head, the reward everything else reads.
+    One packed row: each question once, no padding (``models.scoring.pair_head_scores``)."""
+    r = pair_head_scores(reward, pairs, pad_id, dist.device())  # (2B, K)
     return r[: len(pairs)].tolist(), r[len(pairs) :].tolist()
 
 

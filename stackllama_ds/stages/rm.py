@@ -3,8 +3,9 @@
     stackllama-ds rm configs/tiny.yaml                       # spawns launch.nproc_per_node ranks
     torchrun --nproc_per_node 2 -m stackllama_ds.cli rm configs/tiny.yaml
 
-One loop: micro batches of pairs ``[chosen..., rejected...]`` -> ONE engine forward -> scores
-``r_j, r_k`` -> ``-logsigmoid(r_j - r_k - margin)`` -> engine.backward -> engine.step; held-out
+One loop: micro batches of pairs ``[chosen..., rejected...]`` -> ONE engine forward (``rm.packed``:
+one padding-free row, each question once, data/packed_pairs.py) -> scores ``r_j, r_k`` ->
+``-logsigmoid(r_j - r_k - margin)`` -> engine.backward -> engine.step; held-out
 accuracy every N steps and at the end, checkpoint every M steps and on SIGTERM/SIGUSR1 (then exit
 75); export a HF sequence-classification folder and ``rm/accuracy.json`` at the end.
 With ``rm.length_head`` (ODIN, https://arxiv.org/abs/2402.07319) the score has two heads, quality
@@ -25,6 +26,7 @@ from stackllama_ds import rl, runtime, testhooks
 from stackllama_ds.config import RMConfig, RunConfig, resolve_grad_accum, resolve_path
 from stackllama_ds.data.eval_inputs import load_rm_pairs
 from stackllama_ds.data.fit import FitPair, fit_pairs, fit_summary
+from stackllama_ds.data.packed_pairs import PackedRow, pack_pairs
 from stackllama_ds.data.pairs_batch import eval_pair_batches, pair_batches
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
@@ -41,6 +43,7 @@ from stackllama_ds.models.load import (
     trainable_dtype,
     zero3_init,
 )
+from stackllama_ds.models.packed import packed_head_scores
 from stackllama_ds.models.scoring import right_padded_scores
 
 ACCURACY = "accuracy.json"
@@ -74,9 +77,20 @@ def pairwise_loss(
     return losses.mean(), PairStats(losses.detach(), (d > 0).float() + 0.5 * (d == 0).float(), d)
 
 
-def head_scores(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Every head's score (2B, K) from one forward over the (2B, T) batch ``[chosen..., rejected...]``;
-    K = 1, or 2 with a length head (column 0 quality, 1 length)."""
+Batch = dict[str, torch.Tensor] | PackedRow  # padded rows (collate_pairs) or one packed row (pack_pairs)
+
+
+def answer_lengths(batch: Batch) -> torch.Tensor:
+    """(2B,) answer tokens of ``[chosen..., rejected...]``."""
+    return batch.answer_lengths if isinstance(batch, PackedRow) else batch["answer_lengths"]
+
+
+def head_scores(engine, batch: Batch) -> torch.Tensor:
+    """Every head's score (2B, K) of the micro batch's ``[chosen..., rejected...]`` answers: from one
+    forward over the packed row, or over the (2B, T) padded batch; K = 1, or 2 with a length head
+    (column 0 quality, 1 length)."""
+    if isinstance(batch, PackedRow):  # (1, L): each question once, no padding, the same scores
+        return packed_head_scores(engine, batch, engine.device)  # (2B, K)
     # Right padding under a causal mask: no real token can see a pad, so the padding mask is
     # redundant; without it SDPA takes its fused causal kernel instead of the masked math path
     # on CPU (same scores, see tests/stages/test_rm.py). HF reads the score at the last non-pad id.
@@ -88,7 +102,7 @@ def head_scores(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                                groups=2 if is_partitioned(engine) else None)  # (2B, K)
 
 
-def scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def scores(engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_j, r_k), each (B,): the reward the ranking loss is taken on, the sum of the heads (ODIN's
     r_Q + r_L; a one-head model's own score)."""
     r = head_scores(engine, batch).sum(-1)  # (2B,)
@@ -96,7 +110,7 @@ def scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     return r[:half], r[half:]
 
 
-def rm_loss(engine, batch: dict[str, torch.Tensor], rc: RMConfig) -> tuple[torch.Tensor, PairStats, dict[str, float]]:
+def rm_loss(engine, batch: Batch, rc: RMConfig) -> tuple[torch.Tensor, PairStats, dict[str, float]]:
     """One micro batch's loss: the ranking loss on the summed heads, plus ODIN's terms with a length head.
 
     Returns (loss with grad, per-pair stats, ODIN's terms as floats: ``loss_rank``, ``corr_length``,
@@ -109,7 +123,7 @@ def rm_loss(engine, batch: dict[str, torch.Tensor], rc: RMConfig) -> tuple[torch
     if not rc.length_head:
         return loss, st, {}
     # rho over the micro batch's 2B answers, chosen and rejected alike
-    penalty, o = rl.odin_penalty(r[:, 0], r[:, 1], batch["answer_lengths"], score_weight(engine.module),
+    penalty, o = rl.odin_penalty(r[:, 0], r[:, 1], answer_lengths(batch), score_weight(engine.module),
                                  rc.length_corr_weight, rc.quality_corr_weight, rc.ortho_weight)
     terms = {"loss_rank": loss.item(), "corr_length": o.corr_length.item(), "corr_quality": o.corr_quality.item(),
              "ortho": o.ortho.item()}
@@ -139,7 +153,7 @@ def evaluate(engine, batches, margin: float, pairs: list[FitPair] | None = None)
         r = head_scores(engine, batch).float().cpu()  # (2B, K)
         half = r.shape[0] // 2
         _, st = pairwise_loss(r[:half].sum(1), r[half:].sum(1), margin)
-        lengths = batch["answer_lengths"].tolist()
+        lengths = answer_lengths(batch).tolist()
         rows += [(r[i].tolist(), r[half + i].tolist(), lengths[i], lengths[half + i]) for i in range(half) if w[i] > 0]
         w = w.to(torch.float64)
         sums["pairs"] += w.sum().item()
@@ -232,9 +246,12 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
     log = run.logger(max_steps, bar_keys=("loss", "accuracy", "pairs_per_s"), log_every=rc.log_every)
     run.text(f"{stage}: init {init}; {len(tr.pairs)} {split} pairs ({fit_summary(tr.counts)}), {len(ev.pairs)} eval "
              f"pairs ({fit_summary(ev.counts['truncation'])}) at max_length {rc.max_length}, overlength={rc.overlength}; "
-             f"world {run.world}, micro {mb} pairs x accum {gas}, {max_steps} steps")
-    batches = pair_batches(tr.pairs, tok.pad_token_id, mb, run.rank, run.world, cfg.seed, start=state.samples)
-    evals = eval_pair_batches(ev.pairs, tok.pad_token_id, mb, run.rank, run.world)
+             f"world {run.world}, micro {mb} pairs x accum {gas} ({'one packed row' if rc.packed else 'padded rows'}), "
+             f"{max_steps} steps")
+    collate = pack_pairs if rc.packed else None  # None: right-padded rows
+    batches = pair_batches(tr.pairs, tok.pad_token_id, mb, run.rank, run.world, cfg.seed, start=state.samples,
+                           collate=collate)
+    evals = eval_pair_batches(ev.pairs, tok.pad_token_id, mb, run.rank, run.world, collate=collate)
 
     last_eval: dict | None = None
     final_rows: list[dict] | None = None

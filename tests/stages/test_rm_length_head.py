@@ -274,6 +274,38 @@ def test_two_head_model_trains_exports_and_pipeline_reads_it(prepared_root, tmp_
     assert [by_label["quality"], by_label["length"]] == pytest.approx(want.tolist(), abs=1e-5)
 
 
+def test_packed_batch_gives_the_padded_loss_terms_and_grads(prepared_root):
+    """``rm.packed``: the stage's loss, ODIN's terms, the (2B, 2) scores and every gradient of one packed row
+    (pairs sharing a question) equal those of the padded rows (fp32, 1e-5), and eval's figures too."""
+    from stackllama_ds.data.packed_pairs import pack_pairs
+    from stackllama_ds.data.pairs_batch import collate_pairs
+    from stackllama_ds.models.load import load_reward_model, load_tokenizer
+    from stackllama_ds.stages.rm import evaluate, head_scores, rm_loss
+
+    base = prepared_root / "tiny"
+    pad = load_tokenizer(base).pad_token_id
+    torch.manual_seed(0)
+    model = load_reward_model(base, ModelConfig(), pad_token_id=pad, num_labels=2)
+    engine = _Engine(model)
+    rc = RMConfig(length_head=True, length_corr_weight=0.5, quality_corr_weight=2.0, ortho_weight=3.0)
+    pairs = [(q + c[2:].tolist(), q + k[2:].tolist(), lc, lk) for (c, k, lc, lk), q in zip(_pairs(4, seed=2), ([5, 6, 7], [9], [], [8, 8]))]
+    out = {}
+    for name, batch in (("packed", pack_pairs(pairs)), ("padded", collate_pairs(pairs, pad))):
+        model.zero_grad(set_to_none=True)
+        loss, st, terms = rm_loss(engine, batch, rc)
+        loss.backward()
+        with torch.no_grad():
+            r = head_scores(engine, batch)
+        ev = evaluate(engine, [(batch, torch.tensor([1.0, 1.0, 0.0, 1.0]))], 0.0)
+        out[name] = (loss.item(), terms, r, {n: p.grad.clone() for n, p in model.named_parameters()}, ev)
+    (lp, tp, rp, gp, ep), (ld, td, rd, gd, ed) = out["packed"], out["padded"]
+    assert r.shape == (8, 2) and lp == pytest.approx(ld, rel=1e-5) and tp == pytest.approx(td, rel=1e-5)
+    torch.testing.assert_close(rp, rd, atol=1e-5, rtol=1e-5)
+    for n in gd:
+        torch.testing.assert_close(gp[n], gd[n], atol=1e-5, rtol=1e-5, msg=n)
+    assert ep.keys() == ed.keys() and all(ep[k] == pytest.approx(ed[k], rel=1e-5) for k in ed if ed[k] is not None)
+
+
 def test_lora_two_head_export_keeps_both_rows(prepared_root, tmp_path):
     from stackllama_ds.models.export import export_hf, score_rows
     from stackllama_ds.models.load import load_reward_model, load_tokenizer
