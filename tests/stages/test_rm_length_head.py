@@ -202,20 +202,28 @@ def _pairs(n: int, seed: int) -> list:
     return out
 
 
-def test_two_head_model_trains_exports_and_pipeline_reads_it(prepared_root, tmp_path):
-    from transformers import pipeline
-
-    from stackllama_ds.data.pairs_batch import collate_pairs
-    from stackllama_ds.models.export import export_hf
+def _two_head_setup(prepared_root):
+    """A seeded two-head tiny reward model behind ``_Engine``, its pad id, and an RMConfig with unequal
+    ODIN weights (so each term's weight shows in the loss)."""
     from stackllama_ds.models.load import load_reward_model, load_tokenizer
-    from stackllama_ds.stages.rm import evaluate, head_scores, pairwise_loss, rm_loss
 
     base = prepared_root / "tiny"
     pad = load_tokenizer(base).pad_token_id
     torch.manual_seed(0)
     model = load_reward_model(base, ModelConfig(), pad_token_id=pad, num_labels=2)
-    engine = _Engine(model)
     rc = RMConfig(length_head=True, length_corr_weight=0.5, quality_corr_weight=2.0, ortho_weight=3.0)
+    return model, _Engine(model), pad, rc
+
+
+def test_two_head_model_trains_exports_and_pipeline_reads_it(prepared_root, tmp_path):
+    from transformers import pipeline
+
+    from stackllama_ds.data.pairs_batch import collate_pairs
+    from stackllama_ds.models.export import export_hf
+    from stackllama_ds.models.load import load_tokenizer
+    from stackllama_ds.stages.rm import evaluate, head_scores, pairwise_loss, rm_loss
+
+    model, engine, pad, rc = _two_head_setup(prepared_root)
     pairs = _pairs(4, seed=1)
     batch = collate_pairs(pairs, pad)
     assert batch["answer_lengths"].tolist() == [float(p[2]) for p in pairs] + [float(p[3]) for p in pairs]
@@ -260,7 +268,7 @@ def test_two_head_model_trains_exports_and_pipeline_reads_it(prepared_root, tmp_
 
     # export: a two-label sequence classifier that pipeline("text-classification") reads
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = export_hf("reward", sd, base, tmp_path / "rm", ModelConfig(), None, dtype="fp32")
+    out = export_hf("reward", sd, prepared_root / "tiny", tmp_path / "rm", ModelConfig(), None, dtype="fp32")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["id2label"] == {"0": "quality", "1": "length"} and cfg["label2id"] == {"quality": 0, "length": 1}
     clf = pipeline("text-classification", model=str(out), tokenizer=str(out), device="cpu")
@@ -279,15 +287,9 @@ def test_packed_batch_gives_the_padded_loss_terms_and_grads(prepared_root):
     (pairs sharing a question) equal those of the padded rows (fp32, 1e-5), and eval's figures too."""
     from stackllama_ds.data.packed_pairs import pack_pairs
     from stackllama_ds.data.pairs_batch import collate_pairs
-    from stackllama_ds.models.load import load_reward_model, load_tokenizer
     from stackllama_ds.stages.rm import evaluate, head_scores, rm_loss
 
-    base = prepared_root / "tiny"
-    pad = load_tokenizer(base).pad_token_id
-    torch.manual_seed(0)
-    model = load_reward_model(base, ModelConfig(), pad_token_id=pad, num_labels=2)
-    engine = _Engine(model)
-    rc = RMConfig(length_head=True, length_corr_weight=0.5, quality_corr_weight=2.0, ortho_weight=3.0)
+    model, engine, pad, rc = _two_head_setup(prepared_root)
     pairs = [(q + c[2:].tolist(), q + k[2:].tolist(), lc, lk) for (c, k, lc, lk), q in zip(_pairs(4, seed=2), ([5, 6, 7], [9], [], [8, 8]))]
     out = {}
     for name, batch in (("packed", pack_pairs(pairs)), ("padded", collate_pairs(pairs, pad))):
