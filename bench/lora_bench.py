@@ -539,7 +539,7 @@ def prompt_spec(a) -> list[dict]:
     from stackllama_ds.models.load import load_tokenizer
 
     cfg = load_config(ppo_run(a, "lora-ppo-prompts", 1, a.zero), check_files=False)
-    questions, ids, _ = load_prompts(cfg, load_tokenizer(model_dir()), "rl_train")
+    questions, ids, _ = load_prompts(cfg.root() / "data", load_tokenizer(model_dir()), "rl_train", cfg.ppo.max_prompt_length)
     shutil.rmtree(common.OUT / "lora-ppo-prompts", ignore_errors=True)
     B = cfg.ppo.batch_size
     return [{"prompt_ids": [ids[i] for i in idx], "questions": [questions[i] for i in idx]}

@@ -185,13 +185,13 @@ def profile_ppo(a, dtype: str) -> None:
     from stackllama_ds.models.forward import policy_forward
     from stackllama_ds.models.load import load_tokenizer
     from stackllama_ds.models.padding import cut_at_eos, pad
-    from stackllama_ds.ppo_steps import build_engines, rollout_forwards
+    from stackllama_ds.stages.ppo_steps import build_engines, rollout_forwards
 
     ns = argparse.Namespace(steps=2, response_len=a.response_len, zero=a.zero)
     cfg = load_config(lora_bench.ppo_run(ns, "lora-profile-ppo", 1, a.zero), check_files=False)
     p = cfg.ppo
     tok = load_tokenizer(lora_bench.model_dir())
-    prompts = load_prompts(cfg, tok, "rl_train")
+    prompts = load_prompts(cfg.root() / "data", tok, "rl_train", cfg.ppo.max_prompt_length)
     e = build_engines(cfg, tok, 100)
     actor = e.actor
     q_ids, q_mask = pad(prompts.ids[: p.batch_size], tok.pad_token_id, "left")

@@ -72,7 +72,7 @@ def prompt_spec(a) -> list[dict]:
 
     cfg = load_config(make_run("ppo-prompts", a), check_files=False)
     tok = load_tokenizer(common.ROOT / "tiny")
-    questions, ids, _ = load_prompts(cfg, tok, "rl_train")
+    questions, ids, _ = load_prompts(cfg.root() / "data", tok, "rl_train", cfg.ppo.max_prompt_length)
     shutil.rmtree(common.OUT / "ppo-prompts", ignore_errors=True)
     steps = []
     for s in range(a.steps):

@@ -24,7 +24,7 @@ from stackllama_ds.engines.generate import sample
 from stackllama_ds.models.fetch import fetch_model
 from stackllama_ds.models.load import ActorWithValueHead, load_causal_lm, load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
-from stackllama_ds.ppo_steps import Engines, rollout_forwards
+from stackllama_ds.stages.ppo_steps import Engines, rollout_forwards
 
 QUESTIONS = ["How do I brew beer at home?", "Why is my beer cloudy?", "What is an IPA?", "Is lager healthier than ale?",
              "How long does beer keep in the fridge?", "What glass should I use for stout?", "Why does beer foam?",

@@ -111,7 +111,7 @@ def run_sft(cfg: Path, *extra: str) -> dict:
     """One ``stackllama-ds sft`` launch: peak VmHWM per rank, seconds to the first new metrics row."""
     import psutil
 
-    from stackllama_ds.metrics import read_metrics
+    from stackllama_ds.run.metrics import read_metrics
 
     metrics = cfg.parent / "sft" / "metrics.jsonl"
     before = len(read_metrics(metrics)) if metrics.exists() else 0

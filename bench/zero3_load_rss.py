@@ -114,23 +114,24 @@ def worker(root: Path, variant: str) -> None:
     import yaml
 
     import stackllama_ds
-    from stackllama_ds import runtime
     from stackllama_ds.config import RunConfig
     from stackllama_ds.models.load import load_tokenizer
+    from stackllama_ds.run import entry
+    from stackllama_ds.run.layout import RunLayout
 
     src = Path(stackllama_ds.__file__).resolve().parents[1]
     assert (src == before_src()) == (variant == "before"), f"{variant} imported the package from {src}"
     # build_engines lived in stages/ppo.py before issue 17 split the stage
-    ppo_steps = importlib.import_module("stackllama_ds.stages.ppo" if variant == "before" else "stackllama_ds.ppo_steps")
+    ppo_steps = importlib.import_module("stackllama_ds.stages.ppo" if variant == "before" else "stackllama_ds.stages.ppo_steps")
     cfg = RunConfig.model_validate(yaml.safe_load((root / "cfg.yaml").read_text()))
     if variant == "no-init":  # whole models per rank in the engine dtype, the copy read from disk
         ppo_steps.zero3_init = lambda *a, **k: contextlib.nullcontext()
         ppo_steps.empty_causal_lm = lambda path, m, dtype, device, lora: ppo_steps.load_causal_lm(path, m, dtype=dtype,
                                                                                                 lora=lora)
-    runtime.setup(cfg)
+    entry.setup(cfg)
     anon = AnonPeak()
     marks = {"start": vm_hwm_mb()}
-    tok = load_tokenizer(runtime.sft_model_path(cfg))
+    tok = load_tokenizer(RunLayout(cfg).sft_model)
     for name in ("GenerationCopy", "build_train_engine", "build_eval_engine"):  # peak after each
         fn = getattr(ppo_steps, name)
         setattr(ppo_steps, name, lambda *a, _fn=fn, _n=name, **k: (_fn(*a, **k), marks.__setitem__(_n, vm_hwm_mb()))[0])

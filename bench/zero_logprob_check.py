@@ -35,19 +35,21 @@ SETTINGS = {"zero2-bf16": (2, "bf16"), "zero3-bf16": (3, "bf16"), "zero2-fp32": 
 def worker(root: str, name: str, b_std: float) -> None:
     import deepspeed
 
-    from stackllama_ds import ppo_steps, runtime
     from stackllama_ds.config import load_config
     from stackllama_ds.engines import dist
     from stackllama_ds.models.forward import policy_forward
     from stackllama_ds.models.load import load_tokenizer
     from stackllama_ds.models.padding import pad
+    from stackllama_ds.run import entry
+    from stackllama_ds.run.layout import RunLayout
+    from stackllama_ds.stages import ppo_steps
 
     stage, dtype = SETTINGS[name]
     sets = [f"output_root={root}", f"ppo.actor.zero_stage={stage}", f"ppo.reward.zero_stage={stage}",
             f"ppo.actor.dtype={dtype}"]
     cfg = load_config(REPO / "configs" / "smollm2.yaml", sets)
-    runtime.setup(cfg)
-    tok = load_tokenizer(runtime.sft_model_path(cfg))
+    entry.setup(cfg)
+    tok = load_tokenizer(RunLayout(cfg).sft_model)
     actor = ppo_steps.build_engines(cfg, tok, n_updates=10).actor
     lora = sorted((n, p) for n, p in actor.module.named_parameters() if "lora_B" in n)
     with deepspeed.zero.GatheredParameters([p for _, p in lora], modifier_rank=0):

@@ -4,7 +4,7 @@
 
 Models, found from the run root (the stages keep no copy of the config there): ``RUN_ROOT/sft/model``,
 ``RUN_ROOT/ppo/model``, the reward model ``RUN_ROOT/rm/model``; the base model from ``--config``
-(``runtime.base_model_path``, with ``output_root`` set to RUN_ROOT), else the base path that
+(``RunLayout.base_model``, with ``output_root`` set to RUN_ROOT), else the base path that
 ``stackllama-ds eval`` recorded in ``RUN_ROOT/eval/eval.json``, else ``RUN_ROOT/tiny``. Missing
 models are skipped with a note; one named in ``--models`` that exists nowhere is an error.
 
@@ -84,9 +84,9 @@ def find_models(run_root: Path, names: Sequence[str], config: str | None = None)
 
 def _base_path(run_root: Path, cfg: RunConfig | None) -> Path:
     if cfg is not None:
-        from stackllama_ds import runtime
+        from stackllama_ds.run.layout import RunLayout
 
-        return runtime.base_model_path(cfg)
+        return RunLayout(cfg).base_model()
     ev = run_root / "eval" / "eval.json"
     if ev.exists():
         base = json.loads(ev.read_text()).get("models", {}).get("base", {}).get("path")

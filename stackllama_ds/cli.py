@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stackllama_ds.config import RunConfig
 from stackllama_ds.config_loader import ConfigError, load_config
-from stackllama_ds.proc import catch_stop_signals_early
+from stackllama_ds.run.signals import catch_stop_signals_early
 
 STAGES = ("sft", "rm", "judge", "ppo", "eval")
 
@@ -55,10 +55,10 @@ def _stage_fn(stage: str):
 def run_stage(stage: str, config: str, overrides: list[str] | None) -> int:
     """Validate, then either run this rank (under a launcher) or spawn the node's ranks."""
     if _under_launcher():
-        if stage != "eval":  # training stages checkpoint on a stop signal (checkpoint.StopSignal)
+        if stage != "eval":  # training stages checkpoint on a stop signal (signals.StopSignal)
             catch_stop_signals_early()
         cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
-        from stackllama_ds.runtime import run_entry
+        from stackllama_ds.run.entry import run_entry
 
         return run_entry(_stage_fn(stage), cfg, stage)
     cfg = load_config(config, overrides)
@@ -126,7 +126,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from stackllama_ds.export import export_checkpoint
+    from stackllama_ds.run.export import export_checkpoint
 
     out = export_checkpoint(Path(args.checkpoint), Path(args.out))
     print(f"exported {args.checkpoint} -> {out}")
@@ -134,7 +134,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from stackllama_ds.report import redraw
+    from stackllama_ds.evaluation.report import redraw
 
     for p in redraw(Path(args.run_root)):
         print(p)
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # input errors (data, checkpoints) get one line, not a traceback
-        from stackllama_ds.checkpoint import CheckpointError
         from stackllama_ds.models.fetch import FetchError
+        from stackllama_ds.run.checkpoint import CheckpointError
 
         own: tuple[type[Exception], ...] = (FetchError,)  # our own messages: they say all
         try:

@@ -8,6 +8,7 @@ tens of times slower than fp32 (2048^3: ~37x measured on an AMD EPYC without avx
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -76,3 +77,10 @@ def auto_dtype() -> str:
     if gpu is not None:
         return "bf16" if gpu else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for MASTER_PORT of a single-node group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,6 @@
 """Library output on the console vs. in each rank's log file.
 
-    quiet_libraries(rank, rank_log(cfg.stage_dir(stage), rank))  # runtime.setup, once per rank
+    quiet_libraries(rank, rank_log(cfg.stage_dir(stage), rank))  # entry.setup, once per rank
 
 Every record the libraries log (transformers, DeepSpeed, bitsandbytes, peft, accelerate) and every
 Python warning (``warnings.warn``, via the ``py.warnings`` logger), INFO and up, goes to

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from stackllama_ds.config import RunConfig, resolve_path
-from stackllama_ds.runtime import data_dir, is_done, mark_done, tiny_dir
+from stackllama_ds.run.layout import RunLayout, is_done, mark_done
 
 TRAIN_STAGES = ("sft", "rm", "judge", "ppo", "eval")
 RESULTS = {
@@ -56,7 +56,7 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = Path(config_path).resolve().parent
-    dd = data_dir(cfg)
+    dd = RunLayout(cfg).data
     if is_done(dd):
         print(f"[pipeline] data: done, skipped ({dd})", flush=True)
     else:
@@ -70,7 +70,7 @@ def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: 
                 workers=cfg.data.workers, skip_bad_rows=cfg.data.skip_bad_rows, site=cfg.data.site)
         mark_done(dd, "prepare")
     if cfg.model.name_or_path == "tiny":
-        td = tiny_dir(cfg)
+        td = RunLayout(cfg).tiny
         if is_done(td):
             print(f"[pipeline] tiny: done, skipped ({td})", flush=True)
         else:

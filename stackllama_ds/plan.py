@@ -69,7 +69,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stackllama_ds.config import EngineConfig, LoraConfig, RunConfig, quantized_zero3_engines, resolve_path
+from stackllama_ds.config import EngineConfig, LoraConfig, RunConfig, quantized_zero3_engines
+from stackllama_ds.run.layout import RunLayout
 
 GiB = float(2**30)
 ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -152,8 +153,7 @@ def model_shape(cfg: RunConfig) -> ModelShape:
 
     if cfg.model.name_or_path in KNOWN:
         return ModelShape(*KNOWN[cfg.model.name_or_path].shape)
-    base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
-    path = resolve_path(cfg.model.name_or_path, base) / "config.json"
+    path = RunLayout(cfg).resolve(cfg.model.name_or_path) / "config.json"
     return shape_from_hf_config(json.loads(path.read_text()))
 
 

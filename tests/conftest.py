@@ -135,7 +135,7 @@ def assert_resumed_at(before: list[dict], after: list[dict], step: int) -> None:
 
 def assert_eval_figures_match_samples(res: dict) -> None:
     """eval.json: each model's figures, win counts and KL means are those of its per-prompt samples."""
-    from stackllama_ds.evalstats import spearman
+    from stackllama_ds.evaluation.stats import spearman
 
     samples = res["samples"]
     n = len(samples)
@@ -244,7 +244,7 @@ def assert_eval_figures_match_records(out: Path, res: dict, tok=None) -> None:
 
 def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
     """Poll ``stage_dir/metrics.jsonl`` until a row with ``step`` (or later) appears; fail if ``proc`` ends."""
-    from stackllama_ds.metrics import read_metrics
+    from stackllama_ds.run.metrics import read_metrics
 
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -34,7 +34,7 @@ def test_find_models_search_order(tmp_path):
     (root / "eval").mkdir()
     (root / "eval" / "eval.json").write_text(json.dumps({"models": {"base": {"path": str(elsewhere)}}}))
     assert find_models(root, ["base"]).paths == {"base": elsewhere}
-    # --config: runtime.base_model_path of that config, with output_root = RUN_ROOT
+    # --config: RunLayout.base_model of that config, with output_root = RUN_ROOT
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "somewhere-else")
     assert find_models(root, ["base", "sft"], str(cfg)).paths["base"] == root / "tiny"
     with pytest.raises(ValueError, match="unknown model"):

@@ -1,4 +1,4 @@
-"""A failure keeps one line on the console and its whole traceback in a file (runtime.run_entry, cli).
+"""A failure keeps one line on the console and its whole traceback in a file (entry.run_entry, cli).
 
     python -m pytest tests/test_error_log.py -q
 """
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import tempfile
 
-from stackllama_ds import cli, runtime
+from stackllama_ds import cli
 from stackllama_ds.config import RunConfig
+from stackllama_ds.run import entry
 
 
 def _quantize(layer: int) -> None:
@@ -22,7 +23,7 @@ def _stage(cfg: RunConfig) -> None:  # a stage whose model load fails deep insid
 def test_run_entry_keeps_the_traceback_in_the_ranks_error_log(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     cfg = RunConfig(output_root=str(tmp_path))
-    assert runtime.run_entry(_stage, cfg, "sft") == 1  # the exit code is unchanged
+    assert entry.run_entry(_stage, cfg, "sft") == 1  # the exit code is unchanged
     log = tmp_path / "sft" / "errors" / "rank-0.log"
     text = log.read_text()
     assert "Traceback (most recent call last)" in text
@@ -32,7 +33,7 @@ def test_run_entry_keeps_the_traceback_in_the_ranks_error_log(tmp_path, capsys, 
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and str(log) in err
 
     # a second failure (a requeued job) is appended, not written over
-    assert runtime.run_entry(_stage, cfg, "sft") == 1
+    assert entry.run_entry(_stage, cfg, "sft") == 1
     assert log.read_text().count("Traceback (most recent call last)") == 2
 
 

@@ -1,4 +1,4 @@
-"""Bootstrap intervals, win rates and length controls of ``stackllama_ds.evalstats`` against hand-computed values.
+"""Bootstrap intervals, win rates and length controls of ``stackllama_ds.evaluation.stats`` against hand-computed values.
 
     python -m pytest tests/test_evalstats.py -q
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stackllama_ds.evalstats import (
+from stackllama_ds.evaluation.stats import (
     adversarial_accuracy_ci,
     adversarial_mask,
     bootstrap_mean_ci,

@@ -73,7 +73,7 @@ def test_prepared_data_tiny_model_and_export_follow_umask(tmp_path, umask_022, m
     from stackllama_ds.config import LoraConfig, ModelConfig, TinyModelConfig
     from stackllama_ds.data.prepare import prepare
     from stackllama_ds.models import tiny
-    from stackllama_ds.models.export import export_hf, value_head_path
+    from stackllama_ds.models.hf_folder import export_hf, value_head_path
     from stackllama_ds.models.load import load_causal_lm
 
     pairs = tmp_path / "pairs.jsonl"

@@ -28,16 +28,20 @@ def test_only_engines_import_deepspeed_or_torch_distributed():
         if mod.startswith("engines/") or mod == "launcher/spawn.py":
             continue
         bad = {n for n in names if n.split(".")[0] == "deepspeed" or n.startswith("torch.distributed")}
-        # The universal-checkpoint converter is a file-format tool, run lazily inside checkpoint.py.
-        if mod == "checkpoint.py":
+        # The universal-checkpoint converter is a file-format tool, run lazily inside run/checkpoint.py.
+        if mod == "run/checkpoint.py":
             bad -= {"deepspeed.checkpoint.ds_to_universal"}
         assert not bad, f"{mod} imports {bad}: go through stackllama_ds.engines"
+
+
+# A stage's own parts live beside it; no stage imports another stage.
+STAGE_PARTS = {"stages/ppo.py": {"stackllama_ds.stages.ppo_steps"}}
 
 
 def test_stages_never_import_each_other():
     for mod, names in _modules().items():
         if mod.startswith("stages/"):
-            assert not {n for n in names if n.startswith("stackllama_ds.stages")}, mod
+            assert not {n for n in names if n.startswith("stackllama_ds.stages")} - STAGE_PARTS.get(mod, set()), mod
 
 
 def test_rl_needs_only_torch_and_config_only_pydantic_yaml():
@@ -58,6 +62,6 @@ def test_rl_needs_only_torch_and_config_only_pydantic_yaml():
 
 def test_lower_layers_do_not_import_stages():
     for mod, names in _modules().items():
-        if mod.split("/")[0] in ("rl", "data", "models", "engines", "checkpoint.py", "metrics.py", "config.py",
+        if mod.split("/")[0] in ("rl", "data", "models", "engines", "run", "evaluation", "config.py",
                                  "config_loader.py"):
             assert not {n for n in names if n.startswith("stackllama_ds.stages")}, mod

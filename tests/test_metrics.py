@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stackllama_ds.config import LoggingConfig
-from stackllama_ds.metrics import MetricsLogger, read_metrics
+from stackllama_ds.run.metrics import MetricsLogger, read_metrics
 
 
 class _Recorder:

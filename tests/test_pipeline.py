@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stackllama_ds.checkpoint import latest_checkpoint
-from stackllama_ds.metrics import read_metrics
+from stackllama_ds.run.checkpoint import latest_checkpoint
+from stackllama_ds.run.metrics import read_metrics
 from tests.conftest import (
     BEER,
     REPO,

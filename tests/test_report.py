@@ -1,4 +1,4 @@
-"""``stackllama_ds.report``: plots redrawn from synthetic metrics.jsonl files, and report.md tables.
+"""``stackllama_ds.evaluation.report``: plots redrawn from synthetic metrics.jsonl files, and report.md tables.
 
     python -m pytest tests/test_report.py -q
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stackllama_ds.report import redraw, render_markdown
+from stackllama_ds.evaluation.report import redraw, render_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +52,7 @@ def test_redraw_writes_valid_pngs(tmp_path):
 
 
 def test_moving_average_by_hand():
-    from stackllama_ds.report import moving_average
+    from stackllama_ds.evaluation.report import moving_average
 
     # window 3: [1], [1, 2], [1, 2, 3], [2, 3, 7], [3, 7, 5]
     assert moving_average([1.0, 2.0, 3.0, 7.0, 5.0], 3) == [1.0, 1.5, 2.0, 4.0, 5.0]

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stackllama_ds import testhooks
 from stackllama_ds.engines import dist
+from stackllama_ds.run import testhooks
 
 PKG = Path(testhooks.__file__).resolve().parent
 ENV = (testhooks.FAULT, testhooks.STEP_SLEEP, testhooks.PHASE_SLEEP, testhooks.BATCH_SLEEP)

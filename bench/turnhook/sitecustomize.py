@@ -2,7 +2,7 @@
 
 bench/lora_bench.py puts this folder first on PYTHONPATH and sets ``BENCH_TURNS`` for our run only;
 Python imports ``sitecustomize`` at start-up in the CLI process and in every rank it spawns. When
-``stackllama_ds.lifecycle`` is imported, ``StageRun.beat`` waits for this side's slot when the stage
+``stackllama_ds.run.stage`` is imported, ``StageRun.beat`` waits for this side's slot when the stage
 enters the phase that opens a step (``BENCH_TURN_PHASE``: "training" for SFT and RM, "actor
 generation" for PPO) and ``StageRun.end_step`` passes the slot on (kept at the final step, whose
 checkpoint and export are not timed). Without ``BENCH_TURNS`` nothing happens.
@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-_TARGET = "stackllama_ds.lifecycle"
+_TARGET = "stackllama_ds.run.stage"
 
 
 def _patch(mod) -> None:

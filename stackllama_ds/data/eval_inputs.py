@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from stackllama_ds.config import RunConfig
+import os
+
 from stackllama_ds.data.fit import FitPairs, fit_pairs
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.data.template import format_prompt, format_qa
-from stackllama_ds.runtime import data_dir
 
 LM_SPLITS = ("rl_eval", "rm_eval")  # held-out questions: no stage trains on them
 
 
-def load_lm_texts(cfg: RunConfig, tok) -> tuple[list[tuple[list[int], list[int]]], dict]:
-    """Held-out (ids, answer-token mask) texts for the LM loss, and counts (see EVAL_JSON_KEYS `lm`).
+def load_lm_texts(data_dir: str | os.PathLike[str], tok, max_length: int,
+                  n: int | None) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """The first ``n`` held-out (ids, answer-token mask) texts of at most ``max_length`` tokens
+    (``sft.seq_length``, ``eval.n_lm_texts``) for the LM loss, and counts (see EVAL_JSON_KEYS `lm`).
 
     A token is an answer token when its text ends after the prompt ``Question: q\\n\\nAnswer: `` (so
     " Beer", which carries the prompt's last space, is one); the EOS that follows the text is one too.
     """
-    data, L, n = load_prepared(data_dir(cfg)), cfg.sft.seq_length, cfg.eval.n_lm_texts
+    data, L = load_prepared(data_dir), max_length
     seen, texts, too_long = set(), [], 0
     for name in LM_SPLITS:
         for row in data[name].select_columns(["site", "qid", "question", "response_j"]):
@@ -42,15 +44,16 @@ def load_lm_texts(cfg: RunConfig, tok) -> tuple[list[tuple[list[int], list[int]]
     return texts, counts
 
 
-def load_rm_pairs(cfg: RunConfig, tok) -> FitPairs:
-    """The held-out preference pairs: the first ``eval.n_rm_pairs`` of rm_eval (all when None) that
-    survive ``data.fit`` at ``rm.max_length`` / ``rm.overlength``. The RM stage's held-out figures
+def load_rm_pairs(data_dir: str | os.PathLike[str], tok, max_length: int, overlength: str,
+                  n: int | None) -> FitPairs:
+    """The held-out preference pairs: the first ``n`` (``eval.n_rm_pairs``) of rm_eval (all when None)
+    that survive ``data.fit`` at ``max_length`` / ``overlength`` (``rm.max_length`` / ``rm.overlength``). The RM stage's held-out figures
     and `eval`'s are taken on exactly these pairs. Lengths are answer tokens as scored (after any cut).
     ``counts``: the split, sizes, and ``truncation`` (whole / question_cut / answer_cut / dropped)."""
-    split, rc, n = load_prepared(data_dir(cfg))["rm_eval"], cfg.rm, cfg.eval.n_rm_pairs
+    split = load_prepared(data_dir)["rm_eval"]
     fp = fit_pairs(split.select_columns(["site", "qid", "question", "response_j", "response_k"]), tok,
-                   rc.max_length, rc.overlength, limit=n)
-    counts = {"split": "rm_eval", "n_requested": n, "n_available": len(split), "max_length": rc.max_length,
-              "overlength": rc.overlength, "n_pairs": len(fp.pairs), "length_unit": "answer tokens as scored",
+                   max_length, overlength, limit=n)
+    counts = {"split": "rm_eval", "n_requested": n, "n_available": len(split), "max_length": max_length,
+              "overlength": overlength, "n_pairs": len(fp.pairs), "length_unit": "answer tokens as scored",
               "truncation": fp.counts}
     return FitPairs(fp.pairs, counts)

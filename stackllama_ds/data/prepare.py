@@ -35,8 +35,8 @@ from typing import Any
 
 from stackllama_ds.config import DataConfig
 from stackllama_ds.data.markdown import converter_name
-from stackllama_ds.data.paired import iter_paired
-from stackllama_ds.data.pairs import SPLITS, answer_score, make_pairs, pair_key, split_of
+from stackllama_ds.data.pair_rules import SPLITS, answer_score, make_pairs, pair_key, split_of
+from stackllama_ds.data.paired_reader import iter_paired
 from stackllama_ds.data.posts import SKIP_REASONS, DataError, iter_parsed, iter_upvotes
 from stackllama_ds.data.sources import SiteSource, resolve_sources
 from stackllama_ds.data.store import PostStore

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import array
 import functools
+import os
 import random
 from typing import NamedTuple
 
-from stackllama_ds.config import RunConfig
 from stackllama_ds.data.fit import fit_prompts
 from stackllama_ds.data.prepare import load_prepared
-from stackllama_ds.runtime import TrainingError, data_dir
 
 
 class Prompts(NamedTuple):
@@ -19,22 +18,23 @@ class Prompts(NamedTuple):
     counts: dict  # n_requested (None: all), n_available, n_too_long, n_question_cut, n_prompts
 
 
-def load_prompts(cfg: RunConfig, tok, split: str, limit: int | None = None) -> Prompts:
+def load_prompts(data_dir: str | os.PathLike[str], tok, split: str, max_length: int,
+                 limit: int | None = None) -> Prompts:
     """The distinct questions of ``split`` (first row of each (site, qid), in split order) as prompts of
-    at most ``ppo.max_prompt_length`` tokens, the first ``limit`` of them. A longer question is cut to
+    at most ``max_length`` tokens (``ppo.max_prompt_length``), the first ``limit`` of them. A longer question is cut to
     fit, its start kept (``data.fit``); ``questions`` are the texts as prompted. Counts: n_question_cut,
     and n_too_long for a prompt that cannot fit even then (left out)."""
-    rows = load_prepared(data_dir(cfg))[split].select_columns(["site", "qid", "question"])
+    rows = load_prepared(data_dir)[split].select_columns(["site", "qid", "question"])
     seen, questions = set(), []
     for row in rows:
         if (row["site"], row["qid"]) not in seen:
             seen.add((row["site"], row["qid"]))
             questions.append(row["question"])
-    L = cfg.ppo.max_prompt_length
+    L = max_length
     ids, used, fc = fit_prompts(tok, questions, L)
     keep = len(ids) if limit is None else min(limit, len(ids))
     if not keep:
-        raise TrainingError(f"no {split} prompt fits ppo.max_prompt_length={L} tokens ({len(questions)} prompts, "
+        raise ValueError(f"no {split} prompt fits ppo.max_prompt_length={L} tokens ({len(questions)} prompts, "
                             f"none fits even with its question cut)")
     counts = {"n_requested": limit, "n_available": len(questions), "n_too_long": fc["dropped"],
               "n_question_cut": fc["question_cut"], "n_prompts": keep}

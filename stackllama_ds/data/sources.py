@@ -5,7 +5,7 @@
 Each input is one of
 - a ``Posts.xml`` file (any name): one site, named by its folder. Its up-votes come only from an
   explicit ``votes`` file (one input only); a Votes.xml beside it is not picked up, as before;
-- a paired file (``.jsonl``/``.json``/``.parquet``, see paired.py): then it must be the only input;
+- a paired file (``.jsonl``/``.json``/``.parquet``, see paired_reader.py): then it must be the only input;
 - a folder: the site it holds when it has a ``Posts.xml`` (named by the folder); otherwise every
   ``<site>/Posts.xml`` and every ``<site>.7z`` in it, sorted by site;
 - a ``<site>.7z`` dump archive with ``Posts.xml`` (and ``Votes.xml``) at its top level, read as a
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackllama_ds.data.paired import is_paired
+from stackllama_ds.data.paired_reader import is_paired
 from stackllama_ds.data.posts import DataError, DumpFile, site_of
 
 POSTS, VOTES = "Posts.xml", "Votes.xml"

@@ -16,7 +16,7 @@ whole data folder, old caches with it) or a new template never reads a stale cac
 is not in it: packing cuts chunks from these per-text tokens on the fly, so one cache serves every
 seq_length, packed and padded mode alike.
 
-One process builds (the stage: rank 0 inside ``runtime.on_main_rank``) into a temporary folder that
+One process builds (the stage: rank 0 inside ``rank0.on_main_rank``) into a temporary folder that
 is renamed into place, so a reader never sees a partial cache; every rank then memory-maps it and
 touches only the pages of its own chunks (file-backed: shared through the page cache, reclaimable).
 Nothing here goes through datasets (its import and its mapping of every split's Arrow files

@@ -8,8 +8,7 @@ import os
 import torch
 import torch.distributed as tdist
 
-from stackllama_ds.hardware import cuda_device_index, has_cuda
-from stackllama_ds.proc import free_port
+from stackllama_ds.hardware import cuda_device_index, free_port, has_cuda
 
 _TIMEOUT_S = 600.0  # the process group's collective timeout, as given to init()
 
@@ -107,7 +106,7 @@ def place(x):
 
 def barrier() -> None:
     """Bounded by the collective timeout: for waits of seconds. Rank 0's long single-rank work
-    (export) is waited for with ``runtime.on_main_rank``, which is not."""
+    (export) is waited for with ``rank0.on_main_rank``, which is not."""
     if tdist.is_initialized() and world_size() > 1:
         tdist.barrier()
 

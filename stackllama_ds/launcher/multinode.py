@@ -39,7 +39,7 @@ from pathlib import Path
 
 from stackllama_ds.launcher import slurm, spawn
 from stackllama_ds.launcher.slurm import Outcome
-from stackllama_ds.proc import EXIT_RESUME
+from stackllama_ds.run.signals import EXIT_RESUME
 
 STATUS_ENV = "STACKLLAMA_STATUS_DIR"
 
@@ -156,7 +156,7 @@ def cmd_rank(stage: str, config: str, sets: Sequence[str]) -> int:
         traceback.print_exc()
         code = 1
     if d:
-        from stackllama_ds.checkpoint import StopSignal
+        from stackllama_ds.run.signals import StopSignal
 
         got = StopSignal.received
         write_status(Path(d), rank, code, host, signal.Signals(got).name if got else "-")

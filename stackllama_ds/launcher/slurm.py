@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from stackllama_ds.proc import EXIT_RESUME
+from stackllama_ds.run.signals import EXIT_RESUME
 
 DEFAULT_GPUS_PER_NODE = 8  # the StackLLaMA layout: 3 nodes x 8 A100
 LAUNCHERS = ("torchrun", "srun", "deepspeed")

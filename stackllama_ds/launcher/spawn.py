@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-from stackllama_ds.hardware import has_cuda
-from stackllama_ds.proc import EXIT_RESUME, free_port
+from stackllama_ds.hardware import free_port, has_cuda
+from stackllama_ds.run.signals import EXIT_RESUME
 
 # glibc returns every freed block over 128 KiB to the kernel, so each step's activations, gradients
 # and fp32 copies are page-faulted and zeroed afresh. Keeping them in the heap: +19-26% SFT tokens/s

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m stackllama_ds.cli eval configs/tiny.yaml
 
 Models: ``<root>/sft/model`` and ``<root>/ppo/model``, whichever exist (at least one), and the
-pretrained base (``runtime.base_model_path``) whenever its folder exists. Three questions:
+pretrained base (``RunLayout.base_model``) whenever its folder exists. Three questions:
   1. Did SFT learn? Loss (nats/token) and perplexity of every model on the same tokens: the answer
      tokens of held-out (question, preferred answer) texts (``rl_eval`` then ``rm_eval``, one text
      per question, ``eval.n_lm_texts`` of them, cut to ``sft.seq_length`` tokens).
@@ -25,8 +25,8 @@ records with ``dist.all_gather_object``; rank 0 sorts them and bootstraps with
 ``ppo.actor.dtype`` / ``ppo.reward.dtype`` on GPU, loaded one at a time.
 
 Outputs in ``<root>/eval/``: ``report.md`` (tables, the plots, four prompts answered side by side),
-the training-curve PNGs of ``stackllama_ds.report``, ``eval.json``, whose keys are in full in
-``eval_summary.EVAL_JSON_KEYS`` (and in README.md), and the records every figure is computed from:
+the training-curve PNGs of ``stackllama_ds.evaluation.report``, ``eval.json``, whose keys are in full in
+``evaluation.summary.EVAL_JSON_KEYS`` (and in README.md), and the records every figure is computed from:
 ``rm_pairs.jsonl`` (per-pair scores, lengths as scored, question), ``lm_texts.jsonl`` (per-text
 NLL) and ``responses.jsonl`` (prompt and response token ids). Intervals resample prompts, texts
 and, for the preference pairs, questions (several pairs share one question).
@@ -40,13 +40,14 @@ from pathlib import Path
 
 import torch
 
-from stackllama_ds import rl, runtime
+from stackllama_ds import rl
 from stackllama_ds.config import RunConfig
 from stackllama_ds.data.eval_inputs import load_lm_texts, load_rm_pairs
 from stackllama_ds.data.prompts import load_prompts
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.generate import sample
-from stackllama_ds.eval_summary import (
+from stackllama_ds.evaluation.report import redraw, render_markdown
+from stackllama_ds.evaluation.summary import (
     KL_PAIRS,
     LENGTH_MATCH_TOL,
     MODEL_ORDER,
@@ -56,12 +57,14 @@ from stackllama_ds.eval_summary import (
     win_rates,
 )
 from stackllama_ds.fsutil import write_atomic
-from stackllama_ds.heartbeat import Heartbeat, each, phase
 from stackllama_ds.models.forward import fp32_compute, response_logprobs
 from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
 from stackllama_ds.models.scoring import pair_head_scores, reward_scores
-from stackllama_ds.report import redraw, render_markdown
+from stackllama_ds.run import entry
+from stackllama_ds.run.heartbeat import Heartbeat, each, phase
+from stackllama_ds.run.layout import RunLayout, mark_done
+from stackllama_ds.run.rank0 import on_main_rank
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -70,9 +73,9 @@ def candidate_models(cfg: RunConfig) -> dict[str, Path]:
     found = {n: cfg.stage_dir(n) / "model" for n in ("sft", "ppo")}
     found = {n: p for n, p in found.items() if (p / "config.json").exists()}
     if not found:
-        raise FileNotFoundError(f"no model to evaluate: neither {runtime.sft_model_path(cfg)} nor "
+        raise FileNotFoundError(f"no model to evaluate: neither {RunLayout(cfg).sft_model} nor "
                                 f"{cfg.stage_dir('ppo') / 'model'} exists (run sft first)")
-    base = runtime.base_model_path(cfg)
+    base = RunLayout(cfg).base_model()
     if (base / "config.json").exists():
         found["base"] = base
     return {n: found[n] for n in MODEL_ORDER if n in found}
@@ -122,19 +125,21 @@ def _batches(n: int, size: int, rank: int, world: int) -> list[tuple[int, list[i
 def run(cfg: RunConfig) -> None:
     e = cfg.eval
     out_dir = cfg.stage_dir("eval")
-    runtime.setup(cfg, "eval")
+    entry.setup(cfg, "eval")
     rank, world = dist.rank(), dist.world_size()
     Heartbeat(out_dir, rank, world, cfg.launch.hang_timeout_s)  # the loops below beat per batch
     on_gpu = dist.device().type == "cuda"
     models = candidate_models(cfg)
-    rm_path = runtime.rm_model_path(cfg)
+    rm_path = RunLayout(cfg).rm_model
     if not (rm_path / "config.json").exists():
         raise FileNotFoundError(f"reward model not found: {rm_path} (run rm first)")
     with phase("eval inputs", 0):  # tokenizer load, every rl_eval question tokenized: library calls
         tok = load_tokenizer(models.get("sft", next(iter(models.values()))))
-        questions, prompt_ids, counts = load_prompts(cfg, tok, "rl_eval", limit=e.n_prompts)
-        texts, lm_counts = load_lm_texts(cfg, tok)
-        pairs, rm_counts = load_rm_pairs(cfg, tok)
+        data = RunLayout(cfg).data
+        questions, prompt_ids, counts = load_prompts(data, tok, "rl_eval", cfg.ppo.max_prompt_length,
+                                                     limit=e.n_prompts)
+        texts, lm_counts = load_lm_texts(data, tok, cfg.sft.seq_length, e.n_lm_texts)
+        pairs, rm_counts = load_rm_pairs(data, tok, cfg.rm.max_length, cfg.rm.overlength, e.n_rm_pairs)
     N, eos, pad_id = len(questions), tok.eos_token_id, tok.pad_token_id
     mine = _batches(N, e.batch_size, rank, world)
     mine_lm = _batches(len(texts), e.batch_size, rank, world)
@@ -225,9 +230,10 @@ def run(cfg: RunConfig) -> None:
                                          for k in range(4))
     inputs = {"split": "rl_eval", **counts, "lm": lm_counts, "rm": {**rm_counts, "dtype": rm_dtype}}
     # Bootstrap intervals and plots: minutes on a large eval, so not in a barrier bounded by the collective timeout.
-    runtime.on_main_rank("eval report", lambda: write_report(cfg, models, rm_path, inputs, records, lm_all, rm_all,
+    on_main_rank("eval report", lambda: write_report(cfg, models, rm_path, inputs, records, lm_all, rm_all,
                                                                    resp_all))
-    runtime.mark_done(out_dir, f"{N} prompts, models {','.join(models)}")
+    if dist.is_main():
+        mark_done(out_dir, f"{N} prompts, models {','.join(models)}")
 
 
 def write_report(cfg: RunConfig, models: dict[str, Path], rm_path: Path, inputs: dict, records: list[dict],

@@ -17,17 +17,21 @@ import time
 
 import torch
 
-from stackllama_ds import rl, runtime, testhooks
+from stackllama_ds import rl
 from stackllama_ds.config import RunConfig
 from stackllama_ds.data.prompts import load_prompts, prompt_batch
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.generate import sample
-from stackllama_ds.lifecycle import StageRun, checkpoint_meta
 from stackllama_ds.models.forward import critic_values, policy_forward
 from stackllama_ds.models.load import load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
 from stackllama_ds.models.scoring import reward_scores
-from stackllama_ds.ppo_steps import (
+from stackllama_ds.run import testhooks
+from stackllama_ds.run.entry import check_finite
+from stackllama_ds.run.errors import TrainingError
+from stackllama_ds.run.layout import RunLayout
+from stackllama_ds.run.stage import StageRun, checkpoint_meta
+from stackllama_ds.stages.ppo_steps import (
     TOKEN_STATS,
     LoopState,
     build_engines,
@@ -49,13 +53,13 @@ def train(cfg: RunConfig) -> None:
     ppo = cfg.ppo
     run = StageRun(cfg, "ppo")
     rank, world = run.rank, run.world
-    tok = load_tokenizer(runtime.sft_model_path(cfg))
-    prompts = load_prompts(cfg, tok, "rl_train")
+    tok = load_tokenizer(RunLayout(cfg).sft_model)
+    prompts = load_prompts(RunLayout(cfg).data, tok, "rl_train", ppo.max_prompt_length)
     updates_per_step = ppo.ppo_epochs * ppo.batch_size // (ppo.mini_batch_size * ppo.gradient_accumulation_steps)
     engines = build_engines(cfg, tok, ppo.steps * updates_per_step)
     actor, critic = engines.actor, engines.critic
     loop = LoopState(ppo)
-    meta = checkpoint_meta("actor", runtime.sft_model_path(cfg), cfg, ppo.lora, ppo.actor.dtype)
+    meta = checkpoint_meta("actor", RunLayout(cfg).sft_model, cfg, ppo.lora, ppo.actor.dtype)
     state = run.resume(engines.trained(), meta, extra=loop)
     log = run.logger(ppo.steps, bar_keys=("reward_mean", "kl", "kl_coef"), log_every=ppo.log_every)
     run.text(f"ppo: {len(prompts.questions)} prompts ({prompts.counts['n_question_cut']} with the question cut "
@@ -94,7 +98,7 @@ def train(cfg: RunConfig) -> None:
             raw = reward_scores(engines.reward, tok, questions, texts, q_ids.device)
         raw = testhooks.fault_value("reward", state.step + 1, raw)
         if dist.any_rank(not bool(torch.isfinite(raw).all())):
-            raise runtime.TrainingError(f"non-finite reward at step {state.step + 1}; the last good checkpoint is kept")
+            raise TrainingError(f"non-finite reward at step {state.step + 1}; the last good checkpoint is kept")
         scores = process_scores(raw, ppo, loop.moments, degenerate)
         t_score = time.time() - t0
 
@@ -133,7 +137,7 @@ def train(cfg: RunConfig) -> None:
                 vf, value_stats = rl.value_loss(values, mb.values, mb.returns, mb_tokens, ppo.cliprange_value)
                 # NaN/inf on any rank stops every rank before the update; the last checkpoint stays good.
                 if dist.any_rank(not (torch.isfinite(pg) and torch.isfinite(vf))):
-                    raise runtime.TrainingError(f"non-finite loss at step {state.step + 1} (policy {pg.item()}, "
+                    raise TrainingError(f"non-finite loss at step {state.step + 1} (policy {pg.item()}, "
                                                 f"value {vf.item()} on rank {rank}); the last good checkpoint is kept")
                 # A minibatch whose mean ratio explodes is skipped: zero loss keeps the collectives in step.
                 skip = float(policy_stats["ratio_mean"]) > ppo.ratio_threshold
@@ -178,7 +182,7 @@ def train(cfg: RunConfig) -> None:
 
         # step 7. log (samples come from the rollout every rank computed: no rank-0-only forward)
         reward_mean = tot["score"] / n_seq
-        runtime.check_finite(state.step, reward_mean=reward_mean, kl=kl_mean)
+        check_finite(state.step, reward_mean=reward_mean, kl=kl_mean)
         step_time = t_generate + t_score + t_logprobs + t_train
         row = {
             "step": state.step, "reward_mean": reward_mean,
@@ -199,7 +203,7 @@ def train(cfg: RunConfig) -> None:
             for q, t, s in list(zip(questions, texts, scores.tolist()))[: ppo.log_samples]:
                 run.text(f"[sample step {state.step}] reward {s:+.3f}\n  Q: {q[:200]!r}\n  A: {t[:300]!r}")
         if loop.neg_kl_streak >= ppo.negative_kl_patience:
-            raise runtime.TrainingError(
+            raise TrainingError(
                 f"mean KL below {ppo.negative_kl_bound} for {loop.neg_kl_streak} steps (step {state.step}, "
                 f"kl={kl_mean:.3f}); usual causes: {NEG_KL_CAUSES}"
             )

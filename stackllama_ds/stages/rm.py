@@ -22,19 +22,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from stackllama_ds import rl, runtime, testhooks
-from stackllama_ds.config import RMConfig, RunConfig, resolve_grad_accum, resolve_path
+from stackllama_ds import rl
+from stackllama_ds.config import RMConfig, RunConfig, resolve_grad_accum
 from stackllama_ds.data.eval_inputs import load_rm_pairs
 from stackllama_ds.data.fit import FitPair, fit_pairs, fit_summary
 from stackllama_ds.data.packed_pairs import PackedRow, pack_pairs
-from stackllama_ds.data.pairs_batch import eval_pair_batches, pair_batches
+from stackllama_ds.data.pair_batches import eval_pair_batches, pair_batches
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
-from stackllama_ds.eval_summary import head_figures, summarize_rm
+from stackllama_ds.evaluation.summary import head_figures, summarize_rm
 from stackllama_ds.fsutil import write_atomic
-from stackllama_ds.heartbeat import each
-from stackllama_ds.lifecycle import StageRun, checkpoint_meta
 from stackllama_ds.models.forward import is_partitioned
 from stackllama_ds.models.load import (
     load_reward_model,
@@ -45,6 +43,12 @@ from stackllama_ds.models.load import (
 )
 from stackllama_ds.models.packed import packed_head_scores
 from stackllama_ds.models.scoring import right_padded_scores
+from stackllama_ds.run import testhooks
+from stackllama_ds.run.entry import check_finite
+from stackllama_ds.run.errors import TrainingError
+from stackllama_ds.run.heartbeat import each
+from stackllama_ds.run.layout import RunLayout
+from stackllama_ds.run.stage import StageRun, checkpoint_meta
 
 ACCURACY = "accuracy.json"
 EVAL_PAIRS = "eval_pairs.jsonl"  # the final held-out evaluation, pair by pair (eval writes rm_pairs.jsonl alike)
@@ -131,7 +135,7 @@ def rm_loss(engine, batch: Batch, rc: RMConfig) -> tuple[torch.Tensor, PairStats
 
 
 def flat_head_figures(rows: list[tuple[list[float], list[float], float, float]]) -> dict[str, float | int | None]:
-    """``eval_summary.head_figures`` of (chosen heads, rejected heads, chosen length, rejected length)
+    """``summary.head_figures`` of (chosen heads, rejected heads, chosen length, rejected length)
     rows as flat keys: ``<head>_accuracy``, ``<head>_adversarial_accuracy``, ``<head>_length_spearman``
     for quality (and length, sum with a length head), and ``n_adversarial`` once."""
     figs = head_figures(*([r[c] for r in rows] for c in range(4)))
@@ -180,12 +184,11 @@ def evaluate(engine, batches, margin: float, pairs: list[FitPair] | None = None)
 def init_path(cfg: RunConfig) -> Path:
     """``rm.init_from``, else the SFT stage's exported model; fail naming both when neither exists."""
     if cfg.rm.init_from is not None:
-        base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
-        p = resolve_path(cfg.rm.init_from, base)
+        p = RunLayout(cfg).resolve(cfg.rm.init_from)
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"rm.init_from is not a Hugging Face model folder (no config.json): {p}")
         return p
-    p = runtime.sft_model_path(cfg)
+    p = RunLayout(cfg).sft_model
     if not (p / "config.json").exists():
         raise FileNotFoundError(
             f"rm: no model to start from: rm.init_from is unset and the SFT model {p} does not exist "
@@ -205,7 +208,7 @@ def write_json(path: Path, obj: dict) -> None:
 def judge_config(cfg: RunConfig) -> RunConfig:
     """The judge's run config: rm's settings from the base model, no length head (``config.JudgeConfig``)."""
     rc, j = cfg.rm, cfg.judge
-    rm = rc.model_copy(update={"init_from": str(runtime.base_model_path(cfg)), "length_head": False,
+    rm = rc.model_copy(update={"init_from": str(RunLayout(cfg).base_model()), "length_head": False,
                                "epochs": j.epochs or rc.epochs, "max_steps": j.max_steps or rc.max_steps})
     return cfg.model_copy(update={"rm": rm})
 
@@ -222,11 +225,11 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
     tok = load_tokenizer(init, padding_side="right")
 
     # Data: pairs of `split` to train on, the held-out pairs eval scores too; questions cut to fit.
-    data = load_prepared(runtime.data_dir(cfg))
+    data = load_prepared(RunLayout(cfg).data)
     tr = fit_pairs(data[split], tok, rc.max_length, rc.overlength)
-    ev = load_rm_pairs(cfg, tok)  # eval.n_rm_pairs of rm_eval: the pairs `eval` scores too
+    ev = load_rm_pairs(RunLayout(cfg).data, tok, cfg.rm.max_length, cfg.rm.overlength, cfg.eval.n_rm_pairs)  # eval.n_rm_pairs of rm_eval: the pairs `eval` scores too
     if not tr.pairs:
-        raise runtime.TrainingError(
+        raise TrainingError(
             f"{stage}: no training pairs ({tr.counts['total']} in {split}, {tr.counts['dropped']} dropped at "
             f"max_length {rc.max_length}, overlength={rc.overlength})"
         )
@@ -277,7 +280,7 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
         # step 2. statistics over all ranks (every micro batch holds mb pairs: plain means are exact)
         tot = dist.reduce_sums(sums)
         loss_v = tot["loss"] / (gas * run.world)
-        runtime.check_finite(state.step, loss=loss_v)
+        check_finite(state.step, loss=loss_v)
         gn = engine.get_global_grad_norm()
         row = {"step": state.step, "loss": loss_v, "accuracy": tot["correct"] / per_step, "lr": lr,
                "grad_norm": float(gn) if gn is not None else None, "pairs": state.samples,

@@ -14,16 +14,19 @@ import time
 
 import torch
 
-from stackllama_ds import runtime, testhooks
 from stackllama_ds.config import RunConfig, resolve_grad_accum
 from stackllama_ds.data.packing import eval_batches, packed_batches, padded_batches
 from stackllama_ds.data.prepare import check_prepared
 from stackllama_ds.data.tokens import sft_tokens
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
-from stackllama_ds.heartbeat import each
-from stackllama_ds.lifecycle import StageRun, checkpoint_meta
 from stackllama_ds.models.load import load_causal_lm, load_tokenizer, trainable_dtype, zero3_init
+from stackllama_ds.run import testhooks
+from stackllama_ds.run.entry import check_finite
+from stackllama_ds.run.heartbeat import each
+from stackllama_ds.run.layout import RunLayout
+from stackllama_ds.run.rank0 import on_main_rank
+from stackllama_ds.run.stage import StageRun, checkpoint_meta
 
 
 @torch.no_grad()
@@ -45,11 +48,11 @@ def evaluate(engine, batches: list[dict[str, torch.Tensor]]) -> tuple[float, flo
 def train(cfg: RunConfig) -> None:
     sc = cfg.sft
     run = StageRun(cfg, "sft")
-    base = runtime.base_model_path(cfg)
+    base = RunLayout(cfg).base_model()
     tok = load_tokenizer(base)
 
     # Data: SFT texts are the distinct (question, response_j) of the sft split; eval on rm_eval's.
-    data = check_prepared(runtime.data_dir(cfg))  # fail here, before the model loads
+    data = check_prepared(RunLayout(cfg).data)  # fail here, before the model loads
     gas = resolve_grad_accum(sc.engine, sc.global_batch_size, run.world)
     mb = sc.engine.micro_batch_size
     per_step = mb * gas * run.world  # sequences per optimizer step, all ranks
@@ -62,7 +65,7 @@ def train(cfg: RunConfig) -> None:
     # Tokenized once per (split, tokenizer) by rank 0 into <data>/tokens/ while the others wait (beating),
     # then memory-mapped by every rank: a start or resume re-tokenizes nothing.
     splits = ("sft", "rm_eval")
-    runtime.on_main_rank("tokenize", lambda: [sft_tokens(data, s, tok, log=run.text) for s in splits])
+    on_main_rank("tokenize", lambda: [sft_tokens(data, s, tok, log=run.text) for s in splits])
     texts, held_out = (sft_tokens(data, s, tok, build=False) for s in splits)
     run.text(f"sft: {len(texts)} texts, world {run.world}, micro {mb} x accum {gas}, seq {sc.seq_length}")
     make = packed_batches if sc.packing else padded_batches
@@ -92,7 +95,7 @@ def train(cfg: RunConfig) -> None:
         tot = dist.reduce_sums(sums)
         loss = tot["loss"] / (gas * run.world)
         state.tokens += int(tot["tokens"])
-        runtime.check_finite(state.step, loss=loss)
+        check_finite(state.step, loss=loss)
         gn = engine.get_global_grad_norm()
         row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": float(gn) if gn is not None else None,
                "tokens": state.tokens, "tokens_per_s": tot["tokens"] / (time.time() - t0),
@@ -110,4 +113,4 @@ def train(cfg: RunConfig) -> None:
 
     # step 5. export the final checkpoint as a HF folder (full weights; LoRA merged, adapter kept)
     del model, engine  # the export reads the checkpoint: free the engine's memory for it
-    run.finish(runtime.sft_model_path(cfg))
+    run.finish(RunLayout(cfg).sft_model)

@@ -7,7 +7,7 @@ import json
 import pytest
 from _se_dumps import DUMPS, SHARED, need_shared
 
-from stackllama_ds.data.pairs import SPLITS
+from stackllama_ds.data.pair_rules import SPLITS
 from stackllama_ds.data.posts import DataError
 from stackllama_ds.data.prepare import load_prepared, prepare, sft_texts
 from stackllama_ds.data.template import format_qa

@@ -10,7 +10,7 @@ import pytest
 from _se_dumps import DUMPS, SHARED, by_qid, expected_threads, ordered_pairs, read_rows, upvotes_from
 
 from stackllama_ds.data.markdown import html_to_markdown
-from stackllama_ds.data.pairs import SPLITS
+from stackllama_ds.data.pair_rules import SPLITS
 from stackllama_ds.data.posts import parse_tags
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stackllama_ds.config import SplitsConfig
-from stackllama_ds.data.pairs import SPLITS, answer_score, make_pairs, split_of
+from stackllama_ds.data.pair_rules import SPLITS, answer_score, make_pairs, split_of
 from stackllama_ds.data.posts import parse_tags
 
 

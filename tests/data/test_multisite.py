@@ -19,7 +19,7 @@ from lxml import etree
 
 from stackllama_ds import cli
 from stackllama_ds.config import ConfigError, load_config
-from stackllama_ds.data.pairs import SPLITS
+from stackllama_ds.data.pair_rules import SPLITS
 from stackllama_ds.data.posts import DataError, DumpFile, iter_parsed
 from stackllama_ds.data.prepare import load_prepared, prepare
 

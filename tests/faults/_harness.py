@@ -67,9 +67,9 @@ def rows_of(stage_dir: Path) -> list[dict]:
 
 
 def resumes_of(stage_dir: Path) -> list[dict]:
-    """The stage's resume records (``runtime.RESUMES``), oldest first."""
-    from stackllama_ds.metrics import read_metrics
-    from stackllama_ds.runtime import RESUMES
+    """The stage's resume records (``layout.RESUMES``), oldest first."""
+    from stackllama_ds.run.layout import RESUMES
+    from stackllama_ds.run.metrics import read_metrics
 
     return read_metrics(stage_dir / RESUMES)
 

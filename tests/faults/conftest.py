@@ -147,7 +147,7 @@ def sft_chain(prepared_root, tmp_path_factory) -> Chain:
 
 
 def _verify(path: Path) -> str:
-    from stackllama_ds.checkpoint import CheckpointError, verify_checkpoint
+    from stackllama_ds.run.checkpoint import CheckpointError, verify_checkpoint
 
     try:
         verify_checkpoint(path)

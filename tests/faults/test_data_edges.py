@@ -16,7 +16,7 @@ import random
 import pytest
 
 from stackllama_ds.data.packing import eval_batches, packed_batches, padded_batches
-from stackllama_ds.data.pairs_batch import eval_pair_batches, pair_batches
+from stackllama_ds.data.pair_batches import eval_pair_batches, pair_batches
 from stackllama_ds.data.prompts import prompt_batch
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackllama_ds.checkpoint import (
+from stackllama_ds.run.checkpoint import (
     CheckpointError,
     TrainState,
     latest_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
-from stackllama_ds.heartbeat import pick_stuck
+from stackllama_ds.run.heartbeat import pick_stuck
 
 
 class Engine:

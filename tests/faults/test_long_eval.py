@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from stackllama_ds import heartbeat
-from stackllama_ds.proc import EXIT_HANG
+from stackllama_ds.run import heartbeat
+from stackllama_ds.run.signals import EXIT_HANG
 from tests.conftest import FAST_RM, FAST_SFT, REPO, cli_env, fresh_root, write_config
 from tests.faults import _harness as h
 
@@ -98,7 +98,7 @@ def test_batch_sleep_hook_slows_each_batch_of_the_named_phase_only(hb, monkeypat
 
 WATCHED = textwrap.dedent("""
     import sys, time
-    from stackllama_ds import heartbeat
+    from stackllama_ds.run import heartbeat
     stall_at = int(sys.argv[2])
     hb = heartbeat.Heartbeat(sys.argv[1], rank=0, world=1, hang_timeout_s={timeout}, poll_s=0.2)
     hb.beat("evaluation", 3)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from stackllama_ds import heartbeat
+from stackllama_ds.run import heartbeat
 from tests.conftest import fresh_root, write_config
 from tests.faults import _harness as h
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from stackllama_ds import runtime
-from stackllama_ds.checkpoint import StopSignal
 from stackllama_ds.config import RunConfig
-from stackllama_ds.proc import EXIT_RESUME
+from stackllama_ds.run import entry
+from stackllama_ds.run.signals import EXIT_RESUME, StopSignal
 from tests.conftest import fresh_root, write_config
 from tests.faults import _harness as h
 
@@ -33,14 +32,14 @@ def _fail(cfg: RunConfig) -> None:
 
 def test_failure_after_a_stop_signal_exits_75_else_1(monkeypatch):
     monkeypatch.setattr(StopSignal, "received", None)
-    assert runtime.run_entry(_fail, RunConfig()) == 1
+    assert entry.run_entry(_fail, RunConfig()) == 1
     monkeypatch.setattr(StopSignal, "received", int(signal.SIGTERM))
-    assert runtime.run_entry(_fail, RunConfig()) == EXIT_RESUME
+    assert entry.run_entry(_fail, RunConfig()) == EXIT_RESUME
 
 
 def test_signal_before_the_imports_reaches_stop_signal(monkeypatch):
     """A stop signal while the rank still imports torch is remembered, and StopSignal takes it over."""
-    from stackllama_ds import proc
+    from stackllama_ds.run import signals as proc
 
     saved = {s: signal.getsignal(s) for s in proc.STOP_SIGNALS}
     monkeypatch.setattr(StopSignal, "received", None)

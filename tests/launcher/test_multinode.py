@@ -18,9 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from stackllama_ds.hardware import free_port  # noqa: E402
 from stackllama_ds.launcher import slurm  # noqa: E402
 from stackllama_ds.launcher.multinode import read_statuses  # noqa: E402
-from stackllama_ds.proc import free_port  # noqa: E402
 from tests.conftest import cli_env, fresh_root, write_config  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 
 from stackllama_ds.launcher import slurm
 from stackllama_ds.launcher.slurm import SlurmEnvError, SlurmJob
-from stackllama_ds.proc import EXIT_RESUME
+from stackllama_ds.run.signals import EXIT_RESUME
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from stackllama_ds.data.packed_pairs import pack_groups, pack_pairs
-from stackllama_ds.data.pairs_batch import collate_pairs
+from stackllama_ds.data.pair_batches import collate_pairs
 from stackllama_ds.models.packed import packed_head_scores, supports_packed
 
 

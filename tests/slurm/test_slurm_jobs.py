@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from stackllama_ds.launcher.multinode import read_statuses, read_stop_signals  # noqa: E402
-from stackllama_ds.metrics import read_metrics  # noqa: E402
-from stackllama_ds.runtime import RESUMES  # noqa: E402
+from stackllama_ds.run.layout import RESUMES  # noqa: E402
+from stackllama_ds.run.metrics import read_metrics  # noqa: E402
 from tests.conftest import fresh_root, write_config  # noqa: E402
 
 SLURM_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "slurm"

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from stackllama_ds.checkpoint import TrainState, frozen_names, load_checkpoint, save_checkpoint
 from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig, OptimConfig
 from stackllama_ds.data.packing import packed_batches
 from stackllama_ds.data.prepare import load_prepared, sft_texts
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
 from stackllama_ds.models.load import ActorWithValueHead, load_causal_lm, load_tokenizer
+from stackllama_ds.run.checkpoint import TrainState, frozen_names, load_checkpoint, save_checkpoint
 
 # name -> (zero stage, quantization, lora, wrap in ActorWithValueHead, value head frozen)
 CASES = {

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackllama_ds.checkpoint import (
+from stackllama_ds.fsutil import sha256_file
+from stackllama_ds.run.checkpoint import (
     MANIFEST,
     CheckpointError,
-    StopSignal,
     TrainState,
     cleanup_partial,
     complete_checkpoints,
@@ -34,7 +34,7 @@ from stackllama_ds.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from stackllama_ds.fsutil import sha256_file
+from stackllama_ds.run.signals import StopSignal
 from tests.conftest import (
     REPO,
     assert_resumed_at,
@@ -144,7 +144,7 @@ def test_missing_file_is_refused_naming_it(tmp_path):
 
 
 def test_resume_refuses_altered_checkpoint(tmp_path):
-    from stackllama_ds.runtime import resume
+    from stackllama_ds.run.stage import resume
 
     ckpt = _save(tmp_path, 2)
     (ckpt / "state.pt").write_bytes(b"not what was saved")
@@ -305,7 +305,7 @@ def _base_shapes(prepared_root: Path) -> dict[str, tuple]:
 def test_zero3_export_is_full_and_cli_export_matches(reference, prepared_root, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stackllama_ds.engines.export import consolidated_state_dict
+    from stackllama_ds.engines.consolidate import consolidated_state_dict
 
     shapes = _base_shapes(prepared_root)
     model = AutoModelForCausalLM.from_pretrained(reference / "sft" / "model")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from stackllama_ds.metrics import read_metrics
+from stackllama_ds.run.metrics import read_metrics
 from tests.conftest import REPO, assert_resumed_at, cli_env, fresh_root, run_cli, write_config
 
 # Same global batch (8 packed sequences) on 2 ranks x 4 and on 1 rank x 4 x 2 accumulation steps.

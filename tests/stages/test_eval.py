@@ -83,7 +83,8 @@ def test_eval_sft_vs_base_and_rerun_identical(first_eval):
     from stackllama_ds.models.load import load_tokenizer
 
     tok = load_tokenizer(eval_root / "sft" / "model")
-    fp = load_rm_pairs(load_config(eval_root / "cfg.yaml", check_files=False), tok)
+    c = load_config(eval_root / "cfg.yaml", check_files=False)
+    fp = load_rm_pairs(c.root() / "data", tok, c.rm.max_length, c.rm.overlength, c.eval.n_rm_pairs)
     rows = [json.loads(line) for line in (eval_root / "eval" / "rm_pairs.jsonl").read_text().splitlines()]
     assert [(r["group"], r["case"], r["len_chosen"], r["len_rejected"]) for r in rows] == \
         [(p.group, p.case, p.len_chosen, p.len_rejected) for p in fp.pairs]
@@ -162,7 +163,7 @@ def test_eval_figures_recomputed_from_its_records(first_eval):
     assert_eval_figures_match_records(eval_root / "eval", res, load_tokenizer(eval_root / "sft" / "model"))
     rm = res["rm"]
     assert 1 <= rm["n_questions"] < rm["n_pairs"]  # several pairs per question: resampling them matters
-    from stackllama_ds.eval_summary import EVAL_JSON_KEYS
+    from stackllama_ds.evaluation.summary import EVAL_JSON_KEYS
 
     files = ("rm_pairs.jsonl", "lm_texts.jsonl", "responses.jsonl")
     documented = [k for k in (*rm, *rm["truncation"], *files) if f"`{k}`" in EVAL_JSON_KEYS or f"`{k}." in EVAL_JSON_KEYS]

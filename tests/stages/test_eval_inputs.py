@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from stackllama_ds import evalstats
 from stackllama_ds.config import load_config
 from stackllama_ds.data.eval_inputs import load_lm_texts, load_rm_pairs
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.data.template import format_prompt, format_qa
-from stackllama_ds.eval_summary import summarize, summarize_lm, summarize_rm
+from stackllama_ds.evaluation import stats as evalstats
+from stackllama_ds.evaluation.summary import summarize, summarize_lm, summarize_rm
 from stackllama_ds.models.load import load_tokenizer
 from tests.conftest import write_config
 
@@ -35,7 +35,7 @@ def inputs(prepared_root, tmp_path_factory):
 def test_lm_texts_count_answer_tokens_only(inputs):
     make_cfg, tok, data = inputs
     cfg = make_cfg(sft={"seq_length": 128}, eval={"n_lm_texts": 12})
-    texts, counts = load_lm_texts(cfg, tok)
+    texts, counts = load_lm_texts(cfg.root() / "data", tok, cfg.sft.seq_length, cfg.eval.n_lm_texts)
     assert counts["n_texts"] == len(texts) == 12 and counts["tokens"] == "answer" and counts["max_length"] == 128
     assert counts["n_tokens"] == sum(sum(t) for _, t in texts)
     # the first texts come from rl_eval, one per question, in row order
@@ -58,7 +58,7 @@ def test_lm_texts_count_answer_tokens_only(inputs):
         assert "Answer:" in tok.decode(ids[:k])
         assert (ids[-1] == tok.eos_token_id) == (len(full) <= 128)
     # a narrower window skips more questions and never keeps a text without an answer token
-    short, c2 = load_lm_texts(make_cfg(sft={"seq_length": 64}, eval={"n_lm_texts": 64}), tok)
+    short, c2 = load_lm_texts(cfg.root() / "data", tok, 64, 64)
     assert c2["n_too_long"] >= counts["n_too_long"] and all(sum(t) >= 1 for _, t in short)
 
 
@@ -68,7 +68,8 @@ def test_rm_pairs_follow_the_rm_length_policy(inputs, overlength):
 
     make_cfg, tok, data = inputs
     cfg = make_cfg(rm={"max_length": 200, "overlength": overlength}, eval={"n_rm_pairs": 20})
-    pairs, counts = load_rm_pairs(cfg, tok)
+    pairs, counts = load_rm_pairs(cfg.root() / "data", tok, cfg.rm.max_length, cfg.rm.overlength,
+                                   cfg.eval.n_rm_pairs)
     assert counts["n_pairs"] == len(pairs) <= 20 and counts["n_available"] == len(data["rm_eval"])
     t = counts["truncation"]
     assert t["total"] == sum(t[k] for k in ("whole", "question_cut", "answer_cut", "dropped"))

@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from stackllama_ds import checkpoint as ck
-from stackllama_ds.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
-from stackllama_ds.metrics import read_metrics
+from stackllama_ds.run import checkpoint as ck
+from stackllama_ds.run.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
+from stackllama_ds.run.metrics import read_metrics
 from tests.conftest import REPO, assert_resumed_at, cli_env, fresh_root, run_cli, write_config
 
 
@@ -187,8 +187,8 @@ def test_lora_sft_small_checkpoint_resume_export_and_changed_base(prepared_root,
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from stackllama_ds.engines.export import consolidated_state_dict
-    from stackllama_ds.export import export_checkpoint
+    from stackllama_ds.engines.consolidate import consolidated_state_dict
+    from stackllama_ds.run.export import export_checkpoint
 
     ref = fresh_root(prepared_root, tmp_path / "ref")
     (ref / "tiny").unlink()  # its own copy of the base, altered below

@@ -33,8 +33,8 @@ def test_judge_pairs_are_disjoint_from_the_reward_models(prepared_root):
 def test_judge_stage_trains_on_the_judge_split(sft_root, tmp_path):
     from stackllama_ds.data.fit import fit_pairs
     from stackllama_ds.data.prepare import load_prepared
-    from stackllama_ds.metrics import read_metrics
     from stackllama_ds.models.load import load_tokenizer
+    from stackllama_ds.run.metrics import read_metrics
 
     root = fresh_root(sft_root, tmp_path / "judge", stages=("sft",))
     cfg = write_config(root / "cfg.yaml", root, sft=FAST_SFT, rm=FAST_RM, judge={"enabled": True, "max_steps": 4})

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from stackllama_ds.data.prompts import prompt_batch
-from stackllama_ds.metrics import read_metrics
 from stackllama_ds.models.padding import cut_at_eos
-from stackllama_ds.ppo_steps import rule_scores
+from stackllama_ds.run.metrics import read_metrics
+from stackllama_ds.stages.ppo_steps import rule_scores
 from tests.conftest import FAST_RM, FAST_SFT, REPO, cli_env, fresh_root, run_cli, write_config
 
 PPO_FAST = {

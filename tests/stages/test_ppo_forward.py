@@ -76,7 +76,7 @@ def test_rollout_forwards_are_the_same_at_any_forward_batch_size():
     from types import SimpleNamespace
 
     from stackllama_ds.config import PPOConfig
-    from stackllama_ds.ppo_steps import Engines, rollout_forwards
+    from stackllama_ds.stages.ppo_steps import Engines, rollout_forwards
 
     torch.manual_seed(0)
     actor = ActorWithValueHead(LlamaForCausalLM(LlamaConfig(**CFG)))
@@ -126,7 +126,7 @@ def test_bf16_rollout_kl_near_the_reference_is_the_fp32_kl():
     from types import SimpleNamespace
 
     from stackllama_ds.config import PPOConfig
-    from stackllama_ds.ppo_steps import Engines, rollout_forwards
+    from stackllama_ds.stages.ppo_steps import Engines, rollout_forwards
 
     def seq_kl(actor, ids, mask) -> torch.Tensor:
         e = Engines(actor=SimpleNamespace(module=actor, eval=actor.eval, train=actor.train), critic=None, ref=None,

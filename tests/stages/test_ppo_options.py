@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stackllama_ds.metrics import read_metrics
+from stackllama_ds.run.metrics import read_metrics
 from tests.conftest import FAST_RM, FAST_SFT, fresh_root, run_cli, write_config
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from stackllama_ds.data.template import format_prompt
-from stackllama_ds.metrics import read_metrics
-from stackllama_ds.ppo_steps import TOKEN_STATS
+from stackllama_ds.run.metrics import read_metrics
+from stackllama_ds.stages.ppo_steps import TOKEN_STATS
 from tests.conftest import FAST_RM, FAST_SFT, cli_env, fresh_root, run_cli, write_config
 
 PPO = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "gradient_accumulation_steps": 1, "ppo_epochs": 2,

@@ -76,7 +76,7 @@ def test_scores_without_padding_mask_equal_each_sequence_alone():
     """Right-padded causal batch: dropping the padding mask changes no score (the stage relies on it)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from stackllama_ds.data.pairs_batch import collate_pairs
+    from stackllama_ds.data.pair_batches import collate_pairs
     from stackllama_ds.stages.rm import scores
 
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_length_groups_split_only_when_it_saves_padding():
 
 
 def test_pair_batches_shard_and_resume():
-    from stackllama_ds.data.pairs_batch import pair_batches
+    from stackllama_ds.data.pair_batches import pair_batches
 
     pairs = [([1, 10 + i], [1, 100 + i, 7]) for i in range(10)]  # chosen len 2, rejected len 3
     world, mb = 2, 2
@@ -152,7 +152,7 @@ def test_pair_batches_shard_and_resume():
 
 
 def test_eval_pair_batches_same_forwards_every_rank():
-    from stackllama_ds.data.pairs_batch import eval_pair_batches
+    from stackllama_ds.data.pair_batches import eval_pair_batches
 
     pairs = [([1, 10 + i], [1, 50 + i]) for i in range(7)]
     shards = [eval_pair_batches(pairs, 0, 2, r, 3) for r in range(3)]  # 3, 2, 2 pairs
@@ -227,7 +227,7 @@ def synth_run(prepared_root, synth_data, tmp_path_factory) -> Path:
 
 
 def rows_of(root: Path) -> list[dict]:
-    from stackllama_ds.metrics import read_metrics
+    from stackllama_ds.run.metrics import read_metrics
 
     return read_metrics(root / "rm" / "metrics.jsonl")
 
@@ -258,10 +258,10 @@ def test_export_scores_like_training(synth_run):
     """The exported folder loads, holds the trained head, and reproduces the held-out figures unpadded."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from stackllama_ds.checkpoint import latest_checkpoint
     from stackllama_ds.data.prepare import load_prepared
     from stackllama_ds.data.template import format_qa
-    from stackllama_ds.engines.export import consolidated_state_dict
+    from stackllama_ds.engines.consolidate import consolidated_state_dict
+    from stackllama_ds.run.checkpoint import latest_checkpoint
 
     out = synth_run / "rm" / "model"
     model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
@@ -282,8 +282,8 @@ def test_export_scores_like_training(synth_run):
 
 @pytest.mark.slow
 def test_resume_after_sigusr1_matches_uninterrupted(synth_run, prepared_root, synth_data, tmp_path):
-    from stackllama_ds.checkpoint import latest_checkpoint
-    from stackllama_ds.proc import EXIT_RESUME
+    from stackllama_ds.run.checkpoint import latest_checkpoint
+    from stackllama_ds.run.signals import EXIT_RESUME
 
     root, cfg = synth_root(prepared_root, synth_data, tmp_path / "r")
     ckpts = root / "rm" / "checkpoints"
@@ -323,10 +323,10 @@ def test_lora_zero3_export_keeps_trained_head(prepared_root, synth_data, tmp_pat
     """LoRA (SEQ_CLS) under partitioned ZeRO-3, unequal eval shards, truncation counted; merged export."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from stackllama_ds.checkpoint import latest_checkpoint
     from stackllama_ds.config import LoraConfig, ModelConfig
-    from stackllama_ds.engines.export import consolidated_state_dict
+    from stackllama_ds.engines.consolidate import consolidated_state_dict
     from stackllama_ds.models.load import load_reward_model
+    from stackllama_ds.run.checkpoint import latest_checkpoint
 
     lora = {"enabled": True, "r": 4, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     root, cfg = synth_root(

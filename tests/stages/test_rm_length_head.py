@@ -98,8 +98,8 @@ def test_shipped_configs_length_head():
 
 
 def test_pair_figures_by_hand():
-    from stackllama_ds.eval_summary import head_figures
-    from stackllama_ds.evalstats import pair_figures
+    from stackllama_ds.evaluation.stats import pair_figures
+    from stackllama_ds.evaluation.summary import head_figures
 
     f = pair_figures([2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [3, 1, 2], [1, 4, 2])
     # wins, loss, tie -> 1.5 / 3; adversarial: pair 1 only (1 < 4) -> lost; the 6 answers' ranks
@@ -116,7 +116,7 @@ def test_pair_figures_by_hand():
     assert list(head_figures([[1.0]], [[0.0]], [2], [2])) == ["quality"]
     assert head_figures([[1.0]], [[0.0]], [2], [2])["quality"]["adversarial_accuracy"] is None
     # eval.json's rm section: the heads beside the quality-head figures, from the per-pair rows
-    from stackllama_ds.eval_summary import summarize_rm
+    from stackllama_ds.evaluation.summary import summarize_rm
 
     rows = [{"chosen": c[0], "rejected": r[0], "len_chosen": a, "len_rejected": b, "chosen_heads": c,
              "rejected_heads": r} for c, r, a, b in zip([[2.0, 0.0], [0.0, 5.0]], [[1.0, 1.0], [1.0, 0.0]], [3, 1], [1, 4])]
@@ -126,8 +126,8 @@ def test_pair_figures_by_hand():
 
 
 def test_report_tabulates_heads():
-    from stackllama_ds.eval_summary import head_figures
-    from stackllama_ds.report import _rm_head_lines
+    from stackllama_ds.evaluation.report import _rm_head_lines
+    from stackllama_ds.evaluation.summary import head_figures
 
     h = head_figures([[2.0, 0.0], [0.0, 5.0]], [[1.0, 1.0], [1.0, 0.0]], [3, 1], [1, 4])
     rows = [line.split(" | ") for line in _rm_head_lines(h) if line.startswith("| ") and "---" not in line][1:]
@@ -218,8 +218,8 @@ def _two_head_setup(prepared_root):
 def test_two_head_model_trains_exports_and_pipeline_reads_it(prepared_root, tmp_path):
     from transformers import pipeline
 
-    from stackllama_ds.data.pairs_batch import collate_pairs
-    from stackllama_ds.models.export import export_hf
+    from stackllama_ds.data.pair_batches import collate_pairs
+    from stackllama_ds.models.hf_folder import export_hf
     from stackllama_ds.models.load import load_tokenizer
     from stackllama_ds.stages.rm import evaluate, head_scores, pairwise_loss, rm_loss
 
@@ -286,7 +286,7 @@ def test_packed_batch_gives_the_padded_loss_terms_and_grads(prepared_root):
     """``rm.packed``: the stage's loss, ODIN's terms, the (2B, 2) scores and every gradient of one packed row
     (pairs sharing a question) equal those of the padded rows (fp32, 1e-5), and eval's figures too."""
     from stackllama_ds.data.packed_pairs import pack_pairs
-    from stackllama_ds.data.pairs_batch import collate_pairs
+    from stackllama_ds.data.pair_batches import collate_pairs
     from stackllama_ds.stages.rm import evaluate, head_scores, rm_loss
 
     model, engine, pad, rc = _two_head_setup(prepared_root)
@@ -309,7 +309,7 @@ def test_packed_batch_gives_the_padded_loss_terms_and_grads(prepared_root):
 
 
 def test_lora_two_head_export_keeps_both_rows(prepared_root, tmp_path):
-    from stackllama_ds.models.export import export_hf, score_rows
+    from stackllama_ds.models.hf_folder import export_hf, score_rows
     from stackllama_ds.models.load import load_reward_model, load_tokenizer
 
     base = prepared_root / "tiny"
@@ -364,7 +364,7 @@ def test_rm_stage_length_head_lora_zero3_bf16(prepared_root, tmp_path_factory):
     ODIN's terms, accuracy.json the per-head figures, the export is a two-label classifier."""
     from transformers import pipeline
 
-    from stackllama_ds.metrics import read_metrics
+    from stackllama_ds.run.metrics import read_metrics
     from tests.conftest import run_cli
     from tests.stages.test_rm import make_synthetic, synth_root
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stackllama_ds.hardware import cpu_has_native_bf16
-from stackllama_ds.metrics import read_metrics
+from stackllama_ds.run.metrics import read_metrics
 from tests.conftest import run_cli, write_config
 
 N_PAIRS = 32

@@ -54,8 +54,8 @@ def test_loss_falls_and_every_step_is_logged_once(sft_root):
 def test_export_loads_generates_and_equals_checkpoint(sft_root, prepared_root):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stackllama_ds.checkpoint import latest_checkpoint
-    from stackllama_ds.engines.export import consolidated_state_dict
+    from stackllama_ds.engines.consolidate import consolidated_state_dict
+    from stackllama_ds.run.checkpoint import latest_checkpoint
 
     out = sft_root / "sft" / "model"
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -127,7 +127,7 @@ def test_4bit_lora_zero2_zero3_same_losses(zero_losses):
 def test_zero_0_2_3_checkpoints_export_the_same_weights(zero_losses):
     """consolidated_state_dict (what every export uses) on 2-rank ZeRO-0, -2 and -3 checkpoints of
     the same training: full shapes, same values. ZeRO-0 used to fail with a TypeError."""
-    from stackllama_ds.engines.export import consolidated_state_dict
+    from stackllama_ds.engines.consolidate import consolidated_state_dict
 
     sds = {n: consolidated_state_dict(zero_losses["ckpt"] / n) for n in ("z0", "z2", "z3")}
     for n in ("z2", "z3"):
@@ -161,8 +161,8 @@ def test_lora_trains_only_adapters_and_export_merges(lora_root, prepared_root):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from stackllama_ds.checkpoint import latest_checkpoint
-    from stackllama_ds.engines.export import consolidated_state_dict
+    from stackllama_ds.engines.consolidate import consolidated_state_dict
+    from stackllama_ds.run.checkpoint import latest_checkpoint
 
     base = AutoModelForCausalLM.from_pretrained(prepared_root / "tiny").state_dict()
     # The engine's own checkpoint holds the adapters only: the frozen base comes from its folder.

@@ -6,13 +6,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from stackllama_ds import rl, runtime
+from stackllama_ds import rl
 from stackllama_ds.config import PPOConfig, RunConfig
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
 from stackllama_ds.engines.generate import GenerationCopy
-from stackllama_ds.models.export import load_value_head
 from stackllama_ds.models.forward import critic_values, fp32_compute, policy_forward, response_logprobs
+from stackllama_ds.models.hf_folder import load_value_head
 from stackllama_ds.models.load import (
     ActorWithValueHead,
     TokenValueModel,
@@ -22,6 +22,7 @@ from stackllama_ds.models.load import (
     trainable_dtype,
     zero3_init,
 )
+from stackllama_ds.run.layout import RunLayout
 
 # Per-token means of each minibatch update, pooled over updates and ranks weighted by response tokens.
 TOKEN_STATS = ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "policy_kl")
@@ -42,7 +43,7 @@ class Engines(NamedTuple):
 def build_engines(cfg: RunConfig, tok, n_updates: int) -> Engines:
     """Each model loaded once per rank: trainable ones in ``trainable_dtype``, frozen ones in their
     engine's dtype, ZeRO-3 ones already partitioned (``zero3_init``)."""
-    p, sft, m = cfg.ppo, runtime.sft_model_path(cfg), cfg.model
+    p, sft, m = cfg.ppo, RunLayout(cfg).sft_model, cfg.model
     gen_copy = None
     if p.actor.zero_stage == 3 and p.gather_generation:  # whole by design; filled from the actor
         template = (empty_causal_lm(sft, m, dtype=p.actor.dtype, device=dist.device(), lora=p.lora)
@@ -57,7 +58,7 @@ def build_engines(cfg: RunConfig, tok, n_updates: int) -> Engines:
                                grad_accum=p.gradient_accumulation_steps)
     critic = None
     if p.separate_critic:
-        src = runtime.rm_model_path(cfg) if p.critic_init_from == "reward" else sft
+        src = RunLayout(cfg).rm_model if p.critic_init_from == "reward" else sft
         with zero3_init(p.critic, m):
             vm = TokenValueModel(load_reward_model(src, m, pad_token_id=tok.pad_token_id,
                                                    dtype=trainable_dtype(p.critic)))
@@ -71,7 +72,7 @@ def build_engines(cfg: RunConfig, tok, n_updates: int) -> Engines:
     reward = None
     if p.rule_reward is None:
         with zero3_init(p.reward, m):
-            rm = load_reward_model(runtime.rm_model_path(cfg), m, pad_token_id=tok.pad_token_id, dtype=p.reward.dtype)
+            rm = load_reward_model(RunLayout(cfg).rm_model, m, pad_token_id=tok.pad_token_id, dtype=p.reward.dtype)
         reward = build_eval_engine(rm, p.reward)
     return Engines(actor, critic, ref, reward, gen_copy)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackllama_ds.metrics import read_metrics
+from stackllama_ds.run.metrics import read_metrics
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Answer scores, preference pairs and question-level splits (StackLLaMA's preprocessing rules).
 
-    python -c "from stackllama_ds.data.pairs import answer_score; print(answer_score(5, 5, True))"
+    python -c "from stackllama_ds.data.pair_rules import answer_score; print(answer_score(5, 5, True))"
 
 Pure functions of their arguments: no I/O, no global random state.
 """

@@ -1,6 +1,6 @@
 """Reader for the published paired format (lvwerra/stack-exchange-paired style).
 
-    python -c "from stackllama_ds.data.paired import iter_paired; print(next(iter_paired('pairs.jsonl')))"
+    python -c "from stackllama_ds.data.paired_reader import iter_paired; print(next(iter_paired('pairs.jsonl')))"
 
 One row per preference pair with columns ``qid`` (int), ``question``, ``date``, ``response_j``,
 ``response_k`` (str) and ``metadata`` (list of str); extra columns are ignored. Files: ``.jsonl`` (one

@@ -28,7 +28,7 @@ STACKLLAMA_TEST_STEP_SLEEP=    ``after_step()``: each      sleeps that long each
                                ppo), after its log, before
                                its checkpoint
 STACKLLAMA_TEST_SETUP_SLEEP=   ``setup_sleep()``: the end  a child process sleeps that long, as a JIT
-  <seconds>                    of ``runtime.setup``        build would: a signal to the rank alone
+  <seconds>                    of ``entry.setup``          build would: a signal to the rank alone
                                (process group joined)      leaves it running, one to the rank's process
                                                            group (as Slurm signals) kills it
 STACKLLAMA_TEST_PHASE_SLEEP=   ``phase_sleep(name)``: on   every rank entering that phase sleeps that

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stackllama_ds import testhooks
 from stackllama_ds.engines import dist
 from stackllama_ds.fsutil import sha256_by_name, sha256_file
-from stackllama_ds.proc import early_stop_signal
+from stackllama_ds.run import testhooks
+from stackllama_ds.run.rank0 import on_main_rank
 
 MANIFEST = "manifest.json"
 
@@ -388,10 +387,8 @@ def universal_checkpoint(path: Path, name: str) -> Path:
     """Convert (once, on rank 0) an engine's folder to DeepSpeed's universal checkpoint. Collective.
 
     Minutes at 7B: the other ranks wait beyond the collective timeout, beating their heartbeat
-    (``runtime.on_main_rank``), rather than in a barrier.
+    (``rank0.on_main_rank``), rather than in a barrier.
     """
-    from stackllama_ds.runtime import on_main_rank  # runtime builds on this module
-
     out = path / "universal" / name
     on_main_rank(f"universal checkpoint {name}", lambda: _to_universal(path, name, out))
     return out
@@ -469,31 +466,3 @@ def load_checkpoint(engines: dict[str, Any], path: Path, verify: bool = True) ->
         set_rng_state(torch.load(rng_file, weights_only=False))
     blob = torch.load(path / "state.pt", weights_only=False)
     return TrainState(**blob["state"]), blob["client"]
-
-
-class StopSignal:
-    """Turn SIGTERM/SIGUSR1 (Slurm's preemption and time-limit warnings) into a flag.
-
-    The loop checks ``requested()`` (all ranks agree) at each step boundary, checkpoints and exits 75;
-    a stage checks it once more when setup is done, so a signal during setup exits 75 before any step.
-    ``received`` is class-wide: ``runtime.run_entry`` reads it to map a setup failure the signal caused
-    (Slurm signals every process of the step, so a child such as a build dies of it) to 75 as well.
-    """
-
-    received: int | None = None  # the last stop signal this process got
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
-        self.flag = False
-        self.signum: int | None = None
-        if early_stop_signal() is not None:  # arrived while the rank was still importing
-            self._handler(early_stop_signal(), None)
-        for s in signals:
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.flag = True
-        self.signum = signum
-        StopSignal.received = signum
-
-    def requested(self) -> bool:
-        return dist.any_rank(self.flag)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from stackllama_ds.checkpoint import CheckpointError, check_base, verify_checkpoint
 from stackllama_ds.config import LoraConfig, ModelConfig
-from stackllama_ds.engines.export import consolidated_state_dict
-from stackllama_ds.models.export import export_hf
+from stackllama_ds.engines.consolidate import consolidated_state_dict
+from stackllama_ds.models.hf_folder import export_hf
+from stackllama_ds.run.checkpoint import CheckpointError, check_base, verify_checkpoint
 
 # Which engine of a checkpoint holds the exported model, per kind.
 ENGINE_OF = {"causal_lm": "model", "reward": "model", "actor": "actor"}

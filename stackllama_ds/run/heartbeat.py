@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from stackllama_ds import testhooks
-from stackllama_ds.proc import EXIT_HANG
+from stackllama_ds.run import testhooks
+from stackllama_ds.run.signals import EXIT_HANG
 
 T = TypeVar("T")
 
@@ -48,10 +48,11 @@ def current() -> Heartbeat | None:
 
 
 _COLLECTIVE_DIRS = (os.path.join("torch", "distributed", ""), os.path.join("deepspeed", "comm", ""))
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_RUN_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(_RUN_DIR)
 # Frames that only relay a beat (the stage skeleton, this file, the test hooks): the report names
 # the caller, the line of the stage or helper that was running.
-_RELAY_FILES = {os.path.join(_PACKAGE_DIR, f) for f in ("heartbeat.py", "lifecycle.py", "testhooks.py")}
+_RELAY_FILES = {os.path.join(_RUN_DIR, f) for f in ("heartbeat.py", "stage.py", "testhooks.py")}
 
 
 def main_thread_where() -> dict:

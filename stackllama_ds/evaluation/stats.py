@@ -1,6 +1,6 @@
 """Statistics for ``stackllama-ds eval``: bootstrap intervals, win rates, length controls (numpy only).
 
-    python -c "from stackllama_ds.evalstats import win_rate; print(win_rate([3, 1, 2, 5], [1, 1, 4, 0]))"
+    python -c "from stackllama_ds.evaluation.stats import win_rate; print(win_rate([3, 1, 2, 5], [1, 1, 4, 0]))"
 
 Pure functions of their arguments; randomness comes only from ``numpy.random.default_rng(seed)``,
 so the same scores and seed give the same interval. Intervals are percentile bootstrap intervals

@@ -1,6 +1,6 @@
 """The figures of ``eval/eval.json`` from per-prompt, per-text and per-pair records (rank 0).
 
-Every interval is a percentile bootstrap from ``stackllama_ds.evalstats``; the keys are listed in
+Every interval is a percentile bootstrap from ``stackllama_ds.evaluation.stats``; the keys are listed in
 full in ``EVAL_JSON_KEYS`` (and in README.md).
 """
 
@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from stackllama_ds import evalstats, rl
+from stackllama_ds import rl
+from stackllama_ds.evaluation import stats as evalstats
 from stackllama_ds.models.load import HEAD_LABELS
 
 MODEL_ORDER = ("base", "sft", "ppo")  # display order; win rates are later-vs-earlier

@@ -20,17 +20,31 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from stackllama_ds import runtime, testhooks
-from stackllama_ds.checkpoint import StopSignal, TrainState, save_checkpoint
 from stackllama_ds.config import RunConfig
 from stackllama_ds.engines import dist
-from stackllama_ds.heartbeat import Heartbeat
-from stackllama_ds.metrics import MetricsLogger
+from stackllama_ds.run import entry, heartbeat, testhooks
+from stackllama_ds.run.checkpoint import (
+    TrainState,
+    cleanup_partial,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from stackllama_ds.run.errors import StopForResume, TrainingError
+from stackllama_ds.run.export import export_checkpoint
+from stackllama_ds.run.heartbeat import Heartbeat
+from stackllama_ds.run.layout import RESUMES, mark_done
+from stackllama_ds.run.metrics import MetricsLogger
+from stackllama_ds.run.rank0 import on_main_rank
+from stackllama_ds.run.signals import StopSignal
 
 
 class Stateful(Protocol):
@@ -64,7 +78,7 @@ class StageRun:
     def __init__(self, cfg: RunConfig, name: str):
         # First: a SIGUSR1/SIGTERM during the (slow) setup would otherwise kill the rank outright.
         self.stop = StopSignal()
-        runtime.setup(cfg, name)
+        entry.setup(cfg, name)
         self.cfg, self.name = cfg, name
         self.dir = cfg.stage_dir(name)
         self.ckpt_root = self.dir / "checkpoints"
@@ -81,16 +95,16 @@ class StageRun:
         (its ``extra`` state too). Returns the loop's TrainState (fresh when there is none).
         A stop signal during setup ends the stage here: StopForResume (exit 75), nothing to save."""
         if self.stop.requested():  # every rank gets here once its engines are built
-            raise runtime.StopForResume(f"{self.name}: stop signal during setup, before any step")
+            raise StopForResume(f"{self.name}: stop signal during setup, before any step")
         self.engines, self.meta, self.extra = engines, meta, extra
-        runtime.seed_ranks(self.cfg)
+        entry.seed_ranks(self.cfg)
         # Before the load: verifying and loading a 7B checkpoint beats in its own phase.
         self.hb = Heartbeat(self.dir, self.rank, self.world, self.cfg.launch.hang_timeout_s)
-        self.state, client = runtime.resume(engines, self.ckpt_root)
+        self.state, client = resume(engines, self.ckpt_root)
         if client and extra is not None:
             extra.load_state_dict(client)
         if self.stop.requested():  # during the checkpoint load (minutes at 7B): the state is the checkpoint's
-            raise runtime.StopForResume(f"{self.name}: stop signal while resuming step {self.state.step}")
+            raise StopForResume(f"{self.name}: stop signal while resuming step {self.state.step}")
         return self.state
 
     def logger(self, total_steps: int, bar_keys: tuple[str, ...] = ("loss", "tokens_per_s"),
@@ -124,7 +138,7 @@ class StageRun:
             self.checkpoint()
         if stopping:
             self.close()
-            raise runtime.StopForResume(f"{self.name} checkpointed at step {self.state.step}")
+            raise StopForResume(f"{self.name} checkpointed at step {self.state.step}")
 
     def close(self) -> None:
         if self.log is not None:
@@ -140,4 +154,33 @@ class StageRun:
         self.close()
         self.engines = self.extra = None
         release_memory()
-        runtime.export_and_finish(self.ckpt_root, export_to, self.dir, self.state.step)
+        export_and_finish(self.ckpt_root, export_to, self.dir, self.state.step)
+
+
+def resume(engines: dict, ckpt_root: Path, log: Callable[[str], None] = print) -> tuple[TrainState, dict]:
+    """Load the newest complete checkpoint, if any; half-written ones are ignored and removed."""
+    cleanup_partial(ckpt_root)
+    dist.barrier()
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is None:
+        return TrainState(), {}
+    with heartbeat.phase("checkpoint load"):  # verifies every file's sha256: minutes at 7B
+        state, client = load_checkpoint(engines, ckpt)
+    if dist.is_main():
+        log(f"resumed from {ckpt} (step {state.step})")
+        # One line per resume beside the stage's metrics: an operator's (and a test's) record of
+        # preemptions and restarts, machine-readable.
+        with open(ckpt_root.parent / RESUMES, "a") as f:
+            f.write(json.dumps({"checkpoint": str(ckpt), "step": state.step, "time": time.time()}) + "\n")
+    return state, client
+
+
+def export_and_finish(ckpt_root: Path, out: Path, stage_dir: Path, step: int) -> None:
+    """Rank 0 exports the last complete checkpoint as a HF folder; DONE once every rank is through."""
+    final = latest_checkpoint(ckpt_root)
+    if final is None:
+        raise TrainingError(f"{ckpt_root}: no complete checkpoint to export")
+    # Verify, consolidate, merge LoRA, save: minutes at 7B, longer than launch.timeout_s may be.
+    on_main_rank("export", lambda: export_checkpoint(final, out), step)
+    if dist.is_main():
+        mark_done(stage_dir, f"step {step}")
