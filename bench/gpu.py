@@ -19,7 +19,6 @@ The helpers of `bench/gpu_check.sh` (one prepared command for a GPU machine) liv
 
     python bench/gpu.py preflight --json OUT/env.json          # versions, GPU, imports; exit 1 if one is missing
     python bench/gpu.py memhook DIR                            # DIR/sitecustomize.py: CUDA peak of every stage process
-    python bench/gpu.py plan-json CONFIG [--set a.b=v ...] --run NAME --json OUT/plan-NAME.json
     python bench/gpu.py report OUT [--work DIR]                # OUT/summary.md + OUT/summary.json
     python bench/gpu.py slim-wheel bitsandbytes-*.whl --keep cpu,cuda13   # drop the other CUDA builds
     python bench/gpu.py pack-model .gpu_check/smollm2-135m [--weights]    # SmolLM2's config + tokenizer to carry
@@ -43,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import harness as h  # noqa: E402
 
 MODEL_1B = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
             "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 4096}
@@ -88,7 +87,8 @@ class GpuPeak:
 # ------------------------------------------------------------------------------ the benchmark
 def ensure_gpu_root(root: Path, data: Path | None) -> Path:
     """root/data (a link to ``data``, or the beer dump prepared here) and root/tiny (the ~1B model)."""
-    from stackllama_ds.config import TinyModelConfig, load_config
+    from stackllama_ds.config import TinyModelConfig
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.models.tiny import make_tiny
 
     root.mkdir(parents=True, exist_ok=True)
@@ -98,8 +98,8 @@ def ensure_gpu_root(root: Path, data: Path | None) -> Path:
         else:
             from stackllama_ds.data.prepare import prepare
 
-            cfg = load_config(common.TINY_YAML, check_files=False)
-            prepare(common.BEER, root / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
+            cfg = load_config(h.TINY_YAML, check_files=False)
+            prepare(h.BEER, root / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
     if not (root / "tiny" / "config.json").exists():
         make_tiny(root / "data", root / "tiny", seed=0, cfg=TinyModelConfig(**MODEL_1B))
     return root
@@ -123,11 +123,11 @@ def bf16_rate() -> float:
 
 
 def child_env() -> dict[str, str]:
-    """common.env() for CUDA: no DS_ACCELERATOR=cpu, and the caller's PYTHONPATH kept behind the repo
+    """harness.env() for CUDA: no DS_ACCELERATOR=cpu, and the caller's PYTHONPATH kept behind the repo
     (gpu_check.sh puts carried wheels and its memory hook there)."""
-    env = common.env()
+    env = h.env()
     env.pop("DS_ACCELERATOR", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(h.REPO), os.environ.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -135,19 +135,18 @@ def run_stage(root: Path, stage: str, name: str, gpus: int, model_dir: Path | No
               **sections) -> tuple[list[dict], float]:
     """One stage in its own processes; PPO's sft/model and rm/model are ``model_dir`` (default the ~1B)."""
     run = root / f"gpu-{name}"
-    shutil.rmtree(run, ignore_errors=True)
-    cfg = common.write_config(run, root=root, model=MODEL_1B, launch={"nproc_per_node": gpus}, **sections)
+    links = {"data": root / "data", "tiny": root / "tiny"}
     if stage == "ppo":
-        for s in ("sft", "rm"):
-            (run / s).mkdir(parents=True, exist_ok=True)
-            (run / s / "model").symlink_to(model_dir or root / "tiny")
+        links.update({"sft/model": model_dir or root / "tiny", "rm/model": model_dir or root / "tiny"})
+    cfg = h.write_config(run, h.TINY_YAML, links, model={"tiny": MODEL_1B}, launch={"nproc_per_node": gpus},
+                         **sections)
     env = child_env()
     env["GPU_CHECK_RUN"] = f"bench-{name}"
     with GpuPeak() as peak:
-        r = subprocess.run([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)], cwd=common.REPO, env=env,
+        r = subprocess.run([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)], cwd=h.REPO, env=env,
                            capture_output=True, text=True)
-    common.check(r, f"gpu {name}")
-    rows = common.read_jsonl(run / stage / "metrics.jsonl")
+    h.check(r, f"gpu {name}")
+    rows = h.read_jsonl(run / stage / "metrics.jsonl")
     shutil.rmtree(run, ignore_errors=True)
     return [x for x in rows if "elapsed_s" in x], peak.peak
 
@@ -160,7 +159,7 @@ def bench(argv: list[str]) -> int:
     ap.add_argument("--ppo-steps", type=int, default=6, help="PPO steps; the first two are left out of the averages")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=common.OUT, help="where the model and the runs go (default bench/out)")
+    ap.add_argument("--out", type=Path, default=h.OUT, help="where the model and the runs go (default bench/out)")
     ap.add_argument("--data", type=Path, default=None, help="a prepared data folder to link (default: prepare here)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     ap.add_argument("--prepare-only", action="store_true", help="build the data link, tokenizer and model; exit")
@@ -174,7 +173,7 @@ def bench(argv: list[str]) -> int:
         return 0
     gpus = a.gpus or n
     root = ensure_gpu_root(a.out / "gpu_root", a.data)
-    params = common.n_params(root / "tiny")
+    params = h.n_params(root / "tiny")
     rate = bf16_rate()
     import torch
 
@@ -187,13 +186,13 @@ def bench(argv: list[str]) -> int:
             "seq_length": a.seq, "max_steps": a.steps, "eval_every": 10_000, "eval_batches": 1, "save_every": 10_000,
             "engine": {"zero_stage": zero, "dtype": "bf16", "micro_batch_size": a.micro_batch,
                        "gradient_accumulation_steps": 1, "gradient_checkpointing": True}})
-        dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)
+        dts = h.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)
         tps = a.micro_batch * a.seq * gpus / (sum(dts) / len(dts))
         mfu = tps * 6 * params / (rate * gpus)
         sft_rows.append([f"ZeRO-{zero}", tps, tps / gpus, f"{100 * mfu:.0f}%", peak / 1024])
         res["sft"].append({"zero": zero, "tokens_s": tps, "tokens_s_gpu": tps / gpus, "mfu": mfu,
                            "peak_gb": peak / 1024})
-    print(common.table(["SFT bf16", "tokens/s", "tokens/s/GPU", "MFU", "peak GB/GPU"], sft_rows, "SFT"))
+    print(h.table(["SFT bf16", "tokens/s", "tokens/s/GPU", "MFU", "peak GB/GPU"], sft_rows, "SFT"))
 
     def save() -> None:  # after each part: a step stopped by gpu_check.sh's timeout keeps what it measured
         if a.json:
@@ -211,7 +210,7 @@ def bench(argv: list[str]) -> int:
     avg = {k: sum(x[k] for x in rows) / len(rows) for k in keys}
     rollout_tps = 16 * gpus * avg["response_len"] / avg["t_generate"]
     step_s = sum(avg[k] for k in keys[:4])
-    print(common.table(["PPO", "rollout tok/s", "generate s", "score s", "log-probs s", "train s", "step s",
+    print(h.table(["PPO", "rollout tok/s", "generate s", "score s", "log-probs s", "train s", "step s",
                         "peak GB/GPU"],
                        [["ZeRO-2 actor", rollout_tps, avg["t_generate"], avg["t_score"], avg["t_logprobs"],
                          avg["t_train"], step_s, peak / 1024]], "PPO (batch 16/GPU, 128 new tokens, 4 epochs)"))
@@ -219,7 +218,7 @@ def bench(argv: list[str]) -> int:
                   "steps_averaged": len(rows)}
     save()
 
-    # LoRA PPO as configs/smollm2.yaml and bench/lora_bench.py (issue 16): r16 on q/v, the reference =
+    # LoRA PPO as configs/smollm2.yaml and bench/stage_bench.py (issue 16): r16 on q/v, the reference =
     # the adapter disabled, batch 8, mini batch 2, 2 epochs, on the ~1B model and on SmolLM2-135M.
     # Goal: generation <= 50% of the step (peers report 80-90%).
     res["ppo_lora"], lora_rows = [], []
@@ -243,7 +242,7 @@ def bench(argv: list[str]) -> int:
         res["ppo_lora"].append({"model": label, **avg, "rollout_tokens_s": tps, "step_s": step_s,
                                 "generate_share": avg["t_generate"] / step_s, "peak_gb": peak / 1024})
     if lora_rows:
-        print(common.table(["LoRA PPO", "rollout tok/s", "generate s", "score s", "log-probs s", "train s", "step s",
+        print(h.table(["LoRA PPO", "rollout tok/s", "generate s", "score s", "log-probs s", "train s", "step s",
                             "generate share", "peak GB/GPU"], lora_rows,
                            "LoRA PPO (batch 8/GPU, mini batch 2, 2 epochs, 48 new tokens; goal: generate <= 50%)"))
     save()
@@ -252,9 +251,9 @@ def bench(argv: list[str]) -> int:
         "init_from": str(root / "tiny"), "max_length": 512, "max_steps": a.steps, "eval_every": 10_000,
         "save_every": 10_000, "lora": {"enabled": False},
         "engine": {"zero_stage": 2, "dtype": "bf16", "micro_batch_size": 8, "gradient_accumulation_steps": 1}})
-    dts = common.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)
+    dts = h.step_times([x["elapsed_s"] for x in rows[:-1]], a.warmup)
     pairs_s = 8 * gpus / (sum(dts) / len(dts))
-    print(common.table(["RM bf16", "pairs/s", "peak GB/GPU"], [["ZeRO-2", pairs_s, peak / 1024]], "RM"))
+    print(h.table(["RM bf16", "pairs/s", "peak GB/GPU"], [["ZeRO-2", pairs_s, peak / 1024]], "RM"))
     res["rm"] = {"pairs_s": pairs_s, "peak_gb": peak / 1024}
     save()
     return 0
@@ -363,42 +362,6 @@ def preflight(argv: list[str]) -> int:
             print(f"preflight: required {m} missing: {info['imports'][m]['error']}")
         return 1
     return 0
-
-
-def stage_plans(cfg, gpu_mem: float) -> dict:
-    """The planner's per-stage figures for one GPU (GiB): stage peak, the overhead in it, and the rest."""
-    from stackllama_ds.plan import plan_all
-
-    out = {}
-    for sp in plan_all(cfg, 1, gpu_mem, "gpu"):
-        out[sp.stage] = {"total_gb": sp.total / GiB, "overhead_gb": sp.overhead / GiB,
-                         "live_gb": (sp.total - sp.overhead) / GiB, "fits": sp.fits,
-                         "engines": {e.name: {"persistent_gb": e.persistent / GiB, "transient_gb": e.transient / GiB}
-                                     for e in sp.engines}}
-    return out
-
-
-def plan_json(argv: list[str]) -> int:
-    """`stackllama-ds plan CONFIG --set ...` (its own output), then its figures as JSON."""
-    ap = argparse.ArgumentParser(prog="gpu.py plan-json")
-    ap.add_argument("config")
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--gpu-mem", type=float, default=None, help="GiB (default: GPU 0 of this machine)")
-    a = ap.parse_args(argv)
-    sets = [x for s in a.set for x in ("--set", s)]
-    mem = [] if a.gpu_mem is None else ["--gpu-mem", str(a.gpu_mem)]
-    env = {**os.environ, "STACKLLAMA_PLAN_DEVICE": "gpu"}  # GPU accounting, as the JSON below
-    r = subprocess.run([sys.executable, "-m", "stackllama_ds.cli", "plan", a.config, *sets, *mem], text=True, env=env)
-    from stackllama_ds.config import load_config
-    from stackllama_ds.plan import resolve_target
-
-    cfg = load_config(a.config, a.set)
-    tg = resolve_target(cfg, 1, a.gpu_mem, "gpu")
-    a.json.write_text(json.dumps({"run": a.run, "gpu_mem_gb": tg.gpu_mem, "plan_exit": r.returncode,
-                                  "stages": stage_plans(cfg, tg.gpu_mem)}, indent=1))
-    return 0 if r.returncode in (0, 3) else r.returncode  # 3: "does not fit" is a verdict, not a failure
 
 
 def _rows(path: Path) -> list[dict]:
@@ -515,13 +478,13 @@ def report(argv: list[str]) -> int:
         lines += ["```", *(a.out / "figures.txt").read_text().splitlines(), "```", ""]
     except OSError:
         pass
-    lines.append(common.table(["step", "status", "s", "timeout s", "started at s", "note"],
+    lines.append(h.table(["step", "status", "s", "timeout s", "started at s", "note"],
                               [[s["name"], s["status"], s["seconds"], s["timeout_s"], s["started_s"], s["note"]]
                                for s in steps], "## Steps"))
     lines += ["", "## Memory: `stackllama-ds plan` vs `torch.cuda.max_memory_allocated` (GiB, 1 GPU, per stage "
               "process)", "", "plan live = the stage peak without the planner's fixed 1.5 GiB and 10% slack "
               "(neither is in max_memory_allocated); error = (plan live - allocated) / allocated."]
-    lines.append(common.table(["run", "stage", "max allocated", "max reserved", "plan live", "plan stage peak",
+    lines.append(h.table(["run", "stage", "max allocated", "max reserved", "plan live", "plan stage peak",
                                "error"],
                               [[m["run"], m["stage"], _gb(m["max_allocated_gb"]), _gb(m["max_reserved_gb"]),
                                 _gb(m["plan_live_gb"]), _gb(m["plan_total_gb"]),
@@ -530,7 +493,7 @@ def report(argv: list[str]) -> int:
         keys = ["done", "steps", "loss", "eval_loss", "tokens_per_s", "eval_accuracy", "pairs_per_s", "reward_mean",
                 "kl", "response_len", "t_generate", "t_train", "ppo_vs_sft_win"]
         keys = [k for k in keys if any(f.get(k) is not None for f in figs)]
-        lines.append(common.table(["run", "stage", *keys],
+        lines.append(h.table(["run", "stage", *keys],
                                   [[f["run"], f["stage"], *["-" if f.get(k) is None else f[k] for k in keys]]
                                    for f in figs], "## Stage figures (last logged values)"))
     if bench_res:
@@ -544,7 +507,7 @@ def report(argv: list[str]) -> int:
                          f"step {p['step_s']:.2f} s (generate {p['t_generate']:.2f})", f"{p['peak_gb']:.1f}"])
         if "rm" in bench_res:
             rows.append(["RM ZeRO-2", f"{bench_res['rm']['pairs_s']:.1f} pairs/s", "", f"{bench_res['rm']['peak_gb']:.1f}"])
-        lines.append(common.table(["run", "throughput", "", "nvidia-smi peak GB"], rows))
+        lines.append(h.table(["run", "throughput", "", "nvidia-smi peak GB"], rows))
     text = "\n".join(lines) + "\n"
     (a.out / "summary.md").write_text(text)
     (a.out / "summary.json").write_text(json.dumps({"env": env, "model": a.model, "counts": counts, "steps": steps,
@@ -718,7 +681,7 @@ def figure(argv: list[str]) -> int:
         last = rows[-1]
         text = (f"{_ppo_step_s(last):.3f} s/step (step {last['step']}: generate {last['t_generate']:.2f} s, train "
                 f"{last['t_train']:.2f} s; reward {last['reward_mean']:.3f}, kl {last['kl']:.4f}")
-        from stackllama_ds.config import load_config
+        from stackllama_ds.config_loader import load_config
         from stackllama_ds.plan import model_shape, plan_ppo
 
         env = _load(a.out / "env.json") or {}
@@ -765,7 +728,7 @@ def figure(argv: list[str]) -> int:
     return 0
 
 
-MODES = {"memhook": memhook, "preflight": preflight, "plan-json": plan_json, "report": report,
+MODES = {"memhook": memhook, "preflight": preflight, "report": report,
          "slim-wheel": slim_wheel, "pack-model": pack_model, "init-model": init_model, "reload": reload_check,
          "figure": figure}
 

@@ -10,7 +10,7 @@ times forward, backward and optimizer step (mean of the steps after the first) f
 and (b) what TRL runs: the base loaded in the run's dtype, peft LoRA (adapters fp32),
 ``torch.autocast``, fused AdamW over the adapters, grad-norm clipping; alternating, ``--rounds``.
 PPO: the engines ``ppo_steps.build_engines`` builds from smollm2.yaml (LoRA, reference = adapter
-disabled), the first rl_train prompts of bench/lora_bench.py's data, ``--response-len`` tokens;
+disabled), the first rl_train prompts of bench/stage_bench.py's data, ``--response-len`` tokens;
 times ``sample`` (generation), ``rollout_forwards`` (actor + reference log-probs and values) and one
 minibatch update (``policy_forward``, the PPO losses, ``backward``, ``step``) with made-up advantages.
 """
@@ -26,8 +26,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import lora_bench  # noqa: E402
+import harness as h  # noqa: E402
+import stage_bench  # noqa: E402
+
+SMOL = argparse.Namespace(model="smollm2")  # what stage_bench.model_dir/data_dir read
+
+
+def smol():
+    """configs/smollm2.yaml, validated."""
+    from stackllama_ds.config_loader import load_config
+
+    return load_config(h.SMOL_YAML, check_files=False)
 
 
 def timed(step: Callable[[], dict[str, float]], steps: int) -> dict[str, float]:
@@ -46,7 +55,7 @@ def top_ops(name: str, fn: Callable[[], object]) -> None:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    print(f"\n{name} (load average {lora_bench.load_avg()}):\n"
+    print(f"\n{name} (load average {h.load_avg()}):\n"
           + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
@@ -99,11 +108,11 @@ def compare(a, sides: dict[str, Callable[[], dict[str, float]]], per_step: float
             res[k].append(timed(fn, a.steps))
     rows = []
     for k, v in res.items():
-        m = {x: common.median([r[x] for r in v]) for x in ("forward", "backward", "step")}
+        m = {x: h.median([r[x] for r in v]) for x in ("forward", "backward", "step")}
         tot = sum(m.values())
         rows.append([k, m["forward"], m["backward"], m["step"], tot, per_step / tot])
-    print(common.table(["", "forward s", "backward s", "optimizer s", "step s", unit], rows,
-                       f"{title}, load average {lora_bench.load_avg()})"))
+    print(h.table(["", "forward s", "backward s", "optimizer s", "step s", unit], rows,
+                       f"{title}, load average {h.load_avg()})"))
     if a.torch_profile:
         for k, fn in sides.items():
             top_ops(f"{k}, one step", fn)
@@ -112,14 +121,13 @@ def compare(a, sides: dict[str, Callable[[], dict[str, float]]], per_step: float
 def profile_sft(a, dtype: str) -> None:
     import torch
 
-    from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig, OptimConfig
+    from stackllama_ds.config import EngineConfig, ModelConfig
     from stackllama_ds.engines.build import build_train_engine
     from stackllama_ds.models.load import DTYPES, apply_lora, load_causal_lm
 
-    sc = lora_bench.smol()["sft"]
-    seq, mb = sc["seq_length"], sc["engine"]["micro_batch_size"]
-    folder = lora_bench.model_dir()
-    lora = LoraConfig(enabled=True, **lora_bench.lora_spec(sc["lora"]))
+    sc = smol().sft
+    seq, mb = sc.seq_length, sc.engine.micro_batch_size
+    folder, lora = stage_bench.model_dir(SMOL), sc.lora
     mcfg = ModelConfig(name_or_path=str(folder))
     ids = torch.randint(0, 49152, (mb, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -127,7 +135,7 @@ def profile_sft(a, dtype: str) -> None:
     # (a) ours, as stages/sft.py builds it
     model = load_causal_lm(folder, mcfg, dtype=dtype, lora=lora)
     eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
-    engine = build_train_engine(model, eng, OptimConfig(**sc["optim"]), total_steps=100, grad_accum=1)
+    engine = build_train_engine(model, eng, sc.optim, total_steps=100, grad_accum=1)
 
     # (b) TRL's recipe: base in the run's dtype, fp32 adapters, autocast, fused AdamW, clipping
     from transformers import AutoModelForCausalLM
@@ -146,19 +154,18 @@ def profile_rm(a, dtype: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig, OptimConfig
+    from stackllama_ds.config import EngineConfig, ModelConfig
     from stackllama_ds.engines.build import build_train_engine
     from stackllama_ds.models.load import DTYPES, apply_lora, load_reward_model
 
-    rc = lora_bench.smol()["rm"]
-    mb, T = rc["engine"]["micro_batch_size"], a.seq
-    folder = lora_bench.model_dir()
-    lora = LoraConfig(enabled=True, **lora_bench.lora_spec(rc["lora"]))
+    rc = smol().rm
+    mb, T = rc.engine.micro_batch_size, a.seq
+    folder, lora = stage_bench.model_dir(SMOL), rc.lora
     ids = torch.randint(1, 49152, (2 * mb, T), generator=torch.Generator().manual_seed(0))
 
     model = load_reward_model(folder, ModelConfig(name_or_path=str(folder)), pad_token_id=0, dtype=dtype, lora=lora)
     eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
-    engine = build_train_engine(model, eng, OptimConfig(**rc.get("optim", {})), total_steps=100, grad_accum=1)
+    engine = build_train_engine(model, eng, rc.optim, total_steps=100, grad_accum=1)
 
     def loss_of(r: torch.Tensor) -> torch.Tensor:
         r = r.squeeze(-1).float()
@@ -179,7 +186,7 @@ def profile_ppo(a, dtype: str) -> None:
     import torch
 
     from stackllama_ds import rl
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.data.prompts import load_prompts
     from stackllama_ds.engines.generate import sample
     from stackllama_ds.models.forward import policy_forward
@@ -187,10 +194,11 @@ def profile_ppo(a, dtype: str) -> None:
     from stackllama_ds.models.padding import cut_at_eos, pad
     from stackllama_ds.stages.ppo_steps import build_engines, rollout_forwards
 
-    ns = argparse.Namespace(steps=2, response_len=a.response_len, zero=a.zero)
-    cfg = load_config(lora_bench.ppo_run(ns, "lora-profile-ppo", 1, a.zero), check_files=False)
+    ns = argparse.Namespace(model="smollm2", steps=2, response_len=a.response_len, zero=a.zero, dtype=dtype,
+                            micro_batch=None)
+    cfg = load_config(stage_bench.our_config(ns, "ppo", "profile"), check_files=False)
     p = cfg.ppo
-    tok = load_tokenizer(lora_bench.model_dir())
+    tok = load_tokenizer(stage_bench.model_dir(SMOL))
     prompts = load_prompts(cfg.root() / "data", tok, "rl_train", cfg.ppo.max_prompt_length)
     e = build_engines(cfg, tok, 100)
     actor = e.actor
@@ -232,10 +240,10 @@ def profile_ppo(a, dtype: str) -> None:
     updates = p.ppo_epochs * p.batch_size // p.mini_batch_size
     upd = res["update forward"] + res["update backward"] + res["update step"]
     rows = [["s", *res.values(), upd * updates]]
-    print(common.table(["", *res, f"train = {updates} updates"], rows,
+    print(h.table(["", *res, f"train = {updates} updates"], rows,
                        f"LoRA PPO phases ({dtype}, ours ZeRO-{a.zero}, batch {p.batch_size}, prompts padded to {P}, "
                        f"{a.response_len} new tokens, mini batch {p.mini_batch_size}; load average "
-                       f"{lora_bench.load_avg()})"))
+                       f"{h.load_avg()})"))
     if a.torch_profile:
         top_ops("ours, generation of the batch", generate)
         top_ops("ours, rollout log-probs (actor + reference, values)", logprobs)
@@ -261,8 +269,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     dist.init("gloo", 120)
-    dtype = lora_bench.resolved_dtype()
-    print(f"# {common.machine()}; SmolLM2-135M-Instruct, LoRA as configs/smollm2.yaml, {dtype}, "
+    from stackllama_ds.hardware import auto_dtype
+
+    dtype = auto_dtype()
+    print(f"# {h.machine()}; SmolLM2-135M-Instruct, LoRA as configs/smollm2.yaml, {dtype}, "
           f"{torch.get_num_threads()} threads")
     {"sft": profile_sft, "rm": profile_rm, "ppo": profile_ppo}[a.stage](a, dtype)
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import ppo_bench  # noqa: E402
-
-GiB = 2**30
+import harness as h  # noqa: E402
 
 _BASELINE = r"""
 import os, resource
@@ -42,6 +40,11 @@ SFT = {"max_steps": 3, "eval_every": 10_000, "eval_batches": 1, "save_every": 10
        "optim": {"warmup_steps": 0}}
 RM = {"init_from": None, "max_length": 512, "max_steps": 3, "eval_every": 10_000, "save_every": 10_000,
       "lora": {"enabled": False}}
+_BF16 = {"dtype": "bf16"}
+PPO = {"steps": 2, "batch_size": 8, "mini_batch_size": 2, "gradient_accumulation_steps": 1, "ppo_epochs": 1,
+       "response_min_length": 32, "response_max_length": 32, "max_prompt_length": 256, "early_stopping": False,
+       "save_every": 10_000, "log_samples": 0, "optim": {"lr": 1.41e-5}, "lora": {"enabled": False},
+       "actor": {"zero_stage": 2, **_BF16}, "critic": {"zero_stage": 2, **_BF16}, "reference": _BF16, "reward": _BF16}
 
 
 def cases() -> dict[str, tuple[str, int, dict]]:
@@ -58,24 +61,23 @@ def cases() -> dict[str, tuple[str, int, dict]]:
         "sft-z2-2ranks": ("sft", 2, {"sft": {**SFT, "engine": {**e, "zero_stage": 2}}}),
         "sft-z3-2ranks": ("sft", 2, {"sft": {**SFT, "engine": {**e, "zero_stage": 3,
                                                                "stage3_param_persistence_threshold": 0}}}),
-        "rm-z2-1rank": ("rm", 1, {"rm": {**RM, "init_from": str(common.ROOT / "tiny"),
+        "rm-z2-1rank": ("rm", 1, {"rm": {**RM, "init_from": str(h.ROOT / "tiny"),
                                          "engine": {**e, "zero_stage": 2}}}),
-        "ppo-z2-1rank": ("ppo", 1, {}),
+        "ppo-z2-1rank": ("ppo", 1, {"ppo": PPO}),
     }
 
 
 def baseline_mb() -> float:
-    r, _ = common.run_measured([sys.executable, "-c", _BASELINE],
-                               extra_env={"BENCH_MODEL": str(common.ROOT / "tiny"),
-                                          "BENCH_DATA": str(common.ROOT / "data")})
-    common.check(r, "baseline")
+    r, _ = h.run_measured([sys.executable, "-c", _BASELINE],
+                          extra_env={"BENCH_MODEL": str(h.ROOT / "tiny"), "BENCH_DATA": str(h.ROOT / "data")})
+    h.check(r, "baseline")
     return float(next(x for x in r.stdout.splitlines() if x.startswith("@@BASE")).split()[1])
 
 
 def estimate(cfg_path: Path, stage: str, ranks: int) -> tuple[float, float]:
     """(planner's stage peak in MB, the same without the fixed runtime overhead)."""
     from stackllama_ds import plan
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
 
     cfg = load_config(cfg_path, world_size=ranks)
     shape = plan.model_shape(cfg)
@@ -89,7 +91,7 @@ def main() -> None:
     ap.add_argument("--measured", type=Path, help="re-estimate from an earlier run's stderr log (no runs)")
     ap.add_argument("--baseline", type=float, help="with --measured: the baseline MB that run printed")
     a = ap.parse_args()
-    common.ensure_root()
+    h.ensure_root()
     logged: dict[str, float] = {}
     if a.measured:
         for line in a.measured.read_text().splitlines():
@@ -97,48 +99,41 @@ def main() -> None:
             if m:
                 logged[m.group(1)] = float(m.group(2))
     base = a.baseline if a.measured else baseline_mb()
-    ppo_args = argparse.Namespace(steps=2, batch=8, mini_batch=2, epochs=1, response_len=32, max_prompt=256, zero=2,
-                                  dtype="bf16", warmup=0)
-    print(f"# plan check: {common.machine()}; model {common.n_params() / 1e6:.1f}M params; runtime baseline "
+    print(f"# plan check: {h.machine()}; model {h.n_params() / 1e6:.1f}M params; runtime baseline "
           f"{base:.0f} MB RSS per rank (imports, process group, tokenizer, data); SFT seq 512 x micro 4, "
           f"RM 4 pairs x 512, PPO batch 8 / minibatch 2 / 32 new tokens / prompts <= 256; bf16 unless named")
     rows = []
     for name, (stage, ranks, sections) in cases().items():
         if a.only and name not in a.only.split(",") or a.measured and name not in logged:
             continue
-        if stage == "ppo":
-            cfg = ppo_bench.make_run(f"plan-{name}", ppo_args, ranks)
-        else:
-            run = common.OUT / f"plan-{name}"
-            import shutil
-
-            shutil.rmtree(run, ignore_errors=True)
-            cfg = common.write_config(run, launch={"nproc_per_node": ranks}, **sections)
+        links = {"data": h.ROOT / "data", "tiny": h.ROOT / "tiny"}
+        if stage == "ppo":  # the benchmark model as SFT model and as reward model (a fresh score head)
+            links.update({"sft/model": h.ROOT / "tiny", "rm/model": h.ROOT / "tiny"})
+        cfg = h.write_config(h.OUT / f"plan-{name}", h.TINY_YAML, links, launch={"nproc_per_node": ranks},
+                             model={"tiny": h.BENCH_MODEL}, **sections)
         note = ""
         if a.measured:
             r, rss = None, logged[name]
         else:
-            r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)])
+            r, rss = h.run_measured([sys.executable, "-m", "stackllama_ds.cli", stage, str(cfg)])
         if r is not None and r.returncode:
             # The training steps may have run (the peak is then valid) and a later phase failed.
             metrics = cfg.parent / stage / "metrics.jsonl"
             done = metrics.exists() and any('"step"' in x for x in metrics.read_text().splitlines())
             last = [x for x in r.stderr.strip().splitlines() if x.strip()][-3:]
             if not done:
-                common.check(r, name)
+                h.check(r, name)
             note = " (trained; then failed: " + " / ".join(last)[-160:] + ")"
-            common.log(f"  {name}: exit {r.returncode} after training{note}")
+            h.log(f"  {name}: exit {r.returncode} after training{note}")
         est_total, est_model = estimate(cfg, stage, ranks)
         measured = rss - base
         err = est_model / measured - 1
         rows.append([name, rss, measured, est_model, est_total, f"{100 * err:+.0f}%",
                      ("yes" if abs(err) <= 0.25 else "NO") + ("*" if note else "")])
-        common.log(f"  {name}: peak {rss:.0f} MB, above baseline {measured:.0f} MB, estimate {est_model:.0f} MB "
+        h.log(f"  {name}: peak {rss:.0f} MB, above baseline {measured:.0f} MB, estimate {est_model:.0f} MB "
                    f"({100 * err:+.0f}%)")
-        import shutil
-
         shutil.rmtree(cfg.parent, ignore_errors=True)
-    print(common.table(["config", "peak RSS MB/rank", "above baseline MB", "planner (no runtime) MB",
+    print(h.table(["config", "peak RSS MB/rank", "above baseline MB", "planner (no runtime) MB",
                         "planner total MB", "error", "within 25%"], rows, "planner vs measured"))
     if any(str(r[-1]).endswith("*") for r in rows):
         print("* the stage failed after its training steps (see stderr); the peak covers the steps it ran")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,9 +22,8 @@ MAX_WAIT_S = 1800.0  # a side stuck longer than this is not waited for (it is re
 
 
 def setup(folder: Path, n: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in folder.glob("*"):
-        p.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     _write(folder / "slot", "0")
 
 

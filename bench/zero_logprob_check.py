@@ -35,7 +35,7 @@ SETTINGS = {"zero2-bf16": (2, "bf16"), "zero3-bf16": (3, "bf16"), "zero2-fp32": 
 def worker(root: str, name: str, b_std: float) -> None:
     import deepspeed
 
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.engines import dist
     from stackllama_ds.models.forward import policy_forward
     from stackllama_ds.models.load import load_tokenizer

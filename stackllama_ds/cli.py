@@ -23,9 +23,8 @@ from pathlib import Path
 
 from stackllama_ds.config import RunConfig
 from stackllama_ds.config_loader import ConfigError, load_config
+from stackllama_ds.run.layout import STAGES
 from stackllama_ds.run.signals import catch_stop_signals_early
-
-STAGES = ("sft", "rm", "judge", "ppo", "eval")
 
 
 def _load(args, world_size: int | None = None) -> RunConfig:
@@ -122,7 +121,7 @@ def cmd_pipeline(args) -> int:
     from stackllama_ds.pipeline import run_pipeline
 
     cfg = _load(args)
-    return run_pipeline(cfg, args.config, args.set or [], force=args.force)
+    return run_pipeline(cfg, args.config, args.set or [], run_stage=run_stage, force=args.force)
 
 
 def cmd_export(args) -> int:

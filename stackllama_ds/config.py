@@ -285,13 +285,12 @@ class PPOConfig(_Strict):
     batch_size: int = Field(8, ge=1)  # rollouts per rank per PPO step
     mini_batch_size: int = Field(1, ge=1)
     # Rows per no-grad rollout forward (actor, reference, critic log-probs and values). None: the
-    # mini batch, as TRL (filled in on validation). Larger runs fewer, wider forwards (CPU LoRA SmolLM2, batch 8: 8 rows
-    # instead of 2 cut that phase ~25%), at the cost of (rows, response, vocab) fp32 logits at once.
+    # mini batch, as TRL (filled in on validation). Larger runs fewer, wider forwards (faster on CPU),
+    # at the cost of (rows, response, vocab) fp32 logits at once.
     forward_batch_size: int | None = Field(None, ge=1)
     # The rollout forwards (actor and reference log-probs, values) in fp32 arithmetic on the engines'
     # bf16/fp16 weights (models.forward.Fp32Compute): in bf16 the per-response KL estimate near the
-    # reference is +-0.5 nats of rounding noise (fp32: 0.006, SmolLM2-135M). That phase (~16% of a
-    # CPU LoRA PPO step) takes ~1.7x as long.
+    # reference is mostly rounding noise (figures in bench/RESULTS.md). That phase takes longer.
     rollout_fp32: bool = True
     gradient_accumulation_steps: int = Field(8, ge=1)
     ppo_epochs: int = Field(4, ge=1)
@@ -514,16 +513,3 @@ def resolve_path(p: str, base: Path) -> Path:
     alt = base / path
     return alt if alt.exists() else path
 
-
-# ------------------------------------------------------------------------------ loader names
-_LOADER_NAMES = ("ConfigError", "load_config", "parse_overrides", "dump_config")
-
-
-def __getattr__(name: str) -> Any:
-    """``from stackllama_ds.config import load_config`` keeps working; the loader imports this module,
-    so the reverse import waits until a loader name is asked for (no import cycle)."""
-    if name in _LOADER_NAMES:
-        import stackllama_ds.config_loader as loader
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

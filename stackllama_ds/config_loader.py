@@ -105,6 +105,42 @@ def _union_branch(raw: object, loc: tuple[str, ...]) -> bool:
     return True  # a scalar has no keys: the tag of a union member
 
 
+def _read_yaml(p: Path, src: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """The config file's top-level mapping and the YAML line of every key path.
+
+    Raises ConfigError (``src:LINE: ...``) for a missing file, bytes that are not UTF-8, invalid YAML,
+    a top level that is not a mapping, and duplicate keys."""
+    if not p.exists():
+        raise ConfigError([f"{src}: config file not found"])
+    blob = p.read_bytes()
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = blob.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{src}:{line}: not UTF-8 text "
+                           f"(byte {blob[e.start]:#04x} at offset {e.start})"]) from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+        lines = _yaml_lines(node) if node is not None else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{src}:{mark.line + 1}" if mark is not None else src
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{src}: invalid YAML: nested too deeply"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{src}:1: top level must be a mapping of sections, got {type(data).__name__}"])
+    dups = _duplicate_keys(node)
+    if dups:
+        raise ConfigError([f"{src}:{line}: {'.'.join(key)}: duplicate key (first at line {first})"
+                           for key, line, first in dups])
+    return data, lines
+
+
 def load_config(
     path: str | os.PathLike[str] | None,
     overrides: list[str] | None = None,
@@ -120,36 +156,7 @@ def load_config(
     raw: dict[str, Any] = {}
     lines: dict[tuple[str, ...], int] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError([f"{src}: config file not found"])
-        blob = p.read_bytes()
-        try:
-            text = blob.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = blob.count(b"\n", 0, e.start) + 1
-            raise ConfigError([f"{src}:{line}: not UTF-8 text "
-                               f"(byte {blob[e.start]:#04x} at offset {e.start})"]) from None
-        try:
-            node = yaml.compose(text)
-            data = yaml.safe_load(text)
-            lines = _yaml_lines(node) if node is not None else {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{src}:{mark.line + 1}" if mark is not None else src
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
-        except RecursionError:
-            raise ConfigError([f"{src}: invalid YAML: nested too deeply"]) from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError([f"{src}:1: top level must be a mapping of sections, got {type(data).__name__}"])
-        dups = _duplicate_keys(node)
-        if dups:
-            raise ConfigError([f"{src}:{line}: {'.'.join(key)}: duplicate key (first at line {first})"
-                               for key, line, first in dups])
-        raw = data
+        raw, lines = _read_yaml(Path(path), src)
     set_keys: dict[tuple[str, ...], str] = {}
     for k, v in parse_overrides(overrides):
         _set_dotted(raw, k, v)

@@ -2,14 +2,20 @@
 
 bf16 only where it runs natively: a CUDA GPU with bf16, or a CPU with bf16 matrix units
 (avx512_bf16 or AMX). Elsewhere fp32: on an AVX2-only CPU a bf16 matmul is emulated and runs
-tens of times slower than fp32 (2048^3: ~37x measured on an AMD EPYC without avx512_bf16).
+tens of times slower than fp32. Also the rest a rank asks of its machine: a dtype name's torch dtype,
+its CUDA device, a free port, handing the heap's free pages back.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -77,6 +83,32 @@ def auto_dtype() -> str:
     if gpu is not None:
         return "bf16" if gpu else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """The config's dtype names -> torch dtypes (torch imported here: config.py imports this module)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``bf16``/``fp16``/``fp32`` -> the torch dtype."""
+    return torch_dtypes()[name]
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``).
+
+    The launcher keeps freed blocks in the heap for speed (launcher/spawn.py MALLOC_ENV); without
+    this, the transient full-size copies made while loading and partitioning a model would stay
+    resident for the whole run, and a phase that follows training would allocate on top of the
+    training's high-water mark.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def free_port() -> int:

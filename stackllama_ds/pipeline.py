@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stackllama_ds.config import RunConfig, resolve_path
-from stackllama_ds.run.layout import RunLayout, is_done, mark_done
+from stackllama_ds.run.layout import STAGES, RunLayout, is_done, mark_done
 
-TRAIN_STAGES = ("sft", "rm", "judge", "ppo", "eval")
 RESULTS = {
     "data": "data/report.json",
     "tiny": "tiny/",
@@ -28,7 +28,7 @@ RESULTS = {
 def available_stages(cfg: RunConfig | None = None) -> list[str]:
     """The stages the pipeline runs: the judge only where ``judge.enabled``."""
     mods = {"eval": "stackllama_ds.stages.eval", "judge": "stackllama_ds.stages.rm"}
-    return [s for s in TRAIN_STAGES if importlib.util.find_spec(mods.get(s, f"stackllama_ds.stages.{s}"))
+    return [s for s in STAGES if importlib.util.find_spec(mods.get(s, f"stackllama_ds.stages.{s}"))
             and (s != "judge" or (cfg is not None and cfg.judge.enabled))]
 
 
@@ -49,9 +49,10 @@ def plan_gate(cfg: RunConfig, force: bool) -> bool:
     return True
 
 
-def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], force: bool = False) -> int:
-    from stackllama_ds.cli import run_stage
-
+def run_pipeline(cfg: RunConfig, config_path: str, overrides: list[str], *,
+                 run_stage: Callable[[str, str, list[str]], int], force: bool = False) -> int:
+    """``run_stage(stage, config_path, overrides)`` runs one training stage and returns its exit code:
+    the CLI passes its own (validate, then spawn the ranks), so this module never imports the CLI back."""
     root = cfg.root()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

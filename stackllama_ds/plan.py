@@ -283,6 +283,57 @@ def lora_activation_bytes(shape: ModelShape, lora: LoraConfig, w: Workload, e: i
     return out
 
 
+def _place_weights(est: Estimate, full_w: float, shape: ModelShape, eng: EngineConfig, e: int, W: int, z: int,
+                   trainable: bool) -> float:
+    """Set ``est.weights`` (and ``est.host`` with offloaded params) for ``full_w`` bytes of weights
+    under ZeRO stage ``z`` on ``W`` ranks. Returns the full-size gradients ZeRO-3's backward adds
+    to the gradients (0 otherwise)."""
+    if z != 3:
+        est.weights = full_w
+        return 0.0
+    layer = shape.layer_params * e
+    # Gathered while a forward runs: up to the prefetch bucket, at least two layers or the
+    # largest module, at most the whole model.
+    working = min(full_w, max(2 * layer, shape.embed_params * e, PREFETCH_BUCKET * e))
+    part = full_w / W
+    if eng.offload_params:
+        est.host += part
+        est.weights = working
+        est.notes.append("params offloaded")
+    else:
+        est.weights = part + working
+    if not trainable:
+        return 0.0
+    # Backward re-gathers the modules while the forward's gathered copies are still held by
+    # the allocator (CUDA cache / CPU heap), and each gathered module's full-size gradient
+    # exists until its reduce-scatter: two more working sets.
+    est.weights += working
+    return working
+
+
+def _place_grads_and_optimizer(est: Estimate, t: int, e: int, W: int, z: int, master: bool, offload: bool,
+                               z3_full_grads: float) -> None:
+    """Set ``est.grads`` and ``est.optimizer`` (or ``est.host`` with an offloaded optimizer) for ``t``
+    trainable parameters under ZeRO stage ``z`` on ``W`` ranks."""
+    # gradients: module copy at e (+ fp32 copy for the optimizer in mixed precision)
+    module_g = t * e
+    fp32_g = t * 4 if master else 0.0
+    if z >= 2:
+        module_g = module_g / W + REDUCE_BUCKET * e  # the contiguous bucket is allocated whole
+    if z >= 1:
+        fp32_g /= W
+    # optimizer: AdamW moments (8 B) + fp32 master (4 B) in mixed precision
+    opt = t * (12 if master else 8)
+    if z >= 1:
+        opt /= W
+    if offload:
+        est.host += opt + fp32_g
+        est.notes.append("optimizer offloaded")
+        opt, fp32_g = 0.0, 0.0
+    est.grads = module_g + fp32_g + z3_full_grads
+    est.optimizer = opt
+
+
 def engine_estimate(
     name: str,
     shape: ModelShape,
@@ -316,46 +367,9 @@ def engine_estimate(
 
     # weights (frozen base + trainable adapters at e)
     full_w = weight_bytes(shape, work.head, e, quant) + (t * e if use_lora else extra_trainable * e)
-    z3_full_grads = 0.0
-    if z == 3:
-        layer = shape.layer_params * e
-        # Gathered while a forward runs: up to the prefetch bucket, at least two layers or the
-        # largest module, at most the whole model.
-        working = min(full_w, max(2 * layer, shape.embed_params * e, PREFETCH_BUCKET * e))
-        part = full_w / W
-        if eng.offload_params:
-            est.host += part
-            est.weights = working
-            est.notes.append("params offloaded")
-        else:
-            est.weights = part + working
-        if trainable:
-            # Backward re-gathers the modules while the forward's gathered copies are still held by
-            # the allocator (CUDA cache / CPU heap), and each gathered module's full-size gradient
-            # exists until its reduce-scatter: two more working sets.
-            est.weights += working
-            z3_full_grads = working
-    else:
-        est.weights = full_w
-
+    z3_full_grads = _place_weights(est, full_w, shape, eng, e, W, z, trainable)
     if t:
-        # gradients: module copy at e (+ fp32 copy for the optimizer in mixed precision)
-        module_g = t * e
-        fp32_g = t * 4 if master else 0.0
-        if z >= 2:
-            module_g = module_g / W + REDUCE_BUCKET * e  # the contiguous bucket is allocated whole
-        if z >= 1:
-            fp32_g /= W
-        # optimizer: AdamW moments (8 B) + fp32 master (4 B) in mixed precision
-        opt = t * (12 if master else 8)
-        if z >= 1:
-            opt /= W
-        if eng.offload_optimizer:
-            est.host += opt + fp32_g
-            est.notes.append("optimizer offloaded")
-            opt, fp32_g = 0.0, 0.0
-        est.grads = module_g + fp32_g + z3_full_grads
-        est.optimizer = opt
+        _place_grads_and_optimizer(est, t, e, W, z, master, eng.offload_optimizer, z3_full_grads)
 
     ckpt = eng.gradient_checkpointing and work.train
     est.activations = activation_bytes(shape, work, e, ckpt)

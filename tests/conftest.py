@@ -68,7 +68,7 @@ def write_config(path: Path, root: Path, **sections) -> Path:
 @pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory) -> Path:
     """A run root holding ``data/`` (the embedded beer dump, prepared) and ``tiny/`` (tokenizer + model)."""
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.data.prepare import prepare
     from stackllama_ds.models.tiny import make_tiny
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stackllama_ds import hardware
-from stackllama_ds.config import EngineConfig, load_config
+from stackllama_ds.config import EngineConfig
+from stackllama_ds.config_loader import load_config
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
 AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stackllama_ds import plan
-from stackllama_ds.config import load_config
+from stackllama_ds.config_loader import load_config
 from tests.conftest import REPO, TINY_YAML, cli_env, run_cli
 
 CONFIGS = [("stackllama.yaml", 3, 24), ("stackllama-1node.yaml", 1, 8)]

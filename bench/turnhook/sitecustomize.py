@@ -1,6 +1,6 @@
-"""Turn taking for our stages in bench/lora_bench.py (bench/turns.py), installed without touching them.
+"""Turn taking for our stages in bench/stage_bench.py (bench/turns.py), installed without touching them.
 
-bench/lora_bench.py puts this folder first on PYTHONPATH and sets ``BENCH_TURNS`` for our run only;
+bench/stage_bench.py puts this folder first on PYTHONPATH and sets ``BENCH_TURNS`` for our run only;
 Python imports ``sitecustomize`` at start-up in the CLI process and in every rank it spawns. When
 ``stackllama_ds.run.stage`` is imported, ``StageRun.beat`` waits for this side's slot when the stage
 enters the phase that opens a step (``BENCH_TURN_PHASE``: "training" for SFT and RM, "actor

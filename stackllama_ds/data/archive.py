@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from stackllama_ds.data.posts import DataError
+from stackllama_ds.data.errors import DataError
 
 PIECE = 1 << 20
 QUEUE_PIECES = 8

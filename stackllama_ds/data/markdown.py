@@ -7,8 +7,8 @@ ImportError, never a silent switch to another converter.
 
 The Rust scanner is forced onto its single-pass byte scanner ("tier1"; it hands input it cannot
 scan to the DOM walker by itself). ``convert(html, options)`` rebuilds the native options on every
-call: on the beer dump's bodies, one core, ~14 MB/s against ~45 MB/s through the package's private
-native object, which we no longer touch (prepare end to end: ~10 instead of ~16 MB/s).
+call, a few times slower than through the package's private native object, which we no longer
+touch (`bench/data_bench.py prepare` measures prepare end to end).
 
 Output: fenced code blocks (```), inline code in backticks, ``[text](url)`` links, ``-`` lists,
 ``*``/``**`` emphasis; leading and trailing whitespace stripped.

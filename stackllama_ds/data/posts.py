@@ -34,13 +34,15 @@ import multiprocessing
 import os
 import re
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from lxml import etree
 
+from stackllama_ds.data.archive import member_sizes, open_member
+from stackllama_ds.data.errors import DataError
 from stackllama_ds.data.markdown import ConversionFailed, html_to_markdown
 
 # Why a row was skipped (skip_bad_rows=True) or refused (False). orphan_answer is always skipped.
@@ -69,26 +71,6 @@ _ROOT_OPEN = re.compile(rb"<posts(\s[^<>]*)?>")
 _SEP = "\x1f"  # joins metadata strings inside the on-disk store
 
 
-class DataError(Exception):
-    """Bad input: the message reads ``FILE:LINE: ATTRIBUTE: what is wrong`` (`` (site S)`` when known)."""
-
-    def __init__(self, message: str, file: str | os.PathLike[str] | None = None, line: int | None = None,
-                 attribute: str | None = None, reason: str | None = None, site: str | None = None):
-        where = ":".join(str(x) for x in (file, line) if x is not None)
-        prefix = f"{where}: " if where else ""
-        attr = f"{attribute}: " if attribute else ""
-        suffix = f" (site {site})" if site else ""
-        super().__init__(f"{prefix}{attr}{message}{suffix}")
-        self.message = message
-        self.file, self.line, self.attribute, self.reason, self.site = file, line, attribute, reason, site
-
-    def with_site(self, site: str) -> DataError:
-        """The same error, naming the site it belongs to."""
-        if self.site is not None:
-            return self
-        return DataError(self.message, self.file, self.line, self.attribute, self.reason, site)
-
-
 @dataclass(frozen=True)
 class DumpFile:
     """One XML file of a dump: a plain file, or the member ``member`` of the ``.7z`` archive ``path``.
@@ -110,8 +92,6 @@ class DumpFile:
         """Bytes of XML (uncompressed size for a member, from the archive's header)."""
         if self.member is None:
             return os.path.getsize(self.path)
-        from stackllama_ds.data.archive import member_sizes
-
         return member_sizes(self.path).get(self.member, 0)
 
     def mtime_ns(self) -> int:
@@ -120,8 +100,6 @@ class DumpFile:
     def open(self) -> BinaryIO:
         if self.member is None:
             return open(self.path, "rb")
-        from stackllama_ds.data.archive import open_member
-
         return open_member(self.path, self.member)
 
 
@@ -396,6 +374,72 @@ def _run_block(args: tuple) -> ChunkResult:
 
 
 # ------------------------------------------------------------------- the fallback: a pull parser
+class _PullRows:
+    """What the pull parser has read into the batch being filled (``out``), and its checks of the
+    document between rows. Lines are 0-based file lines; the first fed line is ``line_base + 1``."""
+
+    def __init__(self, line_base: int, skip_bad_rows: bool, keep_problems: int):
+        self.line_base, self.skip_bad_rows, self.keep_problems = line_base, skip_bad_rows, keep_problems
+        self.out = ChunkResult()
+        self.root_checked = False
+
+    def line_of(self, n: int | None) -> int:  # fed line -> 0-based file line
+        return self.line_base + (n or 1) - 1
+
+    def problem(self, e: _RowError, line: int) -> bool:
+        """Record a bad row; True when parsing must stop (not skipping)."""
+        if len(self.out.problems) < self.keep_problems:
+            self.out.problems.append(Problem(e.reason, line, e.attribute, e.message))
+        if not self.skip_bad_rows:
+            return True
+        self.out.skipped[e.reason] += 1
+        return False
+
+    def outside(self, nodes, root) -> tuple[_RowError, int] | None:
+        """What is wrong between the root's elements: text, or an entity reference (never expanded)."""
+        if not self.root_checked:
+            self.root_checked = True
+            if root.text and root.text.strip():
+                return _RowError("invalid_xml", "<posts>", f"text outside a <row/>: {root.text.strip()[:40]!r}"), \
+                    self.line_of(root.sourceline)
+        for n in nodes:
+            if isinstance(n, etree._Entity):
+                return _RowError("invalid_xml", str(n), "entity reference outside a <row/> (entities are "
+                                 "never expanded)"), self.line_of(n.sourceline)
+            if n.tail and n.tail.strip():
+                return _RowError("invalid_xml", "<posts>", f"text outside a <row/>: {n.tail.strip()[:40]!r}"), \
+                    self.line_of(n.sourceline)
+        return None
+
+    def take(self, events) -> bool:
+        """Handle parsed elements; True when parsing must stop."""
+        for _, el in events:
+            parent = el.getparent()
+            if parent is None:  # the root closed: check what follows the last row
+                bad = self.outside(list(el), el)
+                if bad is not None and self.problem(*bad):
+                    return True
+                self.out.closed = True
+                continue
+            if parent.getparent() is not None:  # inside a row: read with the row
+                continue
+            before = []
+            p = el.getprevious()
+            while p is not None:
+                before.append(p)
+                p = p.getprevious()
+            bad = self.outside(reversed(before), parent)
+            if bad is not None and self.problem(*bad):
+                return True
+            del parent[:len(before)]  # rows already read, comments, PIs: drop them
+            try:
+                _take_row(el, self.line_of(el.sourceline), self.out)
+            except _RowError as e:
+                if self.problem(e, self.line_of(el.sourceline)):
+                    return True
+        return False
+
+
 def _pull_parse(pieces: Iterable[bytes], prefix: bytes, line_base: int, skip_bad_rows: bool,
                 keep_problems: int = 20) -> Iterator[ChunkResult]:
     """Rows of well-formed XML in any layout, fed piece by piece to lxml's pull parser.
@@ -406,66 +450,7 @@ def _pull_parse(pieces: Iterable[bytes], prefix: bytes, line_base: int, skip_bad
     """
     parser = etree.XMLPullParser(events=("end",), resolve_entities=False, no_network=True, load_dtd=False,
                                  huge_tree=True)
-    out = ChunkResult()
-    root_checked = False
-
-    def line_of(n: int | None) -> int:  # fed line -> 0-based file line
-        return line_base + (n or 1) - 1
-
-    def problem(e: _RowError, line: int) -> bool:
-        """Record a bad row; True when parsing must stop (not skipping)."""
-        if len(out.problems) < keep_problems:
-            out.problems.append(Problem(e.reason, line, e.attribute, e.message))
-        if not skip_bad_rows:
-            return True
-        out.skipped[e.reason] += 1
-        return False
-
-    def outside(nodes, root) -> tuple[_RowError, int] | None:
-        """What is wrong between the root's elements: text, or an entity reference (never expanded)."""
-        nonlocal root_checked
-        if not root_checked:
-            root_checked = True
-            if root.text and root.text.strip():
-                return _RowError("invalid_xml", "<posts>", f"text outside a <row/>: {root.text.strip()[:40]!r}"), \
-                    line_of(root.sourceline)
-        for n in nodes:
-            if isinstance(n, etree._Entity):
-                return _RowError("invalid_xml", str(n), "entity reference outside a <row/> (entities are "
-                                 "never expanded)"), line_of(n.sourceline)
-            if n.tail and n.tail.strip():
-                return _RowError("invalid_xml", "<posts>", f"text outside a <row/>: {n.tail.strip()[:40]!r}"), \
-                    line_of(n.sourceline)
-        return None
-
-    def take(events) -> bool:
-        """Handle parsed elements; True when parsing must stop."""
-        for _, el in events:
-            parent = el.getparent()
-            if parent is None:  # the root closed: check what follows the last row
-                bad = outside(list(el), el)
-                if bad is not None and problem(*bad):
-                    return True
-                out.closed = True
-                continue
-            if parent.getparent() is not None:  # inside a row: read with the row
-                continue
-            before = []
-            p = el.getprevious()
-            while p is not None:
-                before.append(p)
-                p = p.getprevious()
-            bad = outside(reversed(before), parent)
-            if bad is not None and problem(*bad):
-                return True
-            del parent[:len(before)]  # rows already read, comments, PIs: drop them
-            try:
-                _take_row(el, line_of(el.sourceline), out)
-            except _RowError as e:
-                if problem(e, line_of(el.sourceline)):
-                    return True
-        return False
-
+    rows = _PullRows(line_base, skip_bad_rows, keep_problems)
     if prefix:
         parser.feed(prefix)
     for data in itertools.chain(pieces, [None]):
@@ -473,27 +458,27 @@ def _pull_parse(pieces: Iterable[bytes], prefix: bytes, line_base: int, skip_bad
             if data is None:
                 parser.close()
             else:
-                out.nbytes += len(data)
+                rows.out.nbytes += len(data)
                 parser.feed(data)
         except etree.XMLSyntaxError as e:
-            if take(parser.read_events()):
-                yield out
+            if rows.take(parser.read_events()):
+                yield rows.out
                 return
             msg = str(e.msg or e).split(", line ")[0]
             err = (_RowError("truncated", "", f"file ends before the XML document does ({msg})") if data is None
                    else _RowError("invalid_xml", "", f"not well-formed XML: {msg}"))
             if skip_bad_rows:
                 err.message += "; the rest of the file is not read"
-            problem(err, line_of(e.lineno))
-            yield out
+            rows.problem(err, rows.line_of(e.lineno))
+            yield rows.out
             return
-        if take(parser.read_events()):
-            yield out
+        if rows.take(parser.read_events()):
+            yield rows.out
             return
-        if len(out.questions) + len(out.answers) >= STREAM_BATCH:
-            yield out
-            out = ChunkResult()
-    yield out
+        if len(rows.out.questions) + len(rows.out.answers) >= STREAM_BATCH:
+            yield rows.out
+            rows.out = ChunkResult()
+    yield rows.out
 
 
 def _pieces(f: BinaryIO) -> Iterator[bytes]:
@@ -514,44 +499,13 @@ def iter_parsed(path: str | os.PathLike[str] | DumpFile, *, workers: int = 1, sk
     name = str(dump)
     if not dump.exists():
         raise DataError("file not found", dump.path)
-    lines_before = 0
-    logged = 0  # skipped rows echoed to the log (the report has every count)
-    saw_closed = False
-    last_line_truncated = False
+    fin = _Finisher(name, skip_bad_rows, log)
     root_tag = b"<posts>"
-
-    def finish(res: ChunkResult) -> ChunkResult:
-        nonlocal lines_before, logged, saw_closed, last_line_truncated
-        for p in res.problems:
-            p.line += lines_before + 1
-        if res.problems and not skip_bad_rows:
-            p = res.problems[0]
-            raise DataError(p.message, name, p.line, p.attribute, p.reason)
-        if log is not None:
-            for p in res.problems[: max(0, 50 - logged)]:
-                log(f"skipped {p.reason}: {name}:{p.line}: {p.attribute}: {p.message}")
-            logged += len(res.problems)
-        res.questions = [(q[0], q[1] + lines_before + 1, *q[2:]) for q in res.questions]
-        res.answers = [(a[0], a[1] + lines_before + 1, *a[2:]) for a in res.answers]
-        lines_before += res.newlines
-        if res.closed is not None:
-            saw_closed = res.closed
-        last_line_truncated = res.skipped.get("truncated", 0) > 0
-        return res
-
     stream: BinaryIO | None = None
     try:
-        if dump.member is None:
-            size = os.path.getsize(dump.path)
-            fn = _run_range
-            tasks: Iterator[tuple] = ((str(dump.path), s, e, e >= size, skip_bad_rows)
-                                      for s, e in byte_ranges(dump.path, chunk_bytes))
-        else:  # an archive member: blocks read from its stream travel to the workers as bytes
+        if dump.member is not None:  # an archive member: its blocks travel to the workers as bytes
             stream = dump.open()
-            size = dump.size()
-            fn = _run_block
-            tasks = ((data, i == 0, last, skip_bad_rows)
-                     for i, (data, last) in enumerate(stream_blocks(stream, chunk_bytes)))
+        size, fn, tasks = _block_tasks(dump, stream, chunk_bytes, skip_bad_rows)
         rest: Iterator[bytes] | None = None  # the bytes from the layout break on
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers) if workers > 1 else _NoPool() as pool:
@@ -570,41 +524,94 @@ def iter_parsed(path: str | os.PathLike[str] | DumpFile, *, workers: int = 1, sk
                 res = handle.get() if handle is not None else fn(t)
                 root_tag = res.root_tag or root_tag
                 if res.break_line is None:
-                    yield finish(res)
+                    yield fin.finish(res)
                     fill()
                     continue
                 # The layout breaks here: rows before it count, the pull parser reads the rest.
                 res.newlines = 0
-                yield finish(res)
-                line_base = lines_before + res.break_line
+                yield fin.finish(res)
+                line_base = fin.lines_before + res.break_line
                 prefix = root_tag if res.root_open else b""
-                if stream is None:
-                    f = open(dump.path, "rb")
-                    f.seek(t[1] + res.break_offset)
-                    rest = _pieces(f)
-                else:  # blocks read ahead, then the rest of the stream (through the block reader)
-                    rest = itertools.chain([t[0][res.break_offset:]], [p[0][0] for p in pending],
-                                           (t2[0] for t2 in tasks))
+                rest = _rest_after_break(dump, stream, t, res.break_offset, pending, tasks)
                 break
         if rest is not None:
             if log is not None:
                 log(f"{name}: not one <row/> per line from line {line_base + 1}; reading on with the XML parser")
-            lines_before = 0
+            fin.lines_before = 0
             for res in _pull_parse(rest, prefix, line_base, skip_bad_rows):
-                yield finish(res)
+                yield fin.finish(res)
             return
     finally:
         if stream is not None:
             stream.close()
-    if size and not saw_closed and not last_line_truncated:
+    if size and not fin.saw_closed and not fin.last_line_truncated:
+        yield fin.missing_close()
+
+
+class _Finisher:
+    """Makes ``iter_parsed``'s ChunkResults absolute (1-based file lines) in file order, raises on
+    the first problem unless ``skip_bad_rows`` (then logs the first 50), and notes whether the
+    document was closed."""
+
+    def __init__(self, name: str, skip_bad_rows: bool, log: Callable[[str], None] | None):
+        self.name, self.skip_bad_rows, self.log = name, skip_bad_rows, log
+        self.lines_before = 0  # file lines before the next result's first line
+        self.logged = 0  # skipped rows echoed to the log (the report has every count)
+        self.saw_closed = False
+        self.last_line_truncated = False
+
+    def finish(self, res: ChunkResult) -> ChunkResult:
+        """``res`` (the next in file order) with absolute lines; raises or logs its problems."""
+        for p in res.problems:
+            p.line += self.lines_before + 1
+        if res.problems and not self.skip_bad_rows:
+            p = res.problems[0]
+            raise DataError(p.message, self.name, p.line, p.attribute, p.reason)
+        if self.log is not None:
+            for p in res.problems[: max(0, 50 - self.logged)]:
+                self.log(f"skipped {p.reason}: {self.name}:{p.line}: {p.attribute}: {p.message}")
+            self.logged += len(res.problems)
+        res.questions = [(q[0], q[1] + self.lines_before + 1, *q[2:]) for q in res.questions]
+        res.answers = [(a[0], a[1] + self.lines_before + 1, *a[2:]) for a in res.answers]
+        self.lines_before += res.newlines
+        if res.closed is not None:
+            self.saw_closed = res.closed
+        self.last_line_truncated = res.skipped.get("truncated", 0) > 0
+        return res
+
+    def missing_close(self) -> ChunkResult:
+        """A non-empty file ended without ``</posts>``: DataError, or (skipping) one counted problem."""
         msg = "file is truncated: no closing </posts> after the last row"
-        if not skip_bad_rows:
-            raise DataError(msg, name, lines_before + 1, "</posts>", "truncated")
-        if log is not None:
-            log(f"skipped truncated: {name}:{lines_before + 1}: {msg}")
+        if not self.skip_bad_rows:
+            raise DataError(msg, self.name, self.lines_before + 1, "</posts>", "truncated")
+        if self.log is not None:
+            self.log(f"skipped truncated: {self.name}:{self.lines_before + 1}: {msg}")
         extra = ChunkResult()
         extra.skipped["truncated"] += 1
-        yield extra
+        return extra
+
+
+def _block_tasks(dump: DumpFile, stream: BinaryIO | None, chunk_bytes: int,
+                 skip_bad_rows: bool) -> tuple[int, Callable[[tuple], ChunkResult], Iterator[tuple]]:
+    """(size, parse function, its argument tuples) for the dump's blocks: byte ranges of a plain file
+    (each worker reads its own), or blocks read from the archive member's open ``stream``."""
+    if stream is None:
+        size = os.path.getsize(dump.path)
+        return size, _run_range, ((str(dump.path), s, e, e >= size, skip_bad_rows)
+                                  for s, e in byte_ranges(dump.path, chunk_bytes))
+    return dump.size(), _run_block, ((data, i == 0, last, skip_bad_rows)
+                                     for i, (data, last) in enumerate(stream_blocks(stream, chunk_bytes)))
+
+
+def _rest_after_break(dump: DumpFile, stream: BinaryIO | None, t: tuple, offset: int, pending: deque,
+                      tasks: Iterator[tuple]) -> Iterator[bytes]:
+    """The bytes from ``offset`` into block ``t`` (where the one-row-per-line layout breaks) to the end."""
+    if stream is None:
+        f = open(dump.path, "rb")
+        f.seek(t[1] + offset)
+        return _pieces(f)
+    # blocks read ahead, then the rest of the stream (through the block reader)
+    return itertools.chain([t[0][offset:]], [p[0][0] for p in pending], (t2[0] for t2 in tasks))
 
 
 class _NoPool:
@@ -625,7 +632,7 @@ def iter_upvotes(path: str | os.PathLike[str] | DumpFile, *, skip_bad_rows: bool
     """Count VoteTypeId 2 (up) votes per PostId in Votes.xml; yields ``[(post_id, n), ...]`` batches.
 
     A post may appear in several batches (counts add up). Rows are checked for shape and for the two
-    attributes we read (a regex on each line, ~10x faster than an XML parse of these tiny rows), so
+    attributes we read (a regex on each line, far faster than an XML parse of these tiny rows), so
     Votes.xml must be in the dump's one-row-per-line layout.
     """
     dump = _as_dump(path)

@@ -20,7 +20,7 @@ One process builds (the stage: rank 0 inside ``rank0.on_main_rank``) into a temp
 is renamed into place, so a reader never sees a partial cache; every rank then memory-maps it and
 touches only the pages of its own chunks (file-backed: shared through the page cache, reclaimable).
 Nothing here goes through datasets (its import and its mapping of every split's Arrow files
-cost each rank ~90 MB plus ~64 KB per record batch). Building streams the split's Arrow files in
+cost each rank memory per record batch). Building streams the split's Arrow files in
 record batches (never the whole split, never memory-mapped: mapped pages count in the RSS), so its
 memory is flat in the data size but for the duplicate check, 16 bytes per row plus numpy's sort.
 """
@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 from stackllama_ds.data.packing import TokenizedTexts, encode_texts
 from stackllama_ds.data.posts import DataError
 from stackllama_ds.data.template import format_qa
-from stackllama_ds.fsutil import follow_umask
+from stackllama_ds.fsutil import FolderTaken, publish_folder
 
 VERSION = 1  # bump when the file layout or what is tokenized changes
 TOKENS = "tokens"
@@ -174,45 +173,37 @@ def _rows(files: list[Path], batch: int = 256):
 
 
 def _build(files: list[Path], folder: Path, tokenizer, batch: int = 256) -> dict:
-    """Tokenize the kept rows ``batch`` texts a call (the tokenizer's Python output for 1024 held ~60 MB)."""
+    """Tokenize the kept rows ``batch`` texts a call (the tokenizer's Python output grows with the batch)."""
     keep = _first_rows(files)
     n_texts = int(keep.sum())
     dtype = np.dtype(np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32)
     offsets = np.zeros(n_texts + 1, dtype=np.int64)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        with open(tmp / IDS, "wb") as out:
-            j, pending = 0, []
+        with publish_folder(folder, replace=False) as tmp:
+            with open(tmp / IDS, "wb") as out:
+                j, pending = 0, []
 
-            def flush() -> None:
-                nonlocal j
-                flat, lens = encode_texts(pending, tokenizer, dtype)
-                out.write(flat.tobytes())
-                offsets[j + 1 : j + 1 + len(lens)] = lens
-                j += len(lens)
-                pending.clear()
+                def flush() -> None:
+                    nonlocal j
+                    flat, lens = encode_texts(pending, tokenizer, dtype)
+                    out.write(flat.tobytes())
+                    offsets[j + 1 : j + 1 + len(lens)] = lens
+                    j += len(lens)
+                    pending.clear()
 
-            for row, (q, a) in enumerate(_rows(files)):
-                if keep[row]:
-                    pending.append(format_qa(q, a))
-                    if len(pending) == batch:
-                        flush()
-            if pending:
-                flush()
-        np.cumsum(offsets, out=offsets)
-        offsets.tofile(tmp / OFFSETS)
-        meta = {"version": VERSION, "n_texts": n_texts, "n_tokens": int(offsets[-1]), "dtype": dtype.name,
-                "eos_token_id": tokenizer.eos_token_id, "rows": len(keep),
-                "split_files": [str(f) for f in files], "tokenizer": getattr(tokenizer, "name_or_path", None)}
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        follow_umask(tmp)  # mkdtemp made it 0700
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process renamed its build in first: use that one if it is sound
-            open_tokens(folder)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                for row, (q, a) in enumerate(_rows(files)):
+                    if keep[row]:
+                        pending.append(format_qa(q, a))
+                        if len(pending) == batch:
+                            flush()
+                if pending:
+                    flush()
+            np.cumsum(offsets, out=offsets)
+            offsets.tofile(tmp / OFFSETS)
+            meta = {"version": VERSION, "n_texts": n_texts, "n_tokens": int(offsets[-1]), "dtype": dtype.name,
+                    "eos_token_id": tokenizer.eos_token_id, "rows": len(keep),
+                    "split_files": [str(f) for f in files], "tokenizer": getattr(tokenizer, "name_or_path", None)}
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    except FolderTaken:  # another process renamed its build in first: use that one if it is sound
+        open_tokens(folder)
     return meta

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
 from collections.abc import Callable
@@ -13,12 +12,17 @@ import torch
 from stackllama_ds.config import EngineConfig, OptimConfig
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.ds_config import ds_config
-from stackllama_ds.hardware import has_cuda
+from stackllama_ds.hardware import has_cuda, release_free_heap, torch_dtype
 from stackllama_ds.logs import prints_to_rank_log
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup over ``warmup_steps``, then cosine/linear decay to 0, or constant."""
+    """LR multiplier: linear warmup over ``warmup_steps``, then cosine/linear decay to 0, or constant.
+
+    Not transformers' ``get_scheduler``: its warmup is ``step / warmup`` (LR 0 on the first step, full
+    LR one step later than here) and its cosine rises again after ``total_steps``; DeepSpeed's
+    WarmupLR warms up as step / warmup too, rejects warmup 0 and treats 1 as 2 (tests/engines/test_lr_schedule.py).
+    """
 
     def fn(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -45,19 +49,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def release_free_heap() -> None:
-    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``).
-
-    The launcher keeps freed blocks in the heap for speed (launcher/spawn.py MALLOC_ENV); without
-    this, the transient full-size copies made while loading and partitioning a model would stay
-    resident for the whole run (measured: +0.5 GB per rank for the 34M benchmark model, ZeRO-3).
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def cast_added_parameters(model: torch.nn.Module, eng: EngineConfig) -> None:
@@ -97,7 +88,7 @@ def build_train_engine(
     if dist.world_size() == 1 and eng.zero_stage in (1, 2) and not eng.offload_optimizer:
         # Nothing to partition on one rank; the ZeRO optimizer's bucket copies are pure cost.
         print(f"[note] ZeRO-{eng.zero_stage} on 1 rank partitions nothing: zero_stage 0 is faster "
-              "(1.1-1.4x on the CPU benchmark model, bench/RESULTS.md)", file=sys.stderr, flush=True)
+              "(see bench/RESULTS.md)", file=sys.stderr, flush=True)
     cast_added_parameters(model, eng)
     cfg = ds_config(eng, world_size=dist.world_size(), grad_accum=grad_accum, optim=optim, on_cuda=has_cuda())
     fn = lr_lambda(optim.scheduler, optim.warmup_steps, total_steps)
@@ -129,7 +120,3 @@ def build_eval_engine(model: torch.nn.Module, eng: EngineConfig) -> deepspeed.De
     engine.eval()
     release_free_heap()
     return engine
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

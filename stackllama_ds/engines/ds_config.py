@@ -53,7 +53,7 @@ def ds_config(
                 "weight_decay": optim.weight_decay,
                 # torch.optim.AdamW(fused=True) on CPU and GPU alike: DeepSpeed's FusedAdam (GPU) and
                 # DeepSpeedCPUAdam (offload) are JIT builds that need nvcc/a compiler on every node at
-                # job start. On CPU fused is -32% optimizer time on the benchmark model (bench/profile_sft.py).
+                # job start. On CPU fused is also the fastest torch AdamW.
                 "torch_adam": True,
                 "fused": True,
             },

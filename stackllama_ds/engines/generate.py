@@ -58,7 +58,7 @@ class GenerationCopy:
 @contextmanager
 def merged_lora(model: nn.Module):
     """Run with every active LoRA adapter merged into its base weight: no adapter matmuls per decoded
-    token (CPU, SmolLM2-135M, 8 x 36 tokens: -11% generation time). The base weights are restored
+    token. The base weights are restored
     from a copy afterwards, bit for bit (a bf16 unmerge would drift the frozen base, i.e. the
     reference policy). Sampling then follows W + BA rounded once in the model's dtype: the same
     policy up to that rounding; the PPO log-probs still come from the unmerged forward. No-op for
@@ -89,8 +89,8 @@ def merged_lora(model: nn.Module):
 def draw(logits: torch.Tensor) -> torch.Tensor:
     """One token per row of ``logits`` (B, V) from their raw softmax: the inverse CDF of one uniform
     draw per row. The same distribution as ``torch.multinomial`` (which HF generate calls) at a
-    fraction of the cost: multinomial draws an exponential per vocabulary entry (CPU, 8 x 49152:
-    ~15 ms a token, 5% of a LoRA PPO step), this one uniform per row. float64 cumsum, so the
+    fraction of the cost: multinomial draws an exponential per vocabulary entry, this one uniform
+    per row. float64 cumsum, so the
     tail of a 50k vocabulary keeps its mass. Returns (B,) int64."""
     cdf = torch.softmax(logits.double(), -1).cumsum(-1)  # (B, V)
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]

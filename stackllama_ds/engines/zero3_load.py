@@ -243,8 +243,8 @@ def partitioned_from_folder(auto_cls, folder: str | os.PathLike[str], *, dtype: 
     init = deepspeed.zero.Init(config_dict_or_path=deepspeed_config())
     if hasattr(init, "_convert_to_deepspeed_param"):
         # Init broadcasts each new parameter whole from rank 0 (to agree on random weights) before
-        # partitioning it: every other rank writes a full copy of each module in turn (+140 MB of
-        # peak RSS for a 49152x1536 embedding). Every partition is read from the checkpoint below.
+        # partitioning it: every other rank writes a full copy of each module in turn (peak RSS of
+        # the largest module, e.g. the embedding). Every partition is read from the checkpoint below.
         init._zero_init_param = lambda param: (init._convert_to_deepspeed_param(param), param.partition())
     # transformers' own from_pretrained contexts under ZeRO-3; set_zero3_state tells from_config that
     # Init is already open, so it neither nests one nor re-initialises every module gathered whole.

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stackllama_ds.fsutil import atomic_file
 from stackllama_ds.run.metrics import read_metrics
 
 
@@ -119,9 +120,8 @@ def draw(plot: Plot, rows: list[dict], out: Path) -> bool:
         if sum(1 for _, xs, _ in lines if xs) > 1 or panel.smooth or panel.hline or panel.band:
             ax.legend(fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(out)  # a reader never sees a half-written PNG
+    with atomic_file(out) as tmp:  # a reader never sees a half-written PNG
+        fig.savefig(tmp, format="png", dpi=100)
     return True
 
 

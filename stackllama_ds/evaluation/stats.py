@@ -299,6 +299,19 @@ def length_baseline_ci(
     return win_rate_ci(len_chosen, len_rejected, n_boot, seed, alpha, groups=groups)
 
 
+def _win_rate_on(a: np.ndarray, b: np.ndarray, m: np.ndarray, n_boot: int, seed: int, alpha: float,
+                 groups: Groups) -> tuple[float, float, float, int]:
+    """``win_rate_ci`` of ``a`` over ``b`` on the units where ``m`` holds, and their number;
+    (nan, nan, nan, 0) when there are none."""
+    if m.shape != a.shape:
+        raise ValueError(f"lengths and scores differ in length: {m.size} vs {a.size}")
+    n = int(m.sum())
+    if n == 0:
+        return NAN, NAN, NAN, 0
+    sub = None if groups is None else np.asarray(groups)[m]
+    return (*win_rate_ci(a[m], b[m], n_boot, seed, alpha, groups=sub), n)
+
+
 def adversarial_mask(len_chosen: ArrayLike, len_rejected: ArrayLike) -> np.ndarray:
     """(n,) bool: the length-adversarial pairs, whose preferred answer is strictly the shorter one.
 
@@ -329,14 +342,7 @@ def adversarial_accuracy_ci(
         (A_adv, lo, hi, |S|); (nan, nan, nan, 0) when S is empty.
     """
     rc, rr = _pair(r_chosen, r_rejected, "r_chosen", "r_rejected")
-    m = adversarial_mask(len_chosen, len_rejected)
-    if m.shape != rc.shape:
-        raise ValueError(f"lengths and scores differ in length: {m.size} vs {rc.size}")
-    n = int(m.sum())
-    if n == 0:
-        return NAN, NAN, NAN, 0
-    sub = None if groups is None else np.asarray(groups)[m]
-    return (*win_rate_ci(rc[m], rr[m], n_boot, seed, alpha, groups=sub), n)
+    return _win_rate_on(rc, rr, adversarial_mask(len_chosen, len_rejected), n_boot, seed, alpha, groups)
 
 
 def length_matched_mask(len_a: ArrayLike, len_b: ArrayLike, tol: float = 0.2) -> np.ndarray:
@@ -370,14 +376,7 @@ def length_matched_win_rate_ci(
         (W_S, lo, hi, |S|); (nan, nan, nan, 0) when S is empty.
     """
     a, b = _pair(a_scores, b_scores, "a_scores", "b_scores")
-    m = length_matched_mask(len_a, len_b, tol)
-    if m.shape != a.shape:
-        raise ValueError(f"lengths and scores differ in length: {m.size} vs {a.size}")
-    n = int(m.sum())
-    if n == 0:
-        return NAN, NAN, NAN, 0
-    sub = None if groups is None else np.asarray(groups)[m]
-    return (*win_rate_ci(a[m], b[m], n_boot, seed, alpha, groups=sub), n)
+    return _win_rate_on(a, b, length_matched_mask(len_a, len_b, tol), n_boot, seed, alpha, groups)
 
 
 def rank_average(x: ArrayLike) -> np.ndarray:

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from stackllama_ds.fsutil import write_atomic
 from stackllama_ds.launcher import slurm, spawn
 from stackllama_ds.launcher.slurm import Outcome
 from stackllama_ds.run.signals import EXIT_RESUME
@@ -73,9 +74,8 @@ def status_dir(stage: str, config: str, sets: Sequence[str], job_id: int | str, 
 def write_status(directory: Path, rank: int, code: int, host: str, stop_signal: str = "-") -> None:
     """``rank-R``: the stage's exit code, the host, and the stop signal this rank itself received."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".rank-{rank}.tmp"
-    tmp.write_text(f"{code} {host} {stop_signal}\n")
-    os.replace(tmp, directory / f"rank-{rank}")
+    # a hidden temporary name: readers list ``rank-*``
+    write_atomic(directory / f"rank-{rank}", f"{code} {host} {stop_signal}\n", tmp_name=f".rank-{rank}.tmp")
 
 
 def _read_fields(directory: Path, prefix: str, ranks: Iterable[int] | None, wait_s: float) -> dict[int, list[str]]:
@@ -119,9 +119,7 @@ def read_stop_signals(directory: Path, ranks: Iterable[int] | None = None) -> di
 
 def write_pid(directory: Path, rank: int, host: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".pid-{rank}.tmp"
-    tmp.write_text(f"{os.getpid()} {host}\n")
-    os.replace(tmp, directory / f"pid-{rank}")
+    write_atomic(directory / f"pid-{rank}", f"{os.getpid()} {host}\n", tmp_name=f".pid-{rank}.tmp")
 
 
 def read_pids(directory: Path, ranks: Iterable[int]) -> dict[int, int]:
@@ -165,8 +163,8 @@ def cmd_rank(stage: str, config: str, sets: Sequence[str]) -> int:
 
 
 def _exit_now(code: int) -> None:
-    """Leave without the interpreter's teardown, which takes ~5-10 s after torch.distributed/DeepSpeed
-    (measured here, in C++ destructors) and would eat the 10 s between Slurm's SIGTERM and SIGKILL.
+    """Leave without the interpreter's teardown, which takes seconds after torch.distributed/DeepSpeed
+    (C++ destructors) and would eat the time between Slurm's SIGTERM and SIGKILL.
     The stage has returned: checkpoints are renamed and fsynced, metrics closed, process group gone."""
     sys.stdout.flush()
     sys.stderr.flush()

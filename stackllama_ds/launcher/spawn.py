@@ -17,8 +17,8 @@ from stackllama_ds.hardware import free_port, has_cuda
 from stackllama_ds.run.signals import EXIT_RESUME
 
 # glibc returns every freed block over 128 KiB to the kernel, so each step's activations, gradients
-# and fp32 copies are page-faulted and zeroed afresh. Keeping them in the heap: +19-26% SFT tokens/s
-# on the benchmark model on CPU (bench/RESULTS.md). Set for every rank unless the user set them.
+# and fp32 copies are page-faulted and zeroed afresh. Keeping them in the heap is faster (bench/RESULTS.md,
+# "What changed in session 2"). Set for every rank unless the user set them.
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # glibc's maximum: blocks up to 32 MiB come from the heap
     "MALLOC_TRIM_THRESHOLD_": str(4 << 30),  # and are not trimmed back to the kernel after each step
@@ -39,7 +39,7 @@ def rank_env(nproc: int, rank: int, port: int, cuda: bool, base: dict[str, str] 
     )
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    # The deepspeed launcher leaves this unset, and 2 ranks on 2 cores then run ~3x slower (measured).
+    # The deepspeed launcher leaves this unset, and ranks then oversubscribe the cores (much slower).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for k, v in MALLOC_ENV.items():
         env.setdefault(k, v)

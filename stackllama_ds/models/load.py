@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig
-from stackllama_ds.hardware import cuda_device_index
+from stackllama_ds.config import LoraConfig, ModelConfig
+from stackllama_ds.hardware import cuda_device_index, torch_dtypes
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = torch_dtypes()
 
 
 def _quiet() -> None:
@@ -38,60 +38,33 @@ def load_tokenizer(path: str | os.PathLike[str], padding_side: str = "left"):
     return tok
 
 
+# Builds a base that is not quantised in place of from_pretrained while set (engines.load.zero3_init
+# sets its partitioned ZeRO-3 reader): models/ itself needs no DeepSpeed. Called as
+# read(auto_cls, path, dtype=, attn_implementation=, **config_kwargs); None falls back to from_pretrained.
+PretrainedReader = Callable[..., nn.Module | None]
+_reader: PretrainedReader | None = None
+
+
 @contextmanager
-def zero3_init(eng: EngineConfig, mcfg: ModelConfig) -> Iterator[None]:
-    """Load models for a ZeRO-3 engine already partitioned: while open, ``load_causal_lm`` and
-    ``load_reward_model`` build every parameter under ``deepspeed.zero.Init`` (transformers'
-    HfDeepSpeedConfig) and read the checkpoint into the partitions, each rank only its own bytes
-    (``engines.zero3_load``), so no rank ever holds a whole copy on the host (8 ranks x 7B x 4 B
-    would be 224 GB per node). No-op for other stages and for 8-/4-bit bases, which load straight
-    onto the rank's device. Adapters and heads added afterwards are partitioned by
-    ``deepspeed.initialize``; the config must be the engine's own (same stage and dtype).
-    """
-    if eng.zero_stage != 3 or mcfg.quantization != "none":
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from stackllama_ds.engines import dist
-    from stackllama_ds.engines.ds_config import ds_config
-    from stackllama_ds.hardware import has_cuda
-
-    # Process-global while referenced: every from_pretrained in the block is partitioned.
-    live = HfDeepSpeedConfig(ds_config(eng, world_size=dist.world_size(), on_cuda=has_cuda()))
+def pretrained_reader(read: PretrainedReader) -> Iterator[None]:
+    """While open, ``load_causal_lm`` and ``load_reward_model`` build a base that is not quantised
+    with ``read``."""
+    global _reader
+    outer, _reader = _reader, read
     try:
         yield
     finally:
-        unset_hf_deepspeed_config()
-        del live
-
-
-def _zero3_live() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
+        _reader = outer
 
 
 def _from_pretrained(auto_cls, path: str | os.PathLike[str], mcfg: ModelConfig, td: torch.dtype,
                      **config_kwargs) -> nn.Module:
-    if mcfg.quantization == "none" and _zero3_live():  # inside zero3_init: each rank reads its shards
-        from stackllama_ds.engines.zero3_load import partitioned_from_folder
-
-        model = partitioned_from_folder(auto_cls, path, dtype=td, attn_implementation=mcfg.attn_implementation,
-                                        **config_kwargs)
+    if mcfg.quantization == "none" and _reader is not None:  # inside zero3_init: each rank reads its shards
+        model = _reader(auto_cls, path, dtype=td, attn_implementation=mcfg.attn_implementation, **config_kwargs)
         if model is not None:
             return model
     return auto_cls.from_pretrained(str(path), dtype=td, attn_implementation=mcfg.attn_implementation,
                                     **config_kwargs, **_quant_kwargs(mcfg, td))
-
-
-def trainable_dtype(eng: EngineConfig) -> str:
-    """What a trainable model is loaded in: the engine's own dtype. Every DeepSpeed engine casts the
-    module to that dtype and takes its fp32 master copy (ZeRO partitions or BF16_Optimizer) from the
-    cast weights, so loading in fp32 first gives the same numbers and only costs host memory: a full
-    fp32 copy on the way (+270 MB peak RSS for SmolLM2-135M, +28 GB per 7B rank)."""
-    return eng.dtype
 
 
 def _quant_kwargs(mcfg: ModelConfig, dtype: torch.dtype) -> dict:

@@ -10,13 +10,11 @@ would load a real LLaMA.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from stackllama_ds.config import TinyModelConfig
-from stackllama_ds.fsutil import follow_umask
+from stackllama_ds.fsutil import publish_folder
 
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 
@@ -97,16 +95,7 @@ def make_tiny(
     out = Path(out)
     tok = train_tokenizer(_texts_from_prepared(data_dir), cfg.vocab_size)
     model = build_tiny_llama(cfg, tok, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with publish_folder(out) as tmp:
         tok.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        follow_umask(tmp)  # mkdtemp made it 0700, safetensors its files 0600
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

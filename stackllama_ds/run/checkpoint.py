@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from stackllama_ds.engines import dist
-from stackllama_ds.fsutil import sha256_by_name, sha256_file
+from stackllama_ds.fsutil import replace_folder, sha256_by_name, sha256_file
 from stackllama_ds.run import testhooks
 from stackllama_ds.run.rank0 import on_main_rank
 
@@ -148,7 +148,7 @@ def _without_frozen(engine: Any, names: list[str]) -> Iterator[None]:
     """Make DeepSpeed's ``exclude_frozen_parameters`` drop every name of a frozen parameter.
 
     DeepSpeed 0.19 drops a frozen tensor under its first name only, so a tied copy stays: with LoRA on
-    SmolLM2-135M (tied embeddings) the checkpoint kept the 113 MB ``lm_head.weight`` of its 128 MB.
+    SmolLM2-135M (tied embeddings) the checkpoint kept ``lm_head.weight``, most of its size.
     """
     if not hasattr(engine, "module_state_dict"):  # not a DeepSpeedEngine (tests)
         yield
@@ -285,20 +285,11 @@ def _write_error(e: BaseException, tmp: Path) -> str:
     return f"rank {dist.rank()}: write failed while writing {tmp}: {first}"
 
 
-def save_checkpoint(
-    engines: dict[str, Any], ckpt_root: Path, state: TrainState, keep_last: int, client: dict | None = None
-) -> Path:
-    """Save every engine, per-rank RNG and ``state`` atomically; keep the last ``keep_last``. Collective."""
-    ckpt_root = Path(ckpt_root)
-    final = ckpt_root / f"step-{state.step}"
-    tmp = ckpt_root / f".tmp-step-{state.step}"
-    if dist.is_main():
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    # Frozen parameters are left out when the base folder they came from can be hashed (once per
-    # process while its files stay unchanged); otherwise they are saved like the rest.
+def _frozen_exclusions(engines: dict[str, Any]) -> dict[str, dict]:
+    """Per engine name, the frozen parameters a checkpoint leaves out and the base folder they load from.
+
+    Frozen parameters are left out when the base folder they came from can be hashed (once per
+    process while its files stay unchanged); otherwise they are saved like the rest. Collective."""
     excluded: dict[str, dict] = {}
     for name, engine in engines.items():
         frozen = frozen_names(engine)
@@ -308,6 +299,14 @@ def save_checkpoint(
             if files and not err:
                 base = {"path": str(folder), "sha256": base_sha256(files), "files": files}
                 excluded[name] = {"base": base, "params": frozen}
+    return excluded
+
+
+def _write_files(engines: dict[str, Any], excluded: dict[str, dict], tmp: Path, state: TrainState,
+                 client: dict | None) -> str:
+    """Write every engine's DeepSpeed folder, this rank's RNG and (rank 0) ``state.pt`` into ``tmp``.
+
+    Returns this rank's first write error ("" when none). Collective."""
     error = ""
     # Every rank calls every engine's save (each is a collective), even after a failed write.
     for name, engine in engines.items():
@@ -329,6 +328,39 @@ def save_checkpoint(
             testhooks.checkpoint_fault("enospc_save", tmp / "rng" / f"rank-{dist.rank()}.pt")
     except (OSError, RuntimeError) as e:
         error = _write_error(e, tmp)
+    return error
+
+
+def _digests_on_ranks(tmp: Path) -> dict[str, str]:
+    """sha256 of every file under ``tmp`` by relative path, the hashing shared among ranks. Collective.
+
+    One file list for all ranks: the union of what each rank sees (a rank always sees its own writes,
+    while a shared-FS listing can miss another node's new files for seconds). Each rank hashes its
+    share of that list, opening files by name."""
+    seen = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    files = sorted(set().union(*dist.all_gather_object(seen)))
+    ws, me = dist.world_size(), dist.rank()
+    mine = {rel: sha256_by_name(tmp / rel) for i, rel in enumerate(files) if i % ws == me}
+    digests: dict[str, str] = {}
+    for part in dist.all_gather_object(mine):
+        digests.update(part)
+    return digests
+
+
+def save_checkpoint(
+    engines: dict[str, Any], ckpt_root: Path, state: TrainState, keep_last: int, client: dict | None = None
+) -> Path:
+    """Save every engine, per-rank RNG and ``state`` atomically; keep the last ``keep_last``. Collective."""
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step-{state.step}"
+    tmp = ckpt_root / f".tmp-step-{state.step}"
+    if dist.is_main():
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    excluded = _frozen_exclusions(engines)
+    error = _write_files(engines, excluded, tmp, state, client)
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:
         if dist.is_main():
@@ -339,16 +371,8 @@ def save_checkpoint(
             f"checkpoint of step {state.step} failed ({'; '.join(errors)}); "
             f"previous checkpoint kept: {prev if prev else 'none'}"
         )
-    # One file list for all ranks: the union of what each rank sees (a rank always sees its own writes,
-    # while a shared-FS listing can miss another node's new files for seconds). Each rank hashes its
-    # share of that list, opening files by name; rank 0 writes the manifest and renames.
-    seen = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    files = sorted(set().union(*dist.all_gather_object(seen)))
-    ws, me = dist.world_size(), dist.rank()
-    mine = {rel: sha256_by_name(tmp / rel) for i, rel in enumerate(files) if i % ws == me}
-    digests: dict[str, str] = {}
-    for part in dist.all_gather_object(mine):
-        digests.update(part)
+    digests = _digests_on_ranks(tmp)
+    # Rank 0 alone: the manifest last (it marks the folder complete), then the rename into place.
     if dist.is_main():
         try:
             manifest = {
@@ -412,8 +436,9 @@ def _to_universal(path: Path, name: str, out: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         ds_to_universal(args)
     (tmp / "latest_universal").write_text("ds")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    # A fixed temporary name (not publish_folder's random one): a killed conversion's leftover is
+    # removed by the next try above.
+    replace_folder(tmp, out)
 
 
 def verify_for_resume(path: Path, engines: dict[str, Any]) -> dict:

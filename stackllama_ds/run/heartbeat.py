@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from stackllama_ds.fsutil import write_atomic
 from stackllama_ds.run import testhooks
 from stackllama_ds.run.signals import EXIT_HANG
 
@@ -109,14 +110,12 @@ class Heartbeat:
 
     def _write(self, phase: str, step: int, progress: dict | None = None) -> None:
         p = self.dir / f"rank-{self.rank}.json"
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
         rec = {"rank": self.rank, "phase": phase, "step": step, "time": time.time(),
                "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename, "pid": os.getpid()}
         if progress is not None:
             rec["progress"] = progress
         with self._lock:
-            tmp.write_text(json.dumps(rec))
-            os.replace(tmp, p)
+            write_atomic(p, json.dumps(rec), tmp_name=p.with_suffix(f".tmp{os.getpid()}").name)
             self._last_beat = time.time()
             self._phase, self._step = phase, step
 
@@ -141,10 +140,8 @@ class Heartbeat:
             if time.time() - self._last_beat < self.timeout / 2:
                 continue
             rec = {"time": time.time(), **main_thread_where()}
-            tmp = p.with_suffix(f".tmp{os.getpid()}w")
             try:
-                tmp.write_text(json.dumps(rec))
-                os.replace(tmp, p)
+                write_atomic(p, json.dumps(rec), tmp_name=p.with_suffix(f".tmp{os.getpid()}w").name)
             except OSError:
                 pass
 

@@ -20,6 +20,7 @@ from stackllama_ds.fsutil import write_atomic
 DONE = "DONE"  # written last in a finished stage's folder
 RESUMES = "resumes.jsonl"  # <stage>/resumes.jsonl: {"checkpoint", "step", "time"} per resume
 ERRORS = "errors"  # <stage>/errors/rank-R.log: the full traceback of each failure of that rank
+STAGES = ("sft", "rm", "judge", "ppo", "eval")  # the training stages (CLI subcommands), in pipeline order
 
 
 class RunLayout:

@@ -15,6 +15,7 @@ from typing import Any
 
 from stackllama_ds.config import LoggingConfig
 from stackllama_ds.engines import dist
+from stackllama_ds.fsutil import write_atomic
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict]:
@@ -37,9 +38,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _clean(v: Any) -> Any:

@@ -18,7 +18,6 @@ keys sit beside ``meta``'s in the checkpoint's client state.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import time
@@ -30,6 +29,7 @@ import torch
 
 from stackllama_ds.config import RunConfig
 from stackllama_ds.engines import dist
+from stackllama_ds.hardware import release_free_heap
 from stackllama_ds.run import entry, heartbeat, testhooks
 from stackllama_ds.run.checkpoint import (
     TrainState,
@@ -60,24 +60,21 @@ def checkpoint_meta(kind: str, base: Path | str, cfg: RunConfig, lora, dtype: st
 
 
 def release_memory() -> None:
-    """Collect garbage and hand the freed heap back to the kernel. The ranks keep freed memory in
-    the heap (launcher/spawn.py MALLOC_ENV, for speed), so without ``malloc_trim`` a phase that
-    follows training allocates on top of the training's high-water mark."""
+    """Collect garbage and hand the freed heap back to the kernel (``release_free_heap``)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    release_free_heap()
 
 
 class StageRun:
     """One stage on this rank: setup, resume, heartbeat, metrics, checkpoints, stop, export."""
 
-    def __init__(self, cfg: RunConfig, name: str):
+    def __init__(self, cfg: RunConfig, name: str, checkpoints: bool = True):
+        """``checkpoints=False``: a stage that saves nothing to resume from (eval): no stop-signal
+        handler (SIGTERM ends it as usual) and no ``resume``; ``start_heartbeat`` then ``done``."""
         # First: a SIGUSR1/SIGTERM during the (slow) setup would otherwise kill the rank outright.
-        self.stop = StopSignal()
+        self.stop = StopSignal() if checkpoints else None
         entry.setup(cfg, name)
         self.cfg, self.name = cfg, name
         self.dir = cfg.stage_dir(name)
@@ -94,18 +91,24 @@ class StageRun:
         """Seed each rank's own stream, start the heartbeat, then load the newest complete checkpoint
         (its ``extra`` state too). Returns the loop's TrainState (fresh when there is none).
         A stop signal during setup ends the stage here: StopForResume (exit 75), nothing to save."""
+        assert self.stop is not None, "a stage without checkpoints has nothing to resume"
         if self.stop.requested():  # every rank gets here once its engines are built
             raise StopForResume(f"{self.name}: stop signal during setup, before any step")
         self.engines, self.meta, self.extra = engines, meta, extra
         entry.seed_ranks(self.cfg)
         # Before the load: verifying and loading a 7B checkpoint beats in its own phase.
-        self.hb = Heartbeat(self.dir, self.rank, self.world, self.cfg.launch.hang_timeout_s)
+        self.start_heartbeat()
         self.state, client = resume(engines, self.ckpt_root)
         if client and extra is not None:
             extra.load_state_dict(client)
         if self.stop.requested():  # during the checkpoint load (minutes at 7B): the state is the checkpoint's
             raise StopForResume(f"{self.name}: stop signal while resuming step {self.state.step}")
         return self.state
+
+    def start_heartbeat(self) -> Heartbeat:
+        """This rank's heartbeat (``resume`` starts it; a stage without checkpoints calls this)."""
+        self.hb = Heartbeat(self.dir, self.rank, self.world, self.cfg.launch.hang_timeout_s)
+        return self.hb
 
     def logger(self, total_steps: int, bar_keys: tuple[str, ...] = ("loss", "tokens_per_s"),
                log_every: int = 1) -> MetricsLogger:
@@ -133,6 +136,7 @@ class StageRun:
     def end_step(self, save: bool) -> None:
         """After a step: checkpoint when ``save`` or on a stop signal; after a signal, exit 75."""
         testhooks.after_step()
+        assert self.stop is not None, "a stage without checkpoints has no steps to end"
         stopping = self.stop.requested()
         if save or stopping:
             self.checkpoint()
@@ -144,12 +148,17 @@ class StageRun:
         if self.log is not None:
             self.log.close()
 
+    def done(self, info: str) -> None:
+        """A stage without checkpoints: DONE, written by rank 0."""
+        if self.rank == 0:
+            mark_done(self.dir, info)
+
     def finish(self, export_to: Path) -> None:
         """Rank 0 exports the last checkpoint as a HF folder; DONE once every rank is through.
 
         The engines are let go first (the stage drops its own names for them before calling): the
         export reads the checkpoint and loads a full-precision copy of the model, which would
-        otherwise sit on top of them (LoRA PPO on SmolLM2-135M: +550 MB peak RSS, bench/RESULTS.md).
+        otherwise sit on top of them (peak RSS).
         """
         self.close()
         self.engines = self.extra = None

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -61,10 +62,10 @@ from stackllama_ds.models.forward import fp32_compute, response_logprobs
 from stackllama_ds.models.load import load_causal_lm, load_reward_model, load_tokenizer
 from stackllama_ds.models.padding import cut_at_eos, pad
 from stackllama_ds.models.scoring import pair_head_scores, reward_scores
-from stackllama_ds.run import entry
-from stackllama_ds.run.heartbeat import Heartbeat, each, phase
-from stackllama_ds.run.layout import RunLayout, mark_done
+from stackllama_ds.run.heartbeat import each, phase
+from stackllama_ds.run.layout import RunLayout
 from stackllama_ds.run.rank0 import on_main_rank
+from stackllama_ds.run.stage import StageRun
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -122,17 +123,22 @@ def _batches(n: int, size: int, rank: int, world: int) -> list[tuple[int, list[i
 
 
 # -------------------------------------------------------------------------------------- run
-def run(cfg: RunConfig) -> None:
+class Inputs(NamedTuple):
+    """What every model is evaluated on, and this rank's share of it (``_batches``)."""
+
+    tok: Any
+    questions: list[str]
+    prompt_ids: list[list[int]]
+    texts: list[tuple[list[int], list[int]]]  # held-out (ids, answer-token mask)
+    pairs: list  # data.fit.FitPair
+    counts: dict  # prompts', then "lm" and "rm" counts
+    mine: list[tuple[int, list[int]]]  # prompt batches
+    mine_lm: list[tuple[int, list[int]]]
+    mine_rm: list[tuple[int, list[int]]]
+
+
+def load_inputs(cfg: RunConfig, models: dict[str, Path], rank: int, world: int) -> Inputs:
     e = cfg.eval
-    out_dir = cfg.stage_dir("eval")
-    entry.setup(cfg, "eval")
-    rank, world = dist.rank(), dist.world_size()
-    Heartbeat(out_dir, rank, world, cfg.launch.hang_timeout_s)  # the loops below beat per batch
-    on_gpu = dist.device().type == "cuda"
-    models = candidate_models(cfg)
-    rm_path = RunLayout(cfg).rm_model
-    if not (rm_path / "config.json").exists():
-        raise FileNotFoundError(f"reward model not found: {rm_path} (run rm first)")
     with phase("eval inputs", 0):  # tokenizer load, every rl_eval question tokenized: library calls
         tok = load_tokenizer(models.get("sft", next(iter(models.values()))))
         data = RunLayout(cfg).data
@@ -140,53 +146,59 @@ def run(cfg: RunConfig) -> None:
                                                      limit=e.n_prompts)
         texts, lm_counts = load_lm_texts(data, tok, cfg.sft.seq_length, e.n_lm_texts)
         pairs, rm_counts = load_rm_pairs(data, tok, cfg.rm.max_length, cfg.rm.overlength, e.n_rm_pairs)
-    N, eos, pad_id = len(questions), tok.eos_token_id, tok.pad_token_id
-    mine = _batches(N, e.batch_size, rank, world)
-    mine_lm = _batches(len(texts), e.batch_size, rank, world)
-    mine_rm = _batches(len(pairs), e.batch_size, rank, world)
+    N = len(questions)
     if rank == 0:
         short = f" (only {N} of {e.n_prompts} requested available)" if N < e.n_prompts else ""
         print(f"eval: {N} rl_eval prompts{short}, {len(texts)} held-out texts, {len(pairs)} rm_eval pairs, "
               f"models {', '.join(models)}, {e.max_new_tokens} new tokens, {world} rank(s)", flush=True)
+    return Inputs(tok, questions, prompt_ids, texts, pairs, {**counts, "lm": lm_counts, "rm": rm_counts},
+                  _batches(N, e.batch_size, rank, world), _batches(len(texts), e.batch_size, rank, world),
+                  _batches(len(pairs), e.batch_size, rank, world))
 
-    # step 1. generate, one model at a time; a KL policy goes before its reference so the reference
-    # can score the policy's samples while it is loaded; every model's loss on the held-out texts.
+
+def generate(cfg: RunConfig, models: dict[str, Path], inp: Inputs, dtype: str) -> tuple[dict, dict, dict]:
+    """Step 1: every model samples its responses, one model at a time; a KL policy goes before its
+    reference so the reference scores the policy's samples while it is loaded; every model's loss on
+    the held-out texts. Returns (responses, log-probs, LM rows), each this rank's batches only."""
+    e, pad_id = cfg.eval, inp.tok.pad_token_id
     order = sorted(models, key=lambda n: (n not in KL_PAIRS, MODEL_ORDER.index(n)))
-    prompts = {j: tuple(dist.place(t) for t in pad([prompt_ids[i] for i in b], pad_id, "left")) for j, b in mine}
+    prompts = {j: tuple(dist.place(t) for t in pad([inp.prompt_ids[i] for i in b], pad_id, "left"))
+               for j, b in inp.mine}
     resp: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     logp: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (scorer, sampler) -> batch -> (B,)
-    lm_rows = {i: {"index": i, "tokens": sum(texts[i][1]), "nll": {}} for _, b in mine_lm for i in b}
+    lm_rows = {i: {"index": i, "tokens": sum(inp.texts[i][1]), "nll": {}} for _, b in inp.mine_lm for i in b}
     for name in order:
         with phase(f"eval {name}: load", 0):  # one library call: beats from a thread
-            dtype = cfg.ppo.actor.dtype if on_gpu else "fp32"
             lm = dist.place(load_causal_lm(models[name], cfg.model, dtype=dtype, trainable=False).eval())
         resp[name] = {}
-        for j, _ in each(mine, f"eval {name}: sampling"):  # each loop beats per batch
+        for j, _ in each(inp.mine, f"eval {name}: sampling"):  # each loop beats per batch
             q_ids, q_mask = prompts[j]
             torch.manual_seed(cfg.seed * 1_000_003 + j)  # per batch, not per rank: world-size independent
             r = sample(lm, q_ids, q_mask, e.max_new_tokens)  # (B, max_new_tokens)
-            resp[name][j] = (r, cut_at_eos(r, eos))
+            resp[name][j] = (r, cut_at_eos(r, inp.tok.eos_token_id))
         for pol, ref in KL_PAIRS.items():  # the policy on its own samples, then the reference on them
             if name in (pol, ref) and pol in resp and ref in models:
                 logp[(name, pol)] = {j: response_logprob(lm, *prompts[j], *resp[pol][j])
-                                     for j, _ in each(mine, f"eval {name}: log-probs of {pol}")}
-        for _, b in each(mine_lm, f"eval {name}: LM loss"):
-            for i, v in zip(b, text_nll(lm, [texts[i] for i in b], pad_id)):
+                                     for j, _ in each(inp.mine, f"eval {name}: log-probs of {pol}")}
+        for _, b in each(inp.mine_lm, f"eval {name}: LM loss"):
+            for i, v in zip(b, text_nll(lm, [inp.texts[i] for i in b], pad_id)):
                 lm_rows[i]["nll"][name] = v
         del lm
+    return resp, logp, lm_rows
 
-    # step 2. decode and score every response, and the held-out pairs, with the reward model
-    with phase("eval reward model: load", 0):  # one library call: beats from a thread
-        rm_dtype = cfg.ppo.reward.dtype if on_gpu else "fp32"
-        reward = dist.place(load_reward_model(rm_path, cfg.model, pad_token_id=pad_id, dtype=rm_dtype).eval())
+
+def score_responses(reward, models: dict[str, Path], inp: Inputs, resp: dict, logp: dict) -> tuple[list, list]:
+    """Step 2: decode every response and score it with the reward model; the KL draws. Returns
+    (records, response token-id rows) of this rank's batches."""
+    tok, pad_id, eos = inp.tok, inp.tok.pad_token_id, inp.tok.eos_token_id
     records, resp_rows = [], []
-    for j, b in each(mine, "eval reward model: responses"):  # each loop beats per batch
-        per = {i: {"index": i, "question": questions[i], "responses": {}, "kl": {}} for i in b}
-        ids = {i: {"index": i, "prompt_ids": [int(t) for t in prompt_ids[i]], "token_ids": {}} for i in b}
+    for j, b in each(inp.mine, "eval reward model: responses"):  # each loop beats per batch
+        per = {i: {"index": i, "question": inp.questions[i], "responses": {}, "kl": {}} for i in b}
+        ids = {i: {"index": i, "prompt_ids": [int(t) for t in inp.prompt_ids[i]], "token_ids": {}} for i in b}
         for name in models:
             r, m = resp[name][j]
             decoded = tok.batch_decode(r.masked_fill(m == 0, pad_id).cpu(), skip_special_tokens=True)
-            scores = reward_scores(reward, tok, [questions[i] for i in b], decoded, dist.device()).tolist()
+            scores = reward_scores(reward, tok, [inp.questions[i] for i in b], decoded, dist.device()).tolist()
             has_eos = (r == eos).any(1).tolist()
             for k, i in enumerate(b):
                 per[i]["responses"][name] = {"text": decoded[k], "reward": scores[k], "length": int(m[k].sum()),
@@ -200,40 +212,73 @@ def run(cfg: RunConfig) -> None:
                     per[i]["kl"][pol] = diff[k]
         records += per.values()
         resp_rows += ids.values()
+    return records, resp_rows
+
+
+def score_pairs(reward, inp: Inputs) -> list[dict]:
+    """Step 2, held-out preference pairs: every head's scores of this rank's pairs."""
     rm_rows = []
-    for _, b in each(mine_rm, "eval reward model: pairs"):
-        rc, rr = pair_scores(reward, [pairs[i] for i in b], pad_id)
-        rm_rows += [{"index": i, "group": pairs[i].group, "case": pairs[i].case, "chosen": rc[k][0],
-                     "rejected": rr[k][0], "len_chosen": pairs[i].len_chosen, "len_rejected": pairs[i].len_rejected,
-                     "chosen_heads": rc[k], "rejected_heads": rr[k]}
+    for _, b in each(inp.mine_rm, "eval reward model: pairs"):
+        rc, rr = pair_scores(reward, [inp.pairs[i] for i in b], inp.tok.pad_token_id)
+        rm_rows += [{"index": i, "group": inp.pairs[i].group, "case": inp.pairs[i].case, "chosen": rc[k][0],
+                     "rejected": rr[k][0], "len_chosen": inp.pairs[i].len_chosen,
+                     "len_rejected": inp.pairs[i].len_rejected, "chosen_heads": rc[k], "rejected_heads": rr[k]}
                     for k, i in enumerate(b)]
+    return rm_rows
+
+
+def judge_responses(judge, models: dict[str, Path], inp: Inputs, records: list[dict]) -> None:
+    """Step 2b: every response scored again by the independent judge, in place (``"judge"``)."""
+    by_index = {rec["index"]: rec for rec in records}
+    for _, b in each(inp.mine, "eval judge: responses"):
+        for name in models:
+            texts = [by_index[i]["responses"][name]["text"] for i in b]
+            js = reward_scores(judge, inp.tok, [inp.questions[i] for i in b], texts, dist.device()).tolist()
+            for k, i in enumerate(b):
+                by_index[i]["responses"][name]["judge"] = js[k]
+
+
+def run(cfg: RunConfig) -> None:
+    stage = StageRun(cfg, "eval", checkpoints=False)
+    stage.start_heartbeat()  # the loops below beat per batch
+    on_gpu = dist.device().type == "cuda"
+    models = candidate_models(cfg)
+    rm_path = RunLayout(cfg).rm_model
+    if not (rm_path / "config.json").exists():
+        raise FileNotFoundError(f"reward model not found: {rm_path} (run rm first)")
+    inp = load_inputs(cfg, models, stage.rank, stage.world)
+    pad_id = inp.tok.pad_token_id
+
+    # step 1. generate, one model at a time, and every model's loss on the held-out texts
+    resp, logp, lm_rows = generate(cfg, models, inp, cfg.ppo.actor.dtype if on_gpu else "fp32")
+
+    # step 2. decode and score every response, and the held-out pairs, with the reward model
+    with phase("eval reward model: load", 0):  # one library call: beats from a thread
+        rm_dtype = cfg.ppo.reward.dtype if on_gpu else "fp32"
+        reward = dist.place(load_reward_model(rm_path, cfg.model, pad_token_id=pad_id, dtype=rm_dtype).eval())
+    records, resp_rows = score_responses(reward, models, inp, resp, logp)
+    rm_rows = score_pairs(reward, inp)
     del reward
 
-    # step 2b. the independent judge (judge.enabled): every response scored again by a reward model
-    # trained on pairs disjoint from the reward model's
+    # step 2b. the independent judge (judge.enabled): a reward model trained on pairs disjoint from the RM's
     judge_path = cfg.stage_dir("judge") / "model"
     if (judge_path / "config.json").exists():
         with phase("eval judge: load", 0):
             judge = dist.place(load_reward_model(judge_path, cfg.model, pad_token_id=pad_id, dtype=rm_dtype).eval())
-        by_index = {rec["index"]: rec for rec in records}
-        for _, b in each(mine, "eval judge: responses"):
-            for name in models:
-                texts = [by_index[i]["responses"][name]["text"] for i in b]
-                js = reward_scores(judge, tok, [questions[i] for i in b], texts, dist.device()).tolist()
-                for k, i in enumerate(b):
-                    by_index[i]["responses"][name]["judge"] = js[k]
+        judge_responses(judge, models, inp, records)
         del judge
 
     # step 3. gather on every rank, then rank 0 computes the figures and writes the report
     parts = dist.all_gather_object((records, list(lm_rows.values()), rm_rows, resp_rows))
     records, lm_all, rm_all, resp_all = (sorted((r for p in parts for r in p[k]), key=lambda r: r["index"])
                                          for k in range(4))
-    inputs = {"split": "rl_eval", **counts, "lm": lm_counts, "rm": {**rm_counts, "dtype": rm_dtype}}
+    c = inp.counts
+    inputs = {"split": "rl_eval", **{k: v for k, v in c.items() if k not in ("lm", "rm")}, "lm": c["lm"],
+              "rm": {**c["rm"], "dtype": rm_dtype}}
     # Bootstrap intervals and plots: minutes on a large eval, so not in a barrier bounded by the collective timeout.
     on_main_rank("eval report", lambda: write_report(cfg, models, rm_path, inputs, records, lm_all, rm_all,
-                                                                   resp_all))
-    if dist.is_main():
-        mark_done(out_dir, f"{N} prompts, models {','.join(models)}")
+                                                     resp_all))
+    stage.done(f"{len(inp.questions)} prompts, models {','.join(models)}")
 
 
 def write_report(cfg: RunConfig, models: dict[str, Path], rm_path: Path, inputs: dict, records: list[dict],

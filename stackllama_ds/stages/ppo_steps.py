@@ -1,16 +1,20 @@
-"""The pieces the PPO loop (``stages/ppo.py``) calls: engines, scores, the rollout's forwards, statistics."""
+"""The pieces the PPO loop (``stages/ppo.py``) calls: engines, rollout, scores, the rollout's forwards,
+minibatch updates, statistics."""
 
 from __future__ import annotations
 
+import random
 from typing import Any, NamedTuple
 
 import torch
 
 from stackllama_ds import rl
 from stackllama_ds.config import PPOConfig, RunConfig
+from stackllama_ds.data.prompts import Prompts, prompt_batch
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
-from stackllama_ds.engines.generate import GenerationCopy
+from stackllama_ds.engines.generate import GenerationCopy, sample
+from stackllama_ds.engines.load import trainable_dtype, zero3_init
 from stackllama_ds.models.forward import critic_values, fp32_compute, policy_forward, response_logprobs
 from stackllama_ds.models.hf_folder import load_value_head
 from stackllama_ds.models.load import (
@@ -19,13 +23,20 @@ from stackllama_ds.models.load import (
     empty_causal_lm,
     load_causal_lm,
     load_reward_model,
-    trainable_dtype,
-    zero3_init,
 )
+from stackllama_ds.models.padding import cut_at_eos, pad
+from stackllama_ds.models.scoring import reward_scores
+from stackllama_ds.run import testhooks
+from stackllama_ds.run.errors import TrainingError
 from stackllama_ds.run.layout import RunLayout
+from stackllama_ds.run.stage import StageRun
 
 # Per-token means of each minibatch update, pooled over updates and ranks weighted by response tokens.
 TOKEN_STATS = ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "policy_kl")
+NEG_KL_CAUSES = (
+    "forced or suppressed tokens during generation (min_length, eos suppression, bad_words), "
+    "padding or tokens after EOS counted in the KL, or a sampling setting other than plain sampling"
+)
 
 
 class Engines(NamedTuple):
@@ -95,6 +106,58 @@ class LoopState:
         self.moments.load_state_dict(d["moments"])
         self.neg_kl_streak = d.get("neg_kl_streak", 0)
 
+    def update_kl(self, tot: dict[str, float]) -> tuple[float, float]:
+        """Feed the step's mean sequence KL (``step_sums``' figures) to the KL controller.
+
+        Returns (mean KL, the coefficient the step's rewards were penalised with)."""
+        kl_mean = tot["seq_kl"] / tot["sequences"]
+        used = self.kl_ctl.value
+        self.kl_ctl.update(kl_mean, int(tot["sequences"]))
+        return kl_mean, used
+
+
+def describe(p: PPOConfig, prompts: Prompts, world: int, e: Engines) -> str:
+    """The run's opening log line: prompts kept, batch shape, reference and critic."""
+    return (f"ppo: {len(prompts.questions)} prompts ({prompts.counts['n_question_cut']} with the question cut "
+            f"to fit {p.max_prompt_length} tokens, {prompts.counts['n_too_long']} left out), world {world}, batch {p.batch_size}/rank, minibatch "
+            f"{p.mini_batch_size} x accum {p.gradient_accumulation_steps}, {p.ppo_epochs} epochs, "
+            f"reference={'adapter disabled' if e.ref is None else 'engine'}, "
+            f"critic={'engine' if e.critic else 'value head'}")
+
+
+class Sampled(NamedTuple):
+    """This rank's rollout before scoring: B prompts left-padded to P tokens, T sampled tokens."""
+
+    idx: list[int]  # (B,) prompt indices (prompt_batch)
+    q_ids: torch.Tensor  # (B, P) prompt token ids
+    q_mask: torch.Tensor  # (B, P)
+    resp: torch.Tensor  # (B, T) sampled response tokens
+    r_mask: torch.Tensor  # (B, T) 0 after the first EOS
+    ids: torch.Tensor  # (B, P + T) prompt and response
+    mask: torch.Tensor  # (B, P + T)
+    texts: list[str]  # (B,) responses decoded up to the first EOS
+
+    @property
+    def prompt_len(self) -> int:
+        """P: where the responses start in ``ids``."""
+        return self.q_ids.shape[1]
+
+
+def sample_rollout(cfg: RunConfig, e: Engines, tok, prompts: Prompts, step: int, samples: int, rank: int,
+                   world: int) -> Sampled:
+    """Sample this rank's prompts of step ``step`` (0-based) to a length drawn per rollout, alike on all ranks."""
+    p, pad_id = cfg.ppo, tok.pad_token_id
+    idx = prompt_batch(len(prompts.ids), samples, p.batch_size, rank, world, cfg.seed)
+    q_ids, q_mask = (dist.place(t) for t in pad([prompts.ids[i] for i in idx], pad_id, "left"))
+    new_tokens = random.Random(f"{cfg.seed}-len-{step}").randint(p.response_min_length, p.response_max_length)
+    # ZeRO-3 without a copy: every rank runs the same new_tokens forwards, each all-gathering.
+    policy = e.actor.module.policy if e.gen_copy is None else e.gen_copy.refresh(e.actor)
+    resp = sample(policy, q_ids, q_mask, new_tokens)
+    r_mask = cut_at_eos(resp, tok.eos_token_id)  # (B, T); tokens after the first EOS are masked everywhere
+    ids, mask = torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1)
+    texts = tok.batch_decode(resp.masked_fill(r_mask == 0, pad_id), skip_special_tokens=True)
+    return Sampled(idx, q_ids, q_mask, resp, r_mask, ids, mask, texts)
+
 
 def rule_scores(resp: torch.Tensor, rmask: torch.Tensor, token_id: int, scale: float) -> torch.Tensor:
     """Reward rule for tests: share of response tokens equal to ``token_id`` (times ``scale``)."""
@@ -111,6 +174,32 @@ def process_scores(raw: torch.Tensor, p: PPOConfig, moments: rl.RunningMoments, 
     if p.reward_clip is not None:
         s = s.clamp(-p.reward_clip, p.reward_clip)
     return s
+
+
+class Scored(NamedTuple):
+    """The rollout's scores before the KL penalty, each (B,)."""
+
+    questions: list[str]  # the prompts' questions
+    degenerate: torch.Tensor  # 1.0 where rl.is_degenerate(response)
+    raw: torch.Tensor  # the reward model's (or rule's) score
+    scores: torch.Tensor  # process_scores(raw): what the last response token's reward adds
+
+
+def score_rollout(p: PPOConfig, reward, tok, prompts: Prompts, smp: Sampled, step: int,
+                  moments: rl.RunningMoments) -> Scored:
+    """Reward engine (or ``p.rule_reward``) on question + response of step ``step`` (1-based).
+
+    A non-finite score on any rank stops every rank (TrainingError) before it reaches the rewards."""
+    questions = [prompts.questions[i] for i in smp.idx]
+    degenerate = torch.tensor([float(rl.is_degenerate(t)) for t in smp.texts])
+    if p.rule_reward is not None:
+        raw = rule_scores(smp.resp.cpu(), smp.r_mask.cpu(), p.rule_reward.token_id, p.rule_reward.scale)
+    else:
+        raw = reward_scores(reward, tok, questions, smp.texts, smp.q_ids.device)
+    raw = testhooks.fault_value("reward", step, raw)
+    if dist.any_rank(not bool(torch.isfinite(raw).all())):
+        raise TrainingError(f"non-finite reward at step {step}; the last good checkpoint is kept")
+    return Scored(questions, degenerate, raw, process_scores(raw, p, moments, degenerate))
 
 
 class RolloutForwards(NamedTuple):
@@ -152,6 +241,60 @@ def whiten_over_ranks(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return rl.masked_whiten(advantages, mask, mean=mean.to(advantages.device), var=var.to(advantages.device))
 
 
+def minibatch_update(e: Engines, mb: rl.Rollout, p: PPOConfig, P: int, step: int, rank: int) -> tuple[dict, bool]:
+    """One minibatch: fresh forwards, clipped policy and value losses, backward and engine step(s).
+
+    Returns its ``update_stats`` and whether the actor's step closed a gradient-accumulation window.
+    Raises TrainingError (on every rank) when a loss of step ``step`` (1-based) is not finite."""
+    actor, critic = e.actor, e.critic
+    mb_ids = torch.cat([mb.query_ids, mb.response_ids], 1)
+    mb_mask = torch.cat([mb.query_mask, mb.response_mask], 1)
+    mb_tokens = mb.response_mask.float()
+    logprobs, values, _ = policy_forward(actor, mb_ids, mb_mask, P)
+    if critic is not None:
+        values = critic_values(critic, mb_ids, mb_mask, P)
+    pg, policy_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb_tokens, p.cliprange)
+    vf, value_stats = rl.value_loss(values, mb.values, mb.returns, mb_tokens, p.cliprange_value)
+    # NaN/inf on any rank stops every rank before the update; the last checkpoint stays good.
+    if dist.any_rank(not (torch.isfinite(pg) and torch.isfinite(vf))):
+        raise TrainingError(f"non-finite loss at step {step} (policy {pg.item()}, "
+                            f"value {vf.item()} on rank {rank}); the last good checkpoint is kept")
+    # A minibatch whose mean ratio explodes is skipped: zero loss keeps the collectives in step.
+    skip = float(policy_stats["ratio_mean"]) > p.ratio_threshold
+    scale = 0.0 if skip else 1.0
+    if critic is None:
+        actor.backward(scale * (pg + p.vf_coef * vf))
+    else:
+        actor.backward(scale * pg)
+        critic.backward(scale * vf)
+        critic.step()
+    boundary = actor.is_gradient_accumulation_boundary()
+    actor.step()
+    return update_stats(pg, vf, policy_stats, value_stats, mb_tokens.sum().item(), skip), boundary
+
+
+def ppo_epochs(e: Engines, roll: rl.Rollout, p: PPOConfig, gen: torch.Generator, step: int, rank: int,
+               world: int) -> tuple[list[dict], bool]:
+    """``p.ppo_epochs`` passes over shuffled minibatches of the rollout, early stop on policy KL.
+
+    At each accumulation boundary (with ``p.early_stopping``) the mean policy KL of the window's
+    updates, averaged over ranks, above 1.5 x target_kl stops every rank alike. Returns this rank's
+    ``update_stats`` in order and whether the epochs stopped early."""
+    updates: list[dict] = []
+    window_kl: list[float] = []  # policy KL of the updates since the last accumulation boundary
+    for _ in range(p.ppo_epochs):
+        for mb_idx in torch.randperm(p.batch_size, generator=gen).split(p.mini_batch_size):
+            stats, boundary = minibatch_update(e, roll.index_select(mb_idx), p, roll.query_ids.shape[1], step, rank)
+            updates.append(stats)
+            window_kl.append(stats["policy_kl"])
+            if boundary and p.early_stopping:
+                kl_now = dist.reduce_sums({"kl": sum(window_kl) / len(window_kl)})["kl"] / world
+                window_kl = []
+                if kl_now > 1.5 * p.target_kl:
+                    return updates, True
+    return updates, False
+
+
 def update_stats(pg: torch.Tensor, vf: torch.Tensor, pst: dict, vst: dict, tokens: float, skipped: bool) -> dict:
     """One minibatch update's figures: its per-token means (TOKEN_STATS), response tokens, skipped."""
     means = {"policy_loss": pg, "value_loss": vf, "clipfrac": pst["clipfrac"], "vf_clipfrac": vst["clipfrac"],
@@ -166,3 +309,50 @@ def update_sums(updates: list[dict]) -> dict[str, float]:
     sums = {k: sum(u[k] * u["tokens"] for u in updates) for k in TOKEN_STATS}
     return {**sums, "update_tokens": sum(u["tokens"] for u in updates),
             "skipped": sum(u["skipped"] for u in updates), "updates": float(len(updates))}
+
+
+def step_sums(fw: RolloutForwards, sc: Scored, returns: torch.Tensor, advantages: torch.Tensor,
+              resp_tokens: torch.Tensor, updates: list[dict]) -> dict[str, float]:
+    """The step's figures summed over every rank in one all-reduce: rollout, scores and updates."""
+    seq_kl = ((fw.logprobs - fw.ref_logprobs) * resp_tokens).sum(1)  # (B,)
+    return dist.reduce_sums({
+        **update_sums(updates), "seq_kl": seq_kl.sum(), "sequences": len(seq_kl), "score": sc.scores.sum(),
+        "score_sq": (sc.scores ** 2).sum(), "raw": sc.raw.sum(), "tokens": resp_tokens.sum(),
+        "degenerate": sc.degenerate.sum(), "entropy": rl.masked_sum(fw.entropy, resp_tokens),
+        "returns": rl.masked_sum(returns, resp_tokens), "advantages": rl.masked_sum(advantages, resp_tokens),
+    })
+
+
+def step_row(tot: dict[str, float], step: int, kl_coef: float, early: bool, secs: dict[str, float],
+             elapsed_s: float) -> dict[str, Any]:
+    """The step's metrics row from ``step_sums``: means per sequence, per response token and per update.
+
+    ``secs``: t_generate, t_score, t_logprobs, t_train in that order; ``kl_coef`` the one the step used."""
+    n_seq, n_tok = tot["sequences"], tot["tokens"]
+    reward_mean = tot["score"] / n_seq
+    step_time = secs["t_generate"] + secs["t_score"] + secs["t_logprobs"] + secs["t_train"]
+    return {
+        "step": step, "reward_mean": reward_mean,
+        "reward_std": max(tot["score_sq"] / n_seq - reward_mean ** 2, 0.0) ** 0.5,
+        "score_mean": tot["raw"] / n_seq, "kl": tot["seq_kl"] / n_seq, "kl_coef": kl_coef,
+        "entropy": tot["entropy"] / n_tok, **{k: tot[k] / tot["update_tokens"] for k in TOKEN_STATS},
+        "skipped": tot["skipped"] / tot["updates"],
+        "returns_mean": tot["returns"] / n_tok, "advantages_mean": tot["advantages"] / n_tok,
+        "response_len": n_tok / n_seq, "tokens_per_s": n_tok / step_time,
+        "degenerate_frac": tot["degenerate"] / n_seq, "early_stop": early,
+        **secs, "elapsed_s": elapsed_s,
+    }
+
+
+def log_samples(run: StageRun, sc: Scored, smp: Sampled, step: int, n: int) -> None:
+    """Log the first ``n`` of this rank's rollouts (rank 0 writes): reward, question and response, cut short."""
+    for q, t, s in list(zip(sc.questions, smp.texts, sc.scores.tolist()))[:n]:
+        run.text(f"[sample step {step}] reward {s:+.3f}\n  Q: {q[:200]!r}\n  A: {t[:300]!r}")
+
+
+def negative_kl_error(bound: float, streak: int, step: int, kl_mean: float) -> TrainingError:
+    """The error that stops a run whose mean KL stayed below ``bound`` for ``streak`` steps."""
+    return TrainingError(
+        f"mean KL below {bound} for {streak} steps (step {step}, "
+        f"kl={kl_mean:.3f}); usual causes: {NEG_KL_CAUSES}"
+    )

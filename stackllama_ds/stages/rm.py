@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,22 +26,17 @@ import torch.nn.functional as F
 from stackllama_ds import rl
 from stackllama_ds.config import RMConfig, RunConfig, resolve_grad_accum
 from stackllama_ds.data.eval_inputs import load_rm_pairs
-from stackllama_ds.data.fit import FitPair, fit_pairs, fit_summary
+from stackllama_ds.data.fit import FitPair, FitPairs, fit_pairs, fit_summary
 from stackllama_ds.data.packed_pairs import PackedRow, pack_pairs
 from stackllama_ds.data.pair_batches import eval_pair_batches, pair_batches
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
+from stackllama_ds.engines.load import trainable_dtype, zero3_init
 from stackllama_ds.evaluation.summary import head_figures, summarize_rm
 from stackllama_ds.fsutil import write_atomic
 from stackllama_ds.models.forward import is_partitioned
-from stackllama_ds.models.load import (
-    load_reward_model,
-    load_tokenizer,
-    score_weight,
-    trainable_dtype,
-    zero3_init,
-)
+from stackllama_ds.models.load import load_reward_model, load_tokenizer, score_weight
 from stackllama_ds.models.packed import packed_head_scores
 from stackllama_ds.models.scoring import right_padded_scores
 from stackllama_ds.run import testhooks
@@ -98,7 +94,7 @@ def head_scores(engine, batch: Batch) -> torch.Tensor:
     # Right padding under a causal mask: no real token can see a pad, so the padding mask is
     # redundant; without it SDPA takes its fused causal kernel instead of the masked math path
     # on CPU (same scores, see tests/stages/test_rm.py). HF reads the score at the last non-pad id.
-    # Rows run in up to two length groups, each cut to its own longest: ~20% fewer padded tokens
+    # Rows run in up to two length groups, each cut to its own longest: fewer padded tokens
     # on StackLLaMA-like pairs (ZeRO-3: always two, so every rank runs the same forwards).
     # use_cache=False: else every layer copies its keys and values into a cache nobody reads.
     return right_padded_scores(lambda x: engine(input_ids=x, use_cache=False).logits,
@@ -218,13 +214,12 @@ def train_judge(cfg: RunConfig) -> None:
     train(judge_config(cfg), stage="judge", split=JUDGE_SPLIT)
 
 
-def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
-    rc = cfg.rm
-    init = init_path(cfg)
-    run = StageRun(cfg, stage)
-    tok = load_tokenizer(init, padding_side="right")
+def load_pairs(cfg: RunConfig, tok, stage: str, split: str) -> tuple[FitPairs, FitPairs, dict]:
+    """Pairs of ``split`` to train on and the held-out pairs eval scores too; questions cut to fit.
 
-    # Data: pairs of `split` to train on, the held-out pairs eval scores too; questions cut to fit.
+    Returns (train pairs, held-out pairs, the counts accuracy.json and the first metrics row report);
+    raises TrainingError when no training pair fits."""
+    rc = cfg.rm
     data = load_prepared(RunLayout(cfg).data)
     tr = fit_pairs(data[split], tok, rc.max_length, rc.overlength)
     ev = load_rm_pairs(RunLayout(cfg).data, tok, cfg.rm.max_length, cfg.rm.overlength, cfg.eval.n_rm_pairs)  # eval.n_rm_pairs of rm_eval: the pairs `eval` scores too
@@ -235,16 +230,70 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
         )
     counts = {"overlength": rc.overlength, "max_length": rc.max_length, "train_pairs": len(tr.pairs),
               "eval_pairs": len(ev.pairs), "truncation": {"train": tr.counts, "eval": ev.counts["truncation"]}}
+    return tr, ev, counts
+
+
+def accumulate(engine, batches: Iterator[Batch], rc: RMConfig, gas: int, step: int) -> dict[str, float]:
+    """One optimizer step of ``gas`` micro batches, each one forward, backward and engine step.
+
+    Returns this rank's sums: micro-batch losses (``loss``), correctly ranked pairs (``correct``) and,
+    with a length head, ODIN's terms. ``step``: the 1-based step being trained (for test faults)."""
+    sums = {"loss": 0.0, "correct": 0.0}
+    for _ in range(gas):
+        loss, st, terms = rm_loss(engine, next(batches), rc)
+        loss = testhooks.fault_value("loss", step, loss)
+        engine.backward(loss)
+        engine.step()
+        sums["loss"] += loss.item()
+        sums["correct"] += st.correct.sum().item()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums
+
+
+def build_engine(cfg: RunConfig, init: Path, tok, max_steps: int, gas: int):
+    """The reward model from ``init`` (fresh score head: two with ``rm.length_head``) in its training engine."""
+    rc = cfg.rm
+    # setup() seeded every rank alike: the fresh score head (and LoRA) start identical everywhere.
+    with zero3_init(rc.engine, cfg.model):  # ZeRO-3: each rank only ever holds its partition
+        model = load_reward_model(init, cfg.model, pad_token_id=tok.pad_token_id, dtype=trainable_dtype(rc.engine),
+                                  lora=rc.lora, num_labels=2 if rc.length_head else 1)
+    return build_train_engine(model, rc.engine, rc.optim, total_steps=max_steps, grad_accum=gas)
+
+
+def row_extras(sums: dict[str, float], tot: dict[str, float], n_micro: int, step: int, counts: dict) -> dict:
+    """A step row's figures beside loss and accuracy: ODIN's terms as means over the ``n_micro`` micro
+    batches of all ranks, and on step 1 the data counts as flat keys (``train_whole``, ``eval_dropped``...)."""
+    out = {k: tot[k] / n_micro for k in sums if k not in ("loss", "correct")}  # ODIN's terms
+    if step == 1:
+        out.update({k: v for k, v in counts.items() if k != "truncation"})
+        out.update({f"{s}_{c}": n for s, d in counts["truncation"].items() for c, n in d.items()})
+    return out
+
+
+def held_out_file(run: StageRun, rows: list[dict] | None, cfg: RunConfig) -> dict:
+    """Rank 0 writes the final evaluation's pairs (EVAL_PAIRS); returns accuracy.json's ``held_out``
+    summary of them (empty on other ranks and without held-out pairs)."""
+    if rows is None or run.rank != 0:
+        return {}
+    write_jsonl(run.dir / EVAL_PAIRS, rows)
+    return {"dtype": cfg.rm.engine.dtype, "pairs_file": EVAL_PAIRS,
+            **summarize_rm(rows, cfg.eval.bootstrap_samples, cfg.seed)}
+
+
+def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
+    rc = cfg.rm
+    init = init_path(cfg)
+    run = StageRun(cfg, stage)
+    tok = load_tokenizer(init, padding_side="right")
+
+    tr, ev, counts = load_pairs(cfg, tok, stage, split)
     gas = resolve_grad_accum(rc.engine, rc.global_batch_size, run.world)
     mb = rc.engine.micro_batch_size
     per_step = mb * gas * run.world  # pairs per optimizer step, all ranks
     max_steps = rc.max_steps or max(1, int(rc.epochs * len(tr.pairs) / per_step))
 
-    # setup() seeded every rank alike: the fresh score head (and LoRA) start identical everywhere.
-    with zero3_init(rc.engine, cfg.model):  # ZeRO-3: each rank only ever holds its partition
-        model = load_reward_model(init, cfg.model, pad_token_id=tok.pad_token_id, dtype=trainable_dtype(rc.engine),
-                                  lora=rc.lora, num_labels=2 if rc.length_head else 1)
-    engine = build_train_engine(model, rc.engine, rc.optim, total_steps=max_steps, grad_accum=gas)
+    engine = build_engine(cfg, init, tok, max_steps, gas)
     state = run.resume({"model": engine}, checkpoint_meta("reward", init, cfg, rc.lora, rc.engine.dtype))
     log = run.logger(max_steps, bar_keys=("loss", "accuracy", "pairs_per_s"), log_every=rc.log_every)
     run.text(f"{stage}: init {init}; {len(tr.pairs)} {split} pairs ({fit_summary(tr.counts)}), {len(ev.pairs)} eval "
@@ -264,16 +313,7 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
         t0 = time.time()
         run.beat("training")
         lr = engine.get_lr()[0]  # the rate this step trains with
-        sums = {"loss": 0.0, "correct": 0.0}  # sum of micro-batch losses (and ODIN's terms), correctly ranked pairs
-        for _ in range(gas):
-            loss, st, terms = rm_loss(engine, next(batches), rc)
-            loss = testhooks.fault_value("loss", state.step + 1, loss)
-            engine.backward(loss)
-            engine.step()
-            sums["loss"] += loss.item()
-            sums["correct"] += st.correct.sum().item()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
+        sums = accumulate(engine, batches, rc, gas, state.step + 1)
         state.step += 1
         state.samples += per_step
 
@@ -285,10 +325,7 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
         row = {"step": state.step, "loss": loss_v, "accuracy": tot["correct"] / per_step, "lr": lr,
                "grad_norm": float(gn) if gn is not None else None, "pairs": state.samples,
                "pairs_per_s": per_step / (time.time() - t0), "elapsed_s": time.time() - t_start}
-        row.update({k: tot[k] / (gas * run.world) for k in sums if k not in ("loss", "correct")})  # ODIN's terms
-        if state.step == 1:
-            row.update({k: v for k, v in counts.items() if k != "truncation"})
-            row.update({f"{s}_{c}": n for s, d in counts["truncation"].items() for c, n in d.items()})
+        row.update(row_extras(sums, tot, gas * run.world, state.step, counts))
 
         # step 3. held-out accuracy, margin and loss (every rank runs the same number of forwards)
         if evals and (state.step % rc.eval_every == 0 or state.step == max_steps):
@@ -304,15 +341,11 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
         run.end_step(save=state.step % rc.save_every == 0 or state.step == max_steps)
 
     # step 5. final held-out figures with every pair's scores (again if a resume found the loop finished)
-    held_out: dict = {}
     if evals and final_rows is None:
         run.beat("final evaluation", state.step)
         last_eval = {**evaluate(engine, evals, rc.margin, ev.pairs), "step": state.step}
         final_rows = last_eval.pop("rows")
-    if final_rows is not None and run.rank == 0:
-        write_jsonl(run.dir / EVAL_PAIRS, final_rows)
-        held_out = {"dtype": rc.engine.dtype, "pairs_file": EVAL_PAIRS,
-                    **summarize_rm(final_rows, cfg.eval.bootstrap_samples, cfg.seed)}
+    held_out = held_out_file(run, final_rows, cfg)
     if last_eval is None:
         last_eval = {"n_pairs": 0, "accuracy": None, "margin": None, "loss": None, "step": state.step}
         run.text(f"{stage}: rm_eval has no pairs; accuracy.json holds no held-out figures")
@@ -322,5 +355,5 @@ def train(cfg: RunConfig, stage: str = "rm", split: str = "rm_train") -> None:
     # step 6. export the final checkpoint (LoRA merged, the trained score head kept), then DONE
     if run.rank == 0:
         write_json(run.dir / ACCURACY, {**last_eval, **counts, "held_out": held_out})
-    del model, engine  # the export reads the checkpoint: free the engine's memory for it
+    del engine  # the export reads the checkpoint: free the engine's memory for it
     run.finish(cfg.stage_dir(stage) / "model")

@@ -20,7 +20,8 @@ from stackllama_ds.data.prepare import check_prepared
 from stackllama_ds.data.tokens import sft_tokens
 from stackllama_ds.engines import dist
 from stackllama_ds.engines.build import build_train_engine
-from stackllama_ds.models.load import load_causal_lm, load_tokenizer, trainable_dtype, zero3_init
+from stackllama_ds.engines.load import trainable_dtype, zero3_init
+from stackllama_ds.models.load import load_causal_lm, load_tokenizer
 from stackllama_ds.run import testhooks
 from stackllama_ds.run.entry import check_finite
 from stackllama_ds.run.heartbeat import each

@@ -18,7 +18,7 @@ from _se_dumps import DUMPS, SHARED, need_shared, read_rows
 from lxml import etree
 
 from stackllama_ds import cli
-from stackllama_ds.config import ConfigError, load_config
+from stackllama_ds.config_loader import ConfigError, load_config
 from stackllama_ds.data.pair_rules import SPLITS
 from stackllama_ds.data.posts import DataError, DumpFile, iter_parsed
 from stackllama_ds.data.prepare import load_prepared, prepare
@@ -244,7 +244,7 @@ def test_pipeline_resolves_each_posts_entry(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_mod, "prepare", fake_prepare)
     with pytest.raises(Stop):  # a relative entry resolves from the config's folder
-        run_pipeline(load_config(cfg_path), str(cfg_path), [])
+        run_pipeline(load_config(cfg_path), str(cfg_path), [], run_stage=lambda *a: pytest.fail("no stage runs"))
     assert seen["posts"] == [tmp_path / "site.example", SHARED]
 
 

@@ -13,7 +13,8 @@ import torch
 from stackllama_ds.config import EngineConfig, LoraConfig, ModelConfig, OptimConfig
 from stackllama_ds.engines import dist, zero3_load
 from stackllama_ds.engines.build import build_eval_engine, build_train_engine
-from stackllama_ds.models.load import ActorWithValueHead, load_causal_lm, load_reward_model, zero3_init
+from stackllama_ds.engines.load import zero3_init
+from stackllama_ds.models.load import ActorWithValueHead, load_causal_lm, load_reward_model
 
 FILLED: list[list[str] | None] = []  # fill_partitions' answers, in call order
 _fill = zero3_load.fill_partitions

@@ -1,7 +1,7 @@
 """The list-based SFT packing as it was before the token cache (issue 15), kept verbatim as a reference.
 
 tests/stages/test_packing.py checks that packing from TokenizedTexts (memory-mapped or in memory)
-gives exactly these chunks; bench/sft_data_rss.py runs it as the "before" data path. Not for
+gives exactly these chunks; bench/data_bench.py sft-rss runs it as the "before" data path. Not for
 production: it re-tokenizes every text on every rank at every start and resume.
 """
 

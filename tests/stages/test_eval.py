@@ -78,7 +78,7 @@ def test_eval_sft_vs_base_and_rerun_identical(first_eval):
     assert rm["n_requested"] is None and t["total"] == rm["n_available"]
     assert 1 <= rm["n_pairs"] == t["total"] - t["dropped"] and rm["dtype"] == "fp32"  # CPU
     # the pairs the RM stage scores (data.eval_inputs): questions, cases, answer lengths as scored
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.data.eval_inputs import load_rm_pairs
     from stackllama_ds.models.load import load_tokenizer
 

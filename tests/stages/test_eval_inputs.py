@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from stackllama_ds.config import load_config
+from stackllama_ds.config_loader import load_config
 from stackllama_ds.data.eval_inputs import load_lm_texts, load_rm_pairs
 from stackllama_ds.data.prepare import load_prepared
 from stackllama_ds.data.template import format_prompt, format_qa

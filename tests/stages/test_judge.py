@@ -10,7 +10,7 @@ from tests.conftest import FAST_RM, FAST_SFT, TINY_YAML, fresh_root, run_cli, wr
 
 
 def test_judge_pairs_are_disjoint_from_the_reward_models(prepared_root):
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.data.prepare import load_prepared
     from stackllama_ds.stages.rm import JUDGE_SPLIT, judge_config
 

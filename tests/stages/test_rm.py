@@ -165,7 +165,7 @@ def test_eval_pair_batches_same_forwards_every_rank():
 
 
 def test_missing_init_model_is_named(tmp_path):
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.stages.rm import init_path
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tmp_path / "run"), check_files=False)

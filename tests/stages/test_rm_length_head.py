@@ -90,7 +90,7 @@ def test_length_head_needs_two_pairs_per_micro_batch():
 
 
 def test_shipped_configs_length_head():
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from tests.conftest import REPO
 
     assert load_config(REPO / "configs" / "smollm2.yaml", check_files=False).rm.length_head is True

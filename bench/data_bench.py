@@ -1,12 +1,18 @@
-"""Peak RSS per rank of the SFT data path at two input sizes: tokenize once, memory-mapped (issue 15).
+"""The data path at scale: prepare's throughput, and the SFT data path's memory per rank (issue 15).
 
-    python bench/sft_data_rss.py --sizes 250,1000
+    python bench/data_bench.py prepare --sizes 100,1000 --workers 1,2   # MB/s, peak RSS; markdownify baseline
+    python bench/data_bench.py sft-rss --sizes 250,1000                 # peak RSS per rank of the SFT data path
 
-For each size (MB) a Posts.xml is built by repeating the rows of the beer dump with fresh Ids
-(ParentId and AcceptedAnswerId remapped consistently) and the repetition's number appended to every
-Title: the questions, hence the SFT texts, stay distinct (identical repeats would be deduplicated
-back to the beer dump's ~300 texts). Then, each in fresh processes:
+Each size (MB) is a Posts.xml built by repeating the beer dump's rows with fresh Ids (ParentId and
+AcceptedAnswerId remapped consistently) and the repetition's number appended to every Title: the
+questions, hence the SFT texts, stay distinct (identical repeats would be deduplicated back to the
+beer dump's ~300 texts). Everything lands in --workdir (default bench/out/data_bench).
 
+prepare: ``prepare`` in a fresh process per case: MB/s, peak RSS of the main process and of the
+largest worker (getrusage inside that process), and MB per CPU-second of all processes (robust to
+other load); the baseline is the same pipeline with markdownify (the dev extra) as the converter.
+
+sft-rss, each in fresh processes:
 1. ``stackllama-ds prepare``: seconds, peak RSS of its largest process (getrusage of the children);
 2. ``stackllama-ds sft`` on 2 ranks, one step, configs/tiny.yaml's tiny model: the first start builds
    the token cache (rank 0); peak RSS per rank is each rank process's VmHWM, polled from /proc;
@@ -16,9 +22,8 @@ back to the beer dump's ~300 texts). Then, each in fresh processes:
    tests/stages/_packing_ref.py (``sft_texts`` lists, packing that re-tokenizes), "new" the
    memory-mapped cache; the held-out batches, the first micro batch, and the first micro batch
    of a resume half a pass in; peak RSS above the process's RSS after imports and tokenizer.
-
 The tiny model is built once from the beer dump (make_tiny trains its tokenizer on its data, which
-we do not want to time at 1 GB). Everything lands in --workdir (default bench/out/sft_data_rss).
+we do not want to time at 1 GB).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as h  # noqa: E402
 
 _IDS = re.compile(rb'( (?:Id|ParentId|AcceptedAnswerId)=")(\d+)"')
 _TITLE = re.compile(rb'( Title="[^"]*)"')
@@ -69,22 +74,72 @@ def build_dump(src: Path, dest: Path, size_mb: int) -> Path:
     return dest
 
 
+# ------------------------------------------------------------------- prepare's throughput
+_CASE = r"""
+import json, resource, sys, time
+from stackllama_ds.data import markdown
+from stackllama_ds.data.prepare import prepare
+posts, out, workers, baseline = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+if baseline:  # markdownify: the dev extra, never a run-time converter
+    from markdownify import markdownify
+    markdown._CONVERTER = ("markdownify", lambda h: markdownify(h, heading_style="ATX", code_language="",
+                                                                 bullets="-"))
+t = time.perf_counter()
+rep = prepare(posts, out, workers=workers, log=lambda *a: None)
+dt = time.perf_counter() - t
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"seconds": dt, "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+                  "rss_main_mb": me.ru_maxrss / 1024, "rss_worker_mb": kids.ru_maxrss / 1024,
+                  "pairs": rep["pairs"], "converter": rep["converter"]}))
+"""
+
+
+def prepare_case(posts: Path, out: Path, workers: int, baseline: bool) -> dict:
+    r = subprocess.run([sys.executable, "-c", _CASE, str(posts), str(out), str(workers), str(int(baseline))],
+                       cwd=h.REPO, capture_output=True, text=True, env=h.env())
+    h.check(r, f"prepare ({posts}, workers={workers}, baseline={baseline})")
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_prepare(a) -> None:
+    rows = []
+    for size in [int(s) for s in a.sizes.split(",")]:
+        # the site name is the folder name, as for a real dump
+        posts = build_dump(h.BEER, a.workdir / f"bench{size}.stackexchange.com" / "Posts.xml", size)
+        mb = posts.stat().st_size / 1e6
+        base = None if a.no_baseline else prepare_case(posts, a.workdir / "out-base", 1, baseline=True)
+        for w in [int(x) for x in a.workers.split(",")]:
+            r = prepare_case(posts, a.workdir / f"out-{w}", w, baseline=False)
+            if base is not None and r["pairs"] != base["pairs"]:
+                h.log(f"  note: pair count differs from the baseline's ({r['pairs']} vs {base['pairs']})")
+            b = [mb / base["seconds"], max(base["rss_main_mb"], base["rss_worker_mb"]),
+                 base["seconds"] / r["seconds"]] if base else [float("nan")] * 3
+            rows.append([mb, w, mb / r["seconds"], r["seconds"], mb / r["cpu_s"], r["rss_main_mb"], r["rss_worker_mb"],
+                         *b])
+            h.log(f"  {size} MB workers={w}: {mb / r['seconds']:.1f} MB/s")
+    print(h.table(["size MB", "workers", "MB/s", "s", "MB/cpu-s", "RSS main MB", "RSS worker MB", "base MB/s",
+                   "base RSS MB", "speed-up"], rows,
+                  f"prepare: {h.machine()}; converter html-to-markdown; baseline markdownify, 1 process"))
+
+
+# ------------------------------------------------------------------- the SFT data path's memory
 def ensure_tiny(work: Path) -> Path:
-    from stackllama_ds.config import load_config
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.data.prepare import prepare
     from stackllama_ds.models.tiny import make_tiny
 
     tiny = work / "tiny"
     if not (tiny / "DONE").exists():
-        cfg = load_config(common.TINY_YAML, check_files=False)
-        prepare(common.BEER, work / "beer-data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
+        cfg = load_config(h.TINY_YAML, check_files=False)
+        prepare(h.BEER, work / "beer-data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
         make_tiny(work / "beer-data", tiny, seed=0, cfg=cfg.model.tiny)
         (tiny / "DONE").write_text("make-tiny\n")
     return tiny
 
 
 def write_config(run: Path, posts: Path, tiny: Path) -> Path:
-    cfg = yaml.safe_load(common.TINY_YAML.read_text())
+    cfg = yaml.safe_load(h.TINY_YAML.read_text())
     cfg["output_root"] = str(run)
     cfg["data"]["posts"] = str(posts)
     cfg["logging"] = {"progress": False}
@@ -119,7 +174,7 @@ def run_sft(cfg: Path, *extra: str) -> dict:
     t0 = time.perf_counter()
     with open(out, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "stackllama_ds.cli", "sft", str(cfg), *extra],
-                                cwd=common.REPO, env=common.env(), stdout=log, stderr=subprocess.STDOUT)
+                                cwd=h.REPO, env=h.env(), stdout=log, stderr=subprocess.STDOUT)
         peak: dict[int, float] = {}
         first = None
         while proc.poll() is None:
@@ -139,7 +194,7 @@ def run_sft(cfg: Path, *extra: str) -> dict:
                 first = time.perf_counter() - t0
             time.sleep(0.2)
     text = out.read_text()
-    common.check(subprocess.CompletedProcess(proc.args, proc.returncode, text, text), f"sft {cfg}")
+    h.check(subprocess.CompletedProcess(proc.args, proc.returncode, text, text), f"sft {cfg}")
     m = re.search(r"tokenized (\d+) texts \((\d+) tokens\) of sft into .* in ([\d.]+) s", text)
     return {"peak": [peak.get(r, float("nan")) for r in range(WORLD)], "first_step_s": first,
             "total_s": time.perf_counter() - t0, "tokenize_s": float(m.group(3)) if m else None,
@@ -182,33 +237,19 @@ def data_path(root: Path, path: str, resume_at: int) -> None:
 
 
 def measure_path(root: Path, path: str, resume_at: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--data-path", path, "--root", str(root),
-                        "--resume-at", str(resume_at)], cwd=common.REPO, env=common.env(),
+    r = subprocess.run([sys.executable, __file__, "sft-rss", "--data-path", path, "--root", str(root),
+                        "--resume-at", str(resume_at)], cwd=h.REPO, env=h.env(),
                        capture_output=True, text=True, timeout=3600)
-    common.check(r, f"data path {path}")
+    h.check(r, f"data path {path}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="250,1000", help="Posts.xml sizes in MB")
-    ap.add_argument("--workers", type=int, default=2, help="prepare's parse workers")
-    ap.add_argument("--workdir", type=Path, default=common.OUT / "sft_data_rss")
-    ap.add_argument("--skip-old", action="store_true", help="do not run the old data path")
-    ap.add_argument("--reuse-prepared", action="store_true",
-                    help="keep each size's prepared data (and prepare figures) from an earlier run; drop its token cache")
-    ap.add_argument("--data-path", choices=["old", "new"], help=argparse.SUPPRESS)
-    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--resume-at", type=int, default=0, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.data_path:
-        return data_path(a.root, a.data_path, a.resume_at)
-
+def bench_sft_rss(a) -> None:
     work = a.workdir.resolve()
     tiny = ensure_tiny(work)
     rows, paths = [], []
     for size in [int(s) for s in a.sizes.split(",")]:
-        posts = build_dump(common.BEER, work / f"posts-{size}MB" / "Posts.xml", size)
+        posts = build_dump(h.BEER, work / f"posts-{size}MB" / "Posts.xml", size)
         run = work / f"run-{size}MB"
         cfg = write_config(run, posts, tiny)
         prep_json = run / "prepare.json"
@@ -216,17 +257,17 @@ def main() -> None:
             prep = json.loads(prep_json.read_text())
             shutil.rmtree(run / "data" / "tokens", ignore_errors=True)  # the first start builds it again
         else:
-            common.log(f"[{size} MB] prepare ...")
-            r, rss = common.run_measured([sys.executable, "-m", "stackllama_ds.cli", "prepare", "--config", str(cfg),
-                                          "--posts", str(posts), "--out", str(run / "data"),
-                                          "--workers", str(a.workers)], timeout=7200)
-            common.check(r, "prepare")
+            h.log(f"[{size} MB] prepare ...")
+            r, rss = h.run_measured([sys.executable, "-m", "stackllama_ds.cli", "prepare", "--config", str(cfg),
+                                     "--posts", str(posts), "--out", str(run / "data"), "--workers",
+                                     a.workers.split(",")[-1]], timeout=7200)
+            h.check(r, "prepare")
             prep = {"seconds": json.loads((run / "data" / "report.json").read_text())["seconds"], "peak_mb": rss}
             prep_json.write_text(json.dumps(prep))
         shutil.rmtree(run / "sft", ignore_errors=True)  # a rerun of this script starts from step 0 again
-        common.log(f"[{size} MB] sft: first start (tokenizes) ...")
+        h.log(f"[{size} MB] sft: first start (tokenizes) ...")
         first = run_sft(cfg)
-        common.log(f"[{size} MB] sft: resume for step 2 (cache hit) ...")
+        h.log(f"[{size} MB] sft: resume for step 2 (cache hit) ...")
         again = run_sft(cfg, "--set", "sft.max_steps=2")
         (meta_path,) = (run / "data" / "tokens").glob("sft-*/meta.json")
         meta = json.loads(meta_path.read_text())
@@ -234,24 +275,43 @@ def main() -> None:
         rows.append([size, posts.stat().st_size / 1e6, prep["seconds"], prep["peak_mb"], meta["n_texts"],
                      meta["n_tokens"] / 1e6, first["tokenize_s"], first["first_step_s"], *first["peak"],
                      again["first_step_s"], *again["peak"], again["tokenize_s"] is None])
-        common.log(f"  {rows[-1]}")
+        h.log(f"  {rows[-1]}")
         for path in ("new",) if a.skip_old else ("new", "old"):
-            common.log(f"[{size} MB] data path {path} ...")
+            h.log(f"[{size} MB] data path {path} ...")
             d = measure_path(run, path, resume_at)
             paths.append([size, path, d["base_mb"], d["peak_mb"], d["peak_mb"] - d["base_mb"], d["first_s"],
                           d["resume_s"]])
-            common.log(f"  {paths[-1]}")
-    print(f"# SFT data: {common.machine()}; tiny model (configs/tiny.yaml), seq {SEQ}, micro {MICRO}, "
-          f"{WORLD} ranks, ZeRO-2; prepare --workers {a.workers}")
-    print(common.table(
+            h.log(f"  {paths[-1]}")
+    print(f"# SFT data: {h.machine()}; tiny model (configs/tiny.yaml), seq {SEQ}, micro {MICRO}, "
+          f"{WORLD} ranks, ZeRO-2; prepare --workers {a.workers.split(',')[-1]}")
+    print(h.table(
         ["size MB", "Posts.xml MB", "prepare s", "prepare peak MB", "SFT texts", "tokens M", "tokenize s",
          "start -> step 1 s", "rank 0 peak MB", "rank 1 peak MB", "resume -> step 2 s", "rank 0 peak MB",
          "rank 1 peak MB", "resume re-tokenized nothing"],
         rows, "Prepare, then SFT on 2 ranks: first start (builds the cache), then a resume (reads it)"))
-    print(common.table(["size MB", "data path", "base MB", "peak MB", "data MB", "to first batch s",
-                        "to resume batch s"], paths,
-                       "The data path alone as rank 0 of 2 (held-out batches, first micro batch; then a resume "
-                       "half a pass in)"))
+    print(h.table(["size MB", "data path", "base MB", "peak MB", "data MB", "to first batch s",
+                   "to resume batch s"], paths,
+                  "The data path alone as rank 0 of 2 (held-out batches, first micro batch; then a resume "
+                  "half a pass in)"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["prepare", "sft-rss"])
+    ap.add_argument("--sizes", default="250,1000", help="Posts.xml sizes in MB")
+    ap.add_argument("--workers", default="2", help="prepare's parse workers (prepare: comma-separated, each a case)")
+    ap.add_argument("--workdir", type=Path, default=h.OUT / "data_bench")
+    ap.add_argument("--no-baseline", action="store_true", help="prepare: skip the (slow) markdownify baseline")
+    ap.add_argument("--skip-old", action="store_true", help="sft-rss: do not run the old data path")
+    ap.add_argument("--reuse-prepared", action="store_true", help="sft-rss: keep each size's prepared data (and "
+                    "prepare figures) from an earlier run; drop its token cache")
+    ap.add_argument("--data-path", choices=["old", "new"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--resume-at", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.data_path:
+        return data_path(a.root, a.data_path, a.resume_at)
+    (bench_prepare if a.what == "prepare" else bench_sft_rss)(a)
 
 
 if __name__ == "__main__":
