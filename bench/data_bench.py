@@ -38,8 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h  # noqa: E402
 
@@ -139,27 +137,9 @@ def ensure_tiny(work: Path) -> Path:
 
 
 def write_config(run: Path, posts: Path, tiny: Path) -> Path:
-    cfg = yaml.safe_load(h.TINY_YAML.read_text())
-    cfg["output_root"] = str(run)
-    cfg["data"]["posts"] = str(posts)
-    cfg["logging"] = {"progress": False}
-    cfg["sft"].update(max_steps=1, save_every=1000, eval_every=1000, eval_batches=1)
-    run.mkdir(parents=True, exist_ok=True)
-    if not (run / "tiny").exists():
-        (run / "tiny").symlink_to(tiny)
-    path = run / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def _vm_hwm_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    """The size's run root is kept (a rerun may reuse its prepared data): ``fresh=False``."""
+    return h.write_config(run, h.TINY_YAML, {"tiny": tiny}, fresh=False, data={"posts": str(posts)},
+                          sft={"max_steps": 1, "save_every": 1000, "eval_every": 1000, "eval_batches": 1})
 
 
 def run_sft(cfg: Path, *extra: str) -> dict:
@@ -187,8 +167,8 @@ def run_sft(cfg: Path, *extra: str) -> dict:
                     rank = p.environ().get("RANK")
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                mb = _vm_hwm_mb(p.pid)
-                if rank is not None and mb is not None:
+                mb = h.status_mb("VmHWM", p.pid)
+                if rank is not None and mb == mb:  # nan: the rank is gone
                     peak[int(rank)] = max(peak.get(int(rank), 0.0), mb)
             if first is None and metrics.exists() and len(read_metrics(metrics)) > before:
                 first = time.perf_counter() - t0
@@ -204,9 +184,6 @@ def run_sft(cfg: Path, *extra: str) -> dict:
 # ------------------------------------------------------------------- the data path in one process
 def data_path(root: Path, path: str, resume_at: int) -> None:
     """Rank 0 of 2's SFT data path, old or new; prints one JSON line (seconds, MB)."""
-    def status_mb(key: str) -> float:
-        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
     import datasets  # noqa: F401  (the old path's load_prepared imports it: an import is not data)
 
     from stackllama_ds.data.packing import eval_batches, packed_batches
@@ -216,7 +193,7 @@ def data_path(root: Path, path: str, resume_at: int) -> None:
     from tests.stages import _packing_ref as ref
 
     tok = load_tokenizer(root / "tiny")
-    base = status_mb("VmRSS")
+    base = h.status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts here: imports' peak left out
     t0 = time.perf_counter()
     if path == "old":
@@ -233,7 +210,7 @@ def data_path(root: Path, path: str, resume_at: int) -> None:
         t1 = time.perf_counter()
         next(packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0, start=resume_at))
     t2 = time.perf_counter()
-    print(json.dumps({"base_mb": base, "peak_mb": status_mb("VmHWM"), "first_s": t1 - t0, "resume_s": t2 - t1}))
+    print(json.dumps({"base_mb": base, "peak_mb": h.status_mb("VmHWM"), "first_s": t1 - t0, "resume_s": t2 - t1}))
 
 
 def measure_path(root: Path, path: str, resume_at: int) -> dict:

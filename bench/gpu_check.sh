@@ -356,9 +356,9 @@ mkdir -p "$OUT" "$LOGS" "$OUT/mem" "$WORK" || exit 1
 choose_model
 say "GPU: $gpu; python: $PY; model: $MODEL_DESC; out: $OUT; budget ${BUDGET_S}s"
 
-# The memory hook and the carried site first on PYTHONPATH; the repo for `python -m stackllama_ds.cli`.
-"$PY" bench/gpu.py memhook "$WORK/hook" || echo "memory hook not written: no measured peaks"
-export PYTHONPATH=$WORK/hook:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
+# The stage hooks (bench/turnhook: each stage process's CUDA peak) and the carried site first on
+# PYTHONPATH; the repo for `python -m stackllama_ds.cli`.
+export PYTHONPATH=$REPO/bench/turnhook:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 export GPU_CHECK_MEMLOG=$OUT/mem WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error DISABLE_TQDM=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,13 +43,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def env(**extra: str) -> dict[str, str]:
-    """A child's environment: CPU DeepSpeed, offline, quiet; no inherited rank or thread settings."""
+def env(cuda: bool = False, **extra: str) -> dict[str, str]:
+    """A child's environment: CPU DeepSpeed, offline, quiet; no inherited rank or thread settings.
+    ``cuda``: DeepSpeed picks its accelerator, and the caller's PYTHONPATH stays behind the repo
+    (gpu_check.sh puts its carried wheels and the stage hooks there)."""
     e = dict(os.environ)
+    path = [str(REPO), *([os.environ["PYTHONPATH"]] if cuda and os.environ.get("PYTHONPATH") else [])]
     e.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-             DISABLE_TQDM="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"):
+             PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             TRANSFORMERS_VERBOSITY="error", DISABLE_TQDM="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+              *(["DS_ACCELERATOR"] if cuda else [])):
         e.pop(k, None)
     e.update(extra)
     return e
@@ -59,8 +66,8 @@ def heap_env() -> dict[str, str]:
     return dict(MALLOC_ENV)
 
 
-def run_measured(cmd: list[str], *, extra_env: dict[str, str] | None = None,
-                 timeout: float = 3600) -> tuple[subprocess.CompletedProcess, float]:
+def run_measured(cmd: list[str], *, extra_env: dict[str, str] | None = None, timeout: float = 3600,
+                 cuda: bool = False) -> tuple[subprocess.CompletedProcess, float]:
     """Run cmd in a fresh subprocess; (result, peak RSS in MB of its largest process).
 
     getrusage(RUSAGE_CHILDREN) in a one-shot wrapper covers the command and every rank it spawned;
@@ -68,7 +75,7 @@ def run_measured(cmd: list[str], *, extra_env: dict[str, str] | None = None,
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
                "print('\\n@@RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, flush=True); "
                "sys.exit(r)")
-    r = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, env=env(**(extra_env or {})),
+    r = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, env=env(cuda, **(extra_env or {})),
                        capture_output=True, text=True, timeout=timeout)
     rss = next((float(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("@@RSS")), 0.0)
     return r, rss
@@ -98,6 +105,46 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def status_mb(key: str, pid: int | str = "self") -> float:
+    """A /proc/PID/status memory field (VmHWM, VmRSS, RssAnon) in MB; nan where the process is gone."""
+    try:
+        return int(re.search(rf"^{key}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) / 1024
+    except (OSError, AttributeError):
+        return float("nan")
+
+
+class Peak:
+    """The largest value of ``probe()``, sampled every ``every_s`` seconds in a thread while the block runs
+    (a failing probe is skipped: what it reads may be gone for a moment)."""
+
+    def __init__(self, probe: Callable[[], float], every_s: float = 0.5):
+        self.probe, self.peak, self._stop = probe, 0.0, threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.peak = max(self.peak, self.probe())
+            except Exception:
+                pass
+
+    def __enter__(self) -> Peak:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -121,47 +168,53 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def write_config(run: Path, yaml_path: Path = TINY_YAML, links: dict[str, Path] | None = None, **sections) -> Path:
-    """``yaml_path`` pointed at a fresh run root and the beer dump, progress off, ``sections`` merged in
-    (nested dicts); ``links``: path in the run root -> folder it links to (data, tiny, sft/model ...)."""
-    import shutil
-
+def write_config(run: Path, yaml_path: Path = TINY_YAML, links: dict[str, Path] | None = None, fresh: bool = True,
+                 **sections) -> Path:
+    """``yaml_path`` pointed at a run root (emptied first where ``fresh``) and the beer dump, progress off,
+    ``sections`` merged in (nested dicts); ``links``: path in the run root -> folder it links to (data,
+    tiny, sft/model ...)."""
     import yaml
 
     cfg = yaml.safe_load(yaml_path.read_text())
     cfg.update(output_root=str(run), logging={"progress": False})
     cfg["data"]["posts"] = str(BEER)
     cfg = merge(cfg, sections)
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
+    if fresh:
+        rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
     for name, target in (links or {"data": ROOT / "data", "tiny": ROOT / "tiny"}).items():
         (run / name).parent.mkdir(parents=True, exist_ok=True)
-        (run / name).symlink_to(target)
+        if not (run / name).is_symlink():
+            (run / name).symlink_to(target)
     path = run / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def ensure_root() -> Path:
-    """The beer dump prepared with configs/tiny.yaml's splits and the benchmark model, built once."""
+def ensure_root(root: Path = ROOT, model: dict = BENCH_MODEL, data: Path | None = None) -> Path:
+    """root/data: ``data`` linked, or the beer dump prepared with configs/tiny.yaml's splits; root/tiny: a
+    Llama of ``model``'s shape (default the benchmark model) by the tiny-model kit. Each built once."""
     from stackllama_ds.config import TinyModelConfig
     from stackllama_ds.config_loader import load_config
 
     cfg = load_config(TINY_YAML, check_files=False)
-    if not (ROOT / "data" / "DONE").exists():
+    root.mkdir(parents=True, exist_ok=True)
+    if data is not None and not (root / "data").exists():
+        (root / "data").symlink_to(data.resolve())
+    elif data is None and not (root / "data" / "DONE").exists():
         from stackllama_ds.data.prepare import prepare
 
         log("[bench] preparing the beer dump ...")
-        prepare(BEER, ROOT / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
-        (ROOT / "data" / "DONE").write_text("prepare\n")
-    marker = ROOT / "tiny" / "BENCH_MODEL.json"
-    if not marker.exists() or json.loads(marker.read_text()) != BENCH_MODEL:
+        prepare(BEER, root / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
+        (root / "data" / "DONE").write_text("prepare\n")
+    marker = root / "tiny" / "BENCH_MODEL.json"
+    if not marker.exists() or json.loads(marker.read_text()) != model:
         from stackllama_ds.models.tiny import make_tiny
 
         log("[bench] building the benchmark model ...")
-        make_tiny(ROOT / "data", ROOT / "tiny", seed=0, cfg=TinyModelConfig(**BENCH_MODEL))
-        marker.write_text(json.dumps(BENCH_MODEL))
-    return ROOT
+        make_tiny(root / "data", root / "tiny", seed=0, cfg=TinyModelConfig(**model))
+        marker.write_text(json.dumps(model))
+    return root
 
 
 def n_params(model_dir: Path = ROOT / "tiny") -> int:
@@ -335,44 +388,52 @@ def shape_rate(s: Shape, rows: int, dtype: str, threads: int, head: bool = True,
     return flops / secs
 
 
-def matmul_rate(dtype: str = "bf16", n: int = 2048, threads: int | None = None, reps: int = 5) -> float:
+def matmul_rate(dtype: str = "bf16", n: int = 2048, threads: int | None = None, reps: int = 5,
+                device: str = "cpu") -> float:
     """Best-of-reps FLOP/s of an n^3 matmul (the machine's dense ceiling in that precision)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     td = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    a, b = torch.randn(n, n, dtype=td), torch.randn(n, n, dtype=td)
-    a @ b
+    a, b = torch.randn(n, n, dtype=td, device=device), torch.randn(n, n, dtype=td, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None  # CUDA runs asynchronously
+    for _ in range(3):
+        a @ b
+    sync()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
 
 # ------------------------------------------------------------------------------ tables
+def per_round(res: dict[str, list[dict]], cells: Callable[[list[dict]], list]) -> list[list]:
+    """Table rows: one per round, ``cells`` of the sides' figures in that round (in ``res``'s order), then a
+    median row: ``cells`` of each side's medians over the rounds (of "rss": the max), so its ratios are
+    ratios of medians."""
+    sides = list(res.values())
+    med = [{k: (max if k == "rss" else median)([x[k] for x in s]) for k, v in s[0].items()
+            if isinstance(v, (int, float))} for s in sides]
+    return [[f"round {i + 1}", *cells([s[i] for s in sides])] for i in range(len(sides[0]))] + [["median", *cells(med)]]
+
+
 def compare_table(res: dict[str, list[dict]], key: str, unit: str, title: str, higher_is_better: bool = True,
                   ours: str = "ours") -> str:
     """Rounds and medians of ``key`` per side, our ratio to every other side, peak RSS per side.
 
     Ratios are ours/peer for a throughput and peer/ours (our speed-up) for a time, so > 1 means
     ours is better either way; the median row's ratio is the ratio of the medians."""
-    others = [k for k in res if k != ours]
-
-    def ratio(o: float, t: float) -> float:
-        return o / t if higher_is_better else t / o
-
-    head = ["", *(f"{k} {unit}" for k in res), *(f"{ours}/{k}" if higher_is_better else f"speed-up vs {k}"
-                                                 for k in others), *(f"{k} peak RSS MB" for k in res)]
-    rows = [[f"round {i + 1}", *(res[k][i][key] for k in res), *(ratio(res[ours][i][key], res[k][i][key])
-                                                               for k in others), *(res[k][i]["rss"] for k in res)]
-            for i in range(len(res[ours]))]
-    med = {k: median([x[key] for x in v]) for k, v in res.items()}
-    rows.append(["median", *med.values(), *(ratio(med[ours], med[k]) for k in others),
-                 *(max(x["rss"] for x in v) for v in res.values())])
-    return table(head, rows, title)
+    names = list(res)
+    others, o = [i for i, k in enumerate(names) if k != ours], names.index(ours)
+    head = ["", *(f"{k} {unit}" for k in res), *(f"{ours}/{names[i]}" if higher_is_better else f"speed-up vs {names[i]}"
+                                                 for i in others), *(f"{k} peak RSS MB" for k in res)]
+    return table(head, per_round(res, lambda x: [
+        *(s[key] for s in x), *(x[o][key] / x[i][key] if higher_is_better else x[i][key] / x[o][key] for i in others),
+        *(s["rss"] for s in x)]), title)
 
 
 def table(headers: list[str], rows: list[list], title: str = "") -> str:
@@ -394,6 +455,7 @@ def _fmt(c) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["peers"]:
-        raise SystemExit(__doc__.split("\n\n")[1])
+        print(__doc__.split("\n\n")[1])
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     for name in sys.argv[2:] or PEER_SPECS:
         print(f"{name}: {peer_python(name)}")

@@ -118,68 +118,49 @@ def compare(a, sides: dict[str, Callable[[], dict[str, float]]], per_step: float
             top_ops(f"{k}, one step", fn)
 
 
-def profile_sft(a, dtype: str) -> None:
-    import torch
-
-    from stackllama_ds.config import EngineConfig, ModelConfig
-    from stackllama_ds.engines.build import build_train_engine
-    from stackllama_ds.models.load import DTYPES, apply_lora, load_causal_lm
-
-    sc = smol().sft
-    seq, mb = sc.seq_length, sc.engine.micro_batch_size
-    folder, lora = stage_bench.model_dir(SMOL), sc.lora
-    mcfg = ModelConfig(name_or_path=str(folder))
-    ids = torch.randint(0, 49152, (mb, seq), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-    # (a) ours, as stages/sft.py builds it
-    model = load_causal_lm(folder, mcfg, dtype=dtype, lora=lora)
-    eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
-    engine = build_train_engine(model, eng, sc.optim, total_steps=100, grad_accum=1)
-
-    # (b) TRL's recipe: base in the run's dtype, fp32 adapters, autocast, fused AdamW, clipping
-    from transformers import AutoModelForCausalLM
-
-    ref = apply_lora(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]), lora, "CAUSAL_LM",
-                     quantized=False)
-    plain = plain_lora(ref, dtype, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    compare(a, {"ours": engine_step(engine, lambda: engine(**batch, use_cache=False).loss),
-                "plain (TRL's recipe)": plain(lambda: ref(**batch, use_cache=False).loss)},
-            mb * seq, "tok/s", f"LoRA SFT step split ({dtype}, ours ZeRO-{a.zero}, seq {seq} x micro {mb}")
-
-
-def profile_rm(a, dtype: str) -> None:
-    """Our RM engine (as stages/rm.py builds it) vs a plain peft loop with autocast (TRL's recipe),
-    one forward over [chosen..., rejected...] of random ids at the benchmark's mean pair length."""
+def profile_sft_rm(a, dtype: str, stage: str) -> None:
+    """Our engine as stages/sft.py or stages/rm.py builds it vs TRL's recipe around a peft model (``plain_lora``).
+    SFT: random ids, seq x micro batch; RM: one forward over [chosen..., rejected...] of random ids, --seq each."""
     import torch
     import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from stackllama_ds.config import EngineConfig, ModelConfig
     from stackllama_ds.engines.build import build_train_engine
-    from stackllama_ds.models.load import DTYPES, apply_lora, load_reward_model
+    from stackllama_ds.models.load import DTYPES, apply_lora, load_causal_lm, load_reward_model
 
-    rc = smol().rm
-    mb, T = rc.engine.micro_batch_size, a.seq
-    folder, lora = stage_bench.model_dir(SMOL), rc.lora
-    ids = torch.randint(1, 49152, (2 * mb, T), generator=torch.Generator().manual_seed(0))
+    st = getattr(smol(), stage)
+    mb, folder, g = st.engine.micro_batch_size, stage_bench.model_dir(SMOL), torch.Generator().manual_seed(0)
+    mcfg = ModelConfig(name_or_path=str(folder))
+    if stage == "sft":
+        ids = torch.randint(0, 49152, (mb, st.seq_length), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        model = load_causal_lm(folder, mcfg, dtype=dtype, lora=st.lora)
+        ref = apply_lora(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]), st.lora, "CAUSAL_LM",
+                         quantized=False)
 
-    model = load_reward_model(folder, ModelConfig(name_or_path=str(folder)), pad_token_id=0, dtype=dtype, lora=lora)
-    eng = EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb)
-    engine = build_train_engine(model, eng, rc.optim, total_steps=100, grad_accum=1)
+        def loss(m) -> torch.Tensor:
+            return m(**batch, use_cache=False).loss
 
-    def loss_of(r: torch.Tensor) -> torch.Tensor:
-        r = r.squeeze(-1).float()
-        return -F.logsigmoid(r[:mb] - r[mb:]).mean()
+        adamw, per_step, unit, what = {"betas": (0.9, 0.95), "weight_decay": 0.05}, mb * st.seq_length, "tok/s", \
+            f"seq {st.seq_length} x micro {mb}"
+    else:
+        ids = torch.randint(1, 49152, (2 * mb, a.seq), generator=g)
+        model = load_reward_model(folder, mcfg, pad_token_id=0, dtype=dtype, lora=st.lora)
+        ref = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=DTYPES[dtype])
+        ref.config.pad_token_id = 0
+        ref = apply_lora(ref, st.lora, "SEQ_CLS", quantized=False)
 
-    from transformers import AutoModelForSequenceClassification
+        def loss(m) -> torch.Tensor:
+            r = m(input_ids=ids, use_cache=False).logits.squeeze(-1).float()
+            return -F.logsigmoid(r[:mb] - r[mb:]).mean()
 
-    ref = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=DTYPES[dtype])
-    ref.config.pad_token_id = 0
-    ref = apply_lora(ref, lora, "SEQ_CLS", quantized=False)
-    plain = plain_lora(ref, dtype, lr=1e-4)
-    compare(a, {"ours": engine_step(engine, lambda: loss_of(engine(input_ids=ids, use_cache=False).logits)),
-                "plain (TRL's recipe)": plain(lambda: loss_of(ref(input_ids=ids, use_cache=False).logits))},
-            mb, "pairs/s", f"LoRA RM step split ({dtype}, ours ZeRO-{a.zero}, {mb} pairs x {T} tokens")
+        adamw, per_step, unit, what = {}, mb, "pairs/s", f"{mb} pairs x {a.seq} tokens"
+    engine = build_train_engine(model, EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb), st.optim,
+                                total_steps=100, grad_accum=1)
+    plain = plain_lora(ref, dtype, lr=1e-4, **adamw)
+    compare(a, {"ours": engine_step(engine, lambda: loss(engine)), "plain (TRL's recipe)": plain(lambda: loss(ref))},
+            per_step, unit, f"LoRA {stage.upper()} step split ({dtype}, ours ZeRO-{a.zero}, {what}")
 
 
 def profile_ppo(a, dtype: str) -> None:
@@ -274,7 +255,7 @@ def main() -> None:
     dtype = auto_dtype()
     print(f"# {h.machine()}; SmolLM2-135M-Instruct, LoRA as configs/smollm2.yaml, {dtype}, "
           f"{torch.get_num_threads()} threads")
-    {"sft": profile_sft, "rm": profile_rm, "ppo": profile_ppo}[a.stage](a, dtype)
+    profile_ppo(a, dtype) if a.stage == "ppo" else profile_sft_rm(a, dtype, a.stage)
 
 
 if __name__ == "__main__":

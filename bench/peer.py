@@ -191,6 +191,9 @@ def matmul_side(spec: dict, turn: Turns) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) != 3:
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     import torch
 
     stage, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())

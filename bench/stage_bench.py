@@ -441,16 +441,12 @@ def stage_scaling(a, which: str) -> float:
     if a.sequential:
         sides["2 lone ranks at once"] = lone
     res = h.rounds(a.rounds, sides, show, together=not a.sequential)
-    unit = "tok/s" if which == "sft" else "rollouts/s"
-    v = list(res.values())
-    rows = [[f"round {i + 1}", *(x[i]["rate"] for x in v), v[2][i]["rate"] / (2 * v[0][i]["rate"]),
-             *([v[2][i]["rate"] / v[3][i]["rate"]] if len(v) > 3 else []), v[2][i]["rate"] / v[1][i]["rate"],
-             v[2][i]["rss"]] for i in range(a.rounds)]
-    m = [h.median([x["rate"] for x in s]) for s in v]
-    rows.append(["median", *m, m[2] / (2 * m[0]), *([m[2] / m[3]] if len(m) > 3 else []), m[2] / m[1],
-                 max(x["rss"] for x in v[2])])
+    unit, lone_col = "tok/s" if which == "sft" else "rollouts/s", len(res) > 3
+    rows = h.per_round(res, lambda x: [*(s["rate"] for s in x), x[2]["rate"] / (2 * x[0]["rate"]),
+                                       *([x[2]["rate"] / x[3]["rate"]] if lone_col else []),
+                                       x[2]["rate"] / x[1]["rate"], x[2]["rss"]])
     print(h.table(["", *(f"{k} {unit}" for k in res), "efficiency (equal cores/rank)",
-                   *(["efficiency vs lone ranks at once"] if len(v) > 3 else []), "speed-up on the same machine",
+                   *(["efficiency vs lone ranks at once"] if lone_col else []), "speed-up on the same machine",
                    "2-rank peak RSS MB per rank"], rows, f"{which.upper()} scaling ({a.dtype}, ZeRO-{zero})"))
     if which == "ppo":
         print(h.table(["", "generate s", "score s", "log-probs s", "train s", "step s"],
@@ -458,8 +454,9 @@ def stage_scaling(a, which: str) -> float:
                        if PHASES[0] in s[0]],  # the lone runs' phases are not summed
                       "time split per step (median of rounds; each rank its own batch)"))
     print(f"\nload average at each round's start: {'; '.join(h.LOADS)}; now {h.load_avg()}")
-    print(f"\n{which}-scaling: 2 ranks / (2 x 1 rank), {per} core per rank = {m[2] / (2 * m[0]):.2f}")
-    return m[2] / (2 * m[0])
+    eff = rows[-1][len(res) + 1]  # the median row's efficiency: a ratio of medians
+    print(f"\n{which}-scaling: 2 ranks / (2 x 1 rank), {per} core per rank = {eff:.2f}")
+    return eff
 
 
 def stage_zero3_gen(a) -> float:
@@ -477,16 +474,12 @@ def stage_zero3_gen(a) -> float:
         return run
 
     res = h.rounds(a.rounds, {"gather-once": side(True), "partitioned": side(False)}, show, together=not a.sequential)
-    g, p = res.values()
-    rows = [[f"round {i + 1}", g[i]["gen"], p[i]["gen"], g[i]["gen"] / p[i]["gen"], g[i]["t_generate"],
-             p[i]["t_generate"], g[i]["rss"], p[i]["rss"]] for i in range(a.rounds)]
-    m = {k: [h.median([x[c] for x in v]) for c in ("gen", "t_generate")] for k, v in res.items()}
-    rows.append(["median", m["gather-once"][0], m["partitioned"][0], m["gather-once"][0] / m["partitioned"][0],
-                 m["gather-once"][1], m["partitioned"][1], max(x["rss"] for x in g), max(x["rss"] for x in p)])
+    rows = h.per_round(res, lambda x: [x[0]["gen"], x[1]["gen"], x[0]["gen"] / x[1]["gen"], x[0]["t_generate"],
+                                       x[1]["t_generate"], x[0]["rss"], x[1]["rss"]])
     print(h.table(["", "gather-once tok/s", "partitioned tok/s", "speed-up", "gather t_generate s",
                    "partitioned t_generate s", "gather peak RSS MB/rank", "partitioned peak RSS MB/rank"], rows,
                   "ZeRO-3 generation (2 ranks)"))
-    return m["gather-once"][0] / m["partitioned"][0]
+    return rows[-1][3]
 
 
 def main() -> None:

@@ -28,37 +28,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "bench" / "out" / "zero3_load"
+import harness as h  # bench/, first on sys.path as the script's folder
+
+REPO, OUT = h.REPO, h.OUT / "zero3_load"
 # The last commit before issue 15 changed model loading (fcc4bc9 is the first that did).
 BEFORE_REV = "b4a5d697813651aebd139421eb208a05020ab730"
-
-
-def status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def vm_hwm_mb() -> float:
-    return status_mb("VmHWM")
-
-
-class AnonPeak:
-    """Peak RssAnon (private memory, without the page cache of mapped checkpoint files), sampled."""
-
-    def __init__(self, every_s: float = 0.02):
-        import threading
-
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, args=(every_s,), daemon=True)
-        self._t.start()
-
-    def _run(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            self.peak = max(self.peak, status_mb("RssAnon"))
 
 
 def make_models(root: Path, hidden: int, layers: int) -> int:
@@ -129,15 +103,16 @@ def worker(root: Path, variant: str) -> None:
         ppo_steps.empty_causal_lm = lambda path, m, dtype, device, lora: ppo_steps.load_causal_lm(path, m, dtype=dtype,
                                                                                                 lora=lora)
     entry.setup(cfg)
-    anon = AnonPeak()
-    marks = {"start": vm_hwm_mb()}
+    marks = {"start": h.status_mb("VmHWM")}
     tok = load_tokenizer(RunLayout(cfg).sft_model)
     for name in ("GenerationCopy", "build_train_engine", "build_eval_engine"):  # peak after each
         fn = getattr(ppo_steps, name)
-        setattr(ppo_steps, name, lambda *a, _fn=fn, _n=name, **k: (_fn(*a, **k), marks.__setitem__(_n, vm_hwm_mb()))[0])
-    engines = ppo_steps.build_engines(cfg, tok, n_updates=10)
-    marks["engines built"] = vm_hwm_mb()
-    marks["anon peak"] = max(anon.peak, status_mb("RssAnon"))
+        setattr(ppo_steps, name, lambda *a, _fn=fn, _n=name, **k: (_fn(*a, **k),
+                                                                  marks.__setitem__(_n, h.status_mb("VmHWM")))[0])
+    with h.Peak(lambda: h.status_mb("RssAnon"), every_s=0.02) as anon:  # private memory, page cache left out
+        engines = ppo_steps.build_engines(cfg, tok, n_updates=10)
+    marks["engines built"] = h.status_mb("VmHWM")
+    marks["anon peak"] = max(anon.peak, h.status_mb("RssAnon"))
     if variant == "before":  # a tuple then: actor, critic, ref, reward, gen_copy
         assert engines[2] is None and engines[3] is not None and engines[4] is not None
     else:

@@ -132,7 +132,6 @@ def test_carried_folder_is_ignored_by_git():
 
 
 def test_memhook_records_the_cuda_peak_of_a_stage_process(tmp_path):
-    subprocess.run([sys.executable, str(GPU_PY), "memhook", str(tmp_path / "hook")], check=True)
     stub = tmp_path / "stub"  # a torch whose CUDA was used: the hook reads only these calls
     stub.mkdir()
     (stub / "torch.py").write_text(
@@ -143,7 +142,7 @@ def test_memhook_records_the_cuda_peak_of_a_stage_process(tmp_path):
     (tmp_path / "mem").mkdir()
     prog = tmp_path / "prog.py"
     prog.write_text("import torch\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'hook'}{os.pathsep}{stub}", "GPU_CHECK_MEMLOG": str(tmp_path / "mem"),
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'bench' / 'turnhook'}{os.pathsep}{stub}", "GPU_CHECK_MEMLOG": str(tmp_path / "mem"),
            "GPU_CHECK_RUN": "z2"}
     for argv in (["sft", "cfg.yaml"], ["pipeline", "cfg.yaml"]):  # only stage processes record
         subprocess.run([sys.executable, str(prog), *argv], env=env, check=True)

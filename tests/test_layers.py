@@ -142,6 +142,15 @@ def test_data_and_models_stay_below_runs_stages_and_entry_points():
             assert not bad, f"{mod} imports {bad}"
 
 
+def test_data_and_models_take_paths_not_the_run_config():
+    # They get paths and the config sections they need (cfg.rm, cfg.model), never the whole run.
+    for path in [*(PKG / "data").rglob("*.py"), *(PKG / "models").rglob("*.py")]:
+        used = {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
+        used |= {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+                 for a in n.names}
+        assert "RunConfig" not in used, f"{path.relative_to(PKG)} takes the whole RunConfig"
+
+
 def test_models_build_without_deepspeed():
     # models/ builds and loads plain modules; engines/ wraps them (ZeRO-3 construction: engines/load.py).
     for mod, deps in _graph().items():

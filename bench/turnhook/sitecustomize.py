@@ -1,19 +1,27 @@
-"""Turn taking for our stages in bench/stage_bench.py (bench/turns.py), installed without touching them.
+"""Hooks in our stage processes, installed without touching them: Python imports ``sitecustomize`` at
+start-up in the CLI process and in every rank it spawns when this folder is first on PYTHONPATH.
+Each hook acts only where its variable is set.
 
-bench/stage_bench.py puts this folder first on PYTHONPATH and sets ``BENCH_TURNS`` for our run only;
-Python imports ``sitecustomize`` at start-up in the CLI process and in every rank it spawns. When
+``BENCH_TURNS`` (bench/stage_bench.py, our run only): turn taking (bench/turns.py). When
 ``stackllama_ds.run.stage`` is imported, ``StageRun.beat`` waits for this side's slot when the stage
 enters the phase that opens a step (``BENCH_TURN_PHASE``: "training" for SFT and RM, "actor
 generation" for PPO) and ``StageRun.end_step`` passes the slot on (kept at the final step, whose
-checkpoint and export are not timed). Without ``BENCH_TURNS`` nothing happens.
+checkpoint and export are not timed).
+
+``GPU_CHECK_MEMLOG`` (bench/gpu_check.sh): at exit, a stage process (``stackllama_ds.cli
+sft|rm|ppo|eval``) that used CUDA writes its torch.cuda.max_memory_allocated / max_memory_reserved to
+``$GPU_CHECK_MEMLOG/<stage>-<pid>.json``, with GPU_CHECK_RUN and GPU_CHECK_STEP as the run's names.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import importlib.util
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 _TARGET = "stackllama_ds.run.stage"
@@ -57,3 +65,23 @@ class _Hook(importlib.abc.MetaPathFinder):
 
 if os.environ.get("BENCH_TURNS"):
     sys.meta_path.insert(0, _Hook())
+
+
+def _record_cuda_peak(t0: float = time.time()) -> None:
+    try:
+        stage = next((a for a in sys.argv[1:2] if a in ("sft", "rm", "ppo", "eval")), None)
+        torch, out = sys.modules.get("torch"), os.environ["GPU_CHECK_MEMLOG"]
+        if stage is None or torch is None or not torch.cuda.is_initialized():
+            return
+        row = {"run": os.environ.get("GPU_CHECK_RUN"), "step": os.environ.get("GPU_CHECK_STEP"), "stage": stage,
+               "rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(),
+               "max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved(),
+               "wall_s": round(time.time() - t0, 1), "argv": sys.argv[1:]}
+        with open(os.path.join(out, f"{stage}-{os.getpid()}.json"), "w") as f:
+            json.dump(row, f)
+    except Exception:  # never fail the stage over its measurement
+        pass
+
+
+if os.environ.get("GPU_CHECK_MEMLOG"):
+    atexit.register(_record_cuda_peak)
