@@ -83,7 +83,8 @@ def _smoke_config(tmp_path, smollm2_dir):
     cfg["data"]["posts"] = str(BEER)
     cfg["logging"] = {"progress": False}
     cfg["sft"].update(max_steps=2, eval_every=2, eval_batches=1, save_every=2, seq_length=128)
-    cfg["rm"].update(max_steps=2, eval_every=2, save_every=2, max_length=128)
+    # ODIN's length head on (smollm2.yaml has it off): the real model's two-label export is checked below
+    cfg["rm"].update(max_steps=2, eval_every=2, save_every=2, max_length=128, length_head=True)
     cfg["judge"].update(max_steps=2)  # smollm2.yaml enables the independent judge
     cfg["rm"]["engine"]["micro_batch_size"] = 2
     cfg["ppo"].update(steps=1, batch_size=2, mini_batch_size=1, response_min_length=4, response_max_length=6,
@@ -113,7 +114,7 @@ def test_every_stage_runs_on_the_real_model(tmp_path, smollm2_dir):
     assert set(ev["models"]) == {"base", "sft", "ppo"}
     assert set(ev["judge"]["win_rates"]) == set(ev["win_rates"])  # the judge scored every response too
     rm_conf = json.loads((root / "rm" / "model" / "config.json").read_text())
-    assert rm_conf["id2label"] == {"0": "quality", "1": "length"}  # smollm2.yaml: ODIN's length head
+    assert rm_conf["id2label"] == {"0": "quality", "1": "length"}  # ODIN's length head, set above
     from safetensors import safe_open
 
     with safe_open(str(root / "ppo" / "model" / "model.safetensors"), "pt") as f:
