@@ -131,7 +131,9 @@ class Inputs(NamedTuple):
     prompt_ids: list[list[int]]
     texts: list[tuple[list[int], list[int]]]  # held-out (ids, answer-token mask)
     pairs: list  # data.fit.FitPair
-    counts: dict  # prompts', then "lm" and "rm" counts
+    counts: dict  # the prompts' counts (data.prompts.load_prompts)
+    lm_counts: dict
+    rm_counts: dict
     mine: list[tuple[int, list[int]]]  # prompt batches
     mine_lm: list[tuple[int, list[int]]]
     mine_rm: list[tuple[int, list[int]]]
@@ -151,7 +153,7 @@ def load_inputs(cfg: RunConfig, models: dict[str, Path], rank: int, world: int) 
         short = f" (only {N} of {e.n_prompts} requested available)" if N < e.n_prompts else ""
         print(f"eval: {N} rl_eval prompts{short}, {len(texts)} held-out texts, {len(pairs)} rm_eval pairs, "
               f"models {', '.join(models)}, {e.max_new_tokens} new tokens, {world} rank(s)", flush=True)
-    return Inputs(tok, questions, prompt_ids, texts, pairs, {**counts, "lm": lm_counts, "rm": rm_counts},
+    return Inputs(tok, questions, prompt_ids, texts, pairs, counts, lm_counts, rm_counts,
                   _batches(N, e.batch_size, rank, world), _batches(len(texts), e.batch_size, rank, world),
                   _batches(len(pairs), e.batch_size, rank, world))
 
@@ -272,9 +274,7 @@ def run(cfg: RunConfig) -> None:
     parts = dist.all_gather_object((records, list(lm_rows.values()), rm_rows, resp_rows))
     records, lm_all, rm_all, resp_all = (sorted((r for p in parts for r in p[k]), key=lambda r: r["index"])
                                          for k in range(4))
-    c = inp.counts
-    inputs = {"split": "rl_eval", **{k: v for k, v in c.items() if k not in ("lm", "rm")}, "lm": c["lm"],
-              "rm": {**c["rm"], "dtype": rm_dtype}}
+    inputs = {"split": "rl_eval", **inp.counts, "lm": inp.lm_counts, "rm": {**inp.rm_counts, "dtype": rm_dtype}}
     # Bootstrap intervals and plots: minutes on a large eval, so not in a barrier bounded by the collective timeout.
     on_main_rank("eval report", lambda: write_report(cfg, models, rm_path, inputs, records, lm_all, rm_all,
                                                      resp_all))
