@@ -1,29 +1,15 @@
 """The data path at scale: prepare's throughput, and the SFT data path's memory per rank (issue 15).
 
     python bench/data_bench.py prepare --sizes 100,1000 --workers 1,2   # MB/s, peak RSS; markdownify baseline
-    python bench/data_bench.py sft-rss --sizes 250,1000                 # peak RSS per rank of the SFT data path
+    python bench/data_bench.py sft-rss --sizes 250,1000                 # peak RSS per rank of SFT's data
 
-Each size (MB) is a Posts.xml built by repeating the beer dump's rows with fresh Ids (ParentId and
-AcceptedAnswerId remapped consistently) and the repetition's number appended to every Title: the
-questions, hence the SFT texts, stay distinct (identical repeats would be deduplicated back to the
-beer dump's ~300 texts). Everything lands in --workdir (default bench/out/data_bench).
-
-prepare: ``prepare`` in a fresh process per case: MB/s, peak RSS of the main process and of the
-largest worker (getrusage inside that process), and MB per CPU-second of all processes (robust to
-other load); the baseline is the same pipeline with markdownify (the dev extra) as the converter.
-
-sft-rss, each in fresh processes:
-1. ``stackllama-ds prepare``: seconds, peak RSS of its largest process (getrusage of the children);
-2. ``stackllama-ds sft`` on 2 ranks, one step, configs/tiny.yaml's tiny model: the first start builds
-   the token cache (rank 0); peak RSS per rank is each rank process's VmHWM, polled from /proc;
-   seconds from launch to the first step's metrics row;
-3. the same run resumed for a second step: the cache is read, nothing is tokenized;
-4. the data path alone as rank 0 of 2, one process per path: "old" is the list-based code kept in
-   tests/stages/_packing_ref.py (``sft_texts`` lists, packing that re-tokenizes), "new" the
-   memory-mapped cache; the held-out batches, the first micro batch, and the first micro batch
-   of a resume half a pass in; peak RSS above the process's RSS after imports and tokenizer.
-The tiny model is built once from the beer dump (make_tiny trains its tokenizer on its data, which
-we do not want to time at 1 GB).
+A size's Posts.xml repeats the beer dump's rows with fresh Ids and the repeat's number in each Title, so
+the SFT texts stay distinct. prepare: one fresh process per case (MB/s, peak RSS of the main process and
+of the largest worker, MB per CPU-second); the baseline converts with markdownify. sft-rss: prepare, then
+``stackllama-ds sft`` on 2 ranks for one step (builds the token cache; each rank's VmHWM polled from /proc)
+and resumed for a second (reads it), then the data path alone as rank 0 of 2, "old" (the list-based code
+in tests/stages/_packing_ref.py) and "new" (the memory-mapped cache), to the first micro batch and to that
+of a resume half a pass in. The tiny model is built once from the beer dump, not from the large dumps.
 """
 
 from __future__ import annotations
@@ -32,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -92,12 +77,18 @@ print(json.dumps({"seconds": dt, "cpu_s": me.ru_utime + me.ru_stime + kids.ru_ut
 """
 
 
-def prepare_case(posts: Path, out: Path, workers: int, baseline: bool) -> dict:
-    r = subprocess.run([sys.executable, "-c", _CASE, str(posts), str(out), str(workers), str(int(baseline))],
-                       cwd=h.REPO, capture_output=True, text=True, env=h.env())
-    h.check(r, f"prepare ({posts}, workers={workers}, baseline={baseline})")
-    shutil.rmtree(out, ignore_errors=True)
+def last_json(cmd: list[str], what: str, timeout: float | None = None) -> dict:
+    """A fresh process's last stdout line, as JSON."""
+    r = subprocess.run(cmd, cwd=h.REPO, env=h.env(), capture_output=True, text=True, timeout=timeout)
+    h.check(r, what)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def prepare_case(posts: Path, out: Path, workers: int, baseline: bool) -> dict:
+    r = last_json([sys.executable, "-c", _CASE, str(posts), str(out), str(workers), str(int(baseline))],
+                  f"prepare ({posts}, workers={workers}, baseline={baseline})")
+    h.rmtree(out)
+    return r
 
 
 def bench_prepare(a) -> None:
@@ -106,15 +97,15 @@ def bench_prepare(a) -> None:
         # the site name is the folder name, as for a real dump
         posts = build_dump(h.BEER, a.workdir / f"bench{size}.stackexchange.com" / "Posts.xml", size)
         mb = posts.stat().st_size / 1e6
-        base = None if a.no_baseline else prepare_case(posts, a.workdir / "out-base", 1, baseline=True)
+        base = None if a.no_baseline else prepare_case(posts, a.workdir / "out-base", 1, True)
         for w in [int(x) for x in a.workers.split(",")]:
-            r = prepare_case(posts, a.workdir / f"out-{w}", w, baseline=False)
+            r = prepare_case(posts, a.workdir / f"out-{w}", w, False)
             if base is not None and r["pairs"] != base["pairs"]:
                 h.log(f"  note: pair count differs from the baseline's ({r['pairs']} vs {base['pairs']})")
             b = [mb / base["seconds"], max(base["rss_main_mb"], base["rss_worker_mb"]),
                  base["seconds"] / r["seconds"]] if base else [float("nan")] * 3
-            rows.append([mb, w, mb / r["seconds"], r["seconds"], mb / r["cpu_s"], r["rss_main_mb"], r["rss_worker_mb"],
-                         *b])
+            rows.append([mb, w, mb / r["seconds"], r["seconds"], mb / r["cpu_s"], r["rss_main_mb"],
+                         r["rss_worker_mb"], *b])
             h.log(f"  {size} MB workers={w}: {mb / r['seconds']:.1f} MB/s")
     print(h.table(["size MB", "workers", "MB/s", "s", "MB/cpu-s", "RSS main MB", "RSS worker MB", "base MB/s",
                    "base RSS MB", "speed-up"], rows,
@@ -122,26 +113,6 @@ def bench_prepare(a) -> None:
 
 
 # ------------------------------------------------------------------- the SFT data path's memory
-def ensure_tiny(work: Path) -> Path:
-    from stackllama_ds.config_loader import load_config
-    from stackllama_ds.data.prepare import prepare
-    from stackllama_ds.models.tiny import make_tiny
-
-    tiny = work / "tiny"
-    if not (tiny / "DONE").exists():
-        cfg = load_config(h.TINY_YAML, check_files=False)
-        prepare(h.BEER, work / "beer-data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
-        make_tiny(work / "beer-data", tiny, seed=0, cfg=cfg.model.tiny)
-        (tiny / "DONE").write_text("make-tiny\n")
-    return tiny
-
-
-def write_config(run: Path, posts: Path, tiny: Path) -> Path:
-    """The size's run root is kept (a rerun may reuse its prepared data): ``fresh=False``."""
-    return h.write_config(run, h.TINY_YAML, {"tiny": tiny}, fresh=False, data={"posts": str(posts)},
-                          sft={"max_steps": 1, "save_every": 1000, "eval_every": 1000, "eval_batches": 1})
-
-
 def run_sft(cfg: Path, *extra: str) -> dict:
     """One ``stackllama-ds sft`` launch: peak VmHWM per rank, seconds to the first new metrics row."""
     import psutil
@@ -181,12 +152,11 @@ def run_sft(cfg: Path, *extra: str) -> dict:
             "texts": int(m.group(1)) if m else None}
 
 
-# ------------------------------------------------------------------- the data path in one process
 def data_path(root: Path, path: str, resume_at: int) -> None:
-    """Rank 0 of 2's SFT data path, old or new; prints one JSON line (seconds, MB)."""
+    """Rank 0 of 2's SFT data path, old or new, in this process; prints one JSON line (seconds, MB)."""
     import datasets  # noqa: F401  (the old path's load_prepared imports it: an import is not data)
 
-    from stackllama_ds.data.packing import eval_batches, packed_batches
+    from stackllama_ds.data import packing
     from stackllama_ds.data.prepare import load_prepared, sft_texts
     from stackllama_ds.data.tokens import sft_tokens
     from stackllama_ds.models.load import load_tokenizer
@@ -197,51 +167,46 @@ def data_path(root: Path, path: str, resume_at: int) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts here: imports' peak left out
     t0 = time.perf_counter()
     if path == "old":
-        data = load_prepared(root / "data")
+        data, code = load_prepared(root / "data"), ref
         texts, held = sft_texts(data["sft"]), sft_texts(data["rm_eval"])
-        ref.eval_batches(held, tok, SEQ, MICRO, 0, WORLD, 1)
-        next(ref.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0))
-        t1 = time.perf_counter()
-        next(ref.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0, start=resume_at))
     else:
         texts, held = (sft_tokens(root / "data", s, tok, build=False) for s in ("sft", "rm_eval"))
-        eval_batches(held, tok, SEQ, MICRO, 0, WORLD, 1)
-        next(packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0))
-        t1 = time.perf_counter()
-        next(packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0, start=resume_at))
+        code = packing
+    code.eval_batches(held, tok, SEQ, MICRO, 0, WORLD, 1)
+    next(code.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0))
+    t1 = time.perf_counter()
+    next(code.packed_batches(texts, tok, SEQ, MICRO, 0, WORLD, 0, start=resume_at))
     t2 = time.perf_counter()
-    print(json.dumps({"base_mb": base, "peak_mb": h.status_mb("VmHWM"), "first_s": t1 - t0, "resume_s": t2 - t1}))
-
-
-def measure_path(root: Path, path: str, resume_at: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, "sft-rss", "--data-path", path, "--root", str(root),
-                        "--resume-at", str(resume_at)], cwd=h.REPO, env=h.env(),
-                       capture_output=True, text=True, timeout=3600)
-    h.check(r, f"data path {path}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    print(json.dumps({"base_mb": base, "peak_mb": h.status_mb("VmHWM"), "first_s": t1 - t0,
+                      "resume_s": t2 - t1}))
 
 
 def bench_sft_rss(a) -> None:
+    from stackllama_ds.config_loader import load_config
+
     work = a.workdir.resolve()
-    tiny = ensure_tiny(work)
+    tiny = h.ensure_root(work, load_config(h.TINY_YAML, check_files=False).model.tiny.model_dump()) / "tiny"
     rows, paths = [], []
     for size in [int(s) for s in a.sizes.split(",")]:
         posts = build_dump(h.BEER, work / f"posts-{size}MB" / "Posts.xml", size)
         run = work / f"run-{size}MB"
-        cfg = write_config(run, posts, tiny)
+        # the size's run root is kept (a rerun may reuse its prepared data): fresh=False
+        cfg = h.write_config(run, h.TINY_YAML, {"tiny": tiny}, fresh=False, data={"posts": str(posts)},
+                             sft={"max_steps": 1, "save_every": 1000, "eval_every": 1000, "eval_batches": 1})
         prep_json = run / "prepare.json"
         if a.reuse_prepared and prep_json.exists() and (run / "data" / "report.json").exists():
             prep = json.loads(prep_json.read_text())
-            shutil.rmtree(run / "data" / "tokens", ignore_errors=True)  # the first start builds it again
+            h.rmtree(run / "data" / "tokens")  # the first start builds it again
         else:
             h.log(f"[{size} MB] prepare ...")
-            r, rss = h.run_measured([sys.executable, "-m", "stackllama_ds.cli", "prepare", "--config", str(cfg),
-                                     "--posts", str(posts), "--out", str(run / "data"), "--workers",
+            r, rss = h.run_measured([sys.executable, "-m", "stackllama_ds.cli", "prepare", "--config",
+                                     str(cfg), "--posts", str(posts), "--out", str(run / "data"), "--workers",
                                      a.workers.split(",")[-1]], timeout=7200)
             h.check(r, "prepare")
-            prep = {"seconds": json.loads((run / "data" / "report.json").read_text())["seconds"], "peak_mb": rss}
+            report = json.loads((run / "data" / "report.json").read_text())
+            prep = {"seconds": report["seconds"], "peak_mb": rss}
             prep_json.write_text(json.dumps(prep))
-        shutil.rmtree(run / "sft", ignore_errors=True)  # a rerun of this script starts from step 0 again
+        h.rmtree(run / "sft")  # a rerun of this script starts from step 0 again
         h.log(f"[{size} MB] sft: first start (tokenizes) ...")
         first = run_sft(cfg)
         h.log(f"[{size} MB] sft: resume for step 2 (cache hit) ...")
@@ -255,7 +220,8 @@ def bench_sft_rss(a) -> None:
         h.log(f"  {rows[-1]}")
         for path in ("new",) if a.skip_old else ("new", "old"):
             h.log(f"[{size} MB] data path {path} ...")
-            d = measure_path(run, path, resume_at)
+            d = last_json([sys.executable, __file__, "sft-rss", "--data-path", path, "--root", str(run),
+                           "--resume-at", str(resume_at)], f"data path {path}", timeout=3600)
             paths.append([size, path, d["base_mb"], d["peak_mb"], d["peak_mb"] - d["base_mb"], d["first_s"],
                           d["resume_s"]])
             h.log(f"  {paths[-1]}")
@@ -276,12 +242,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["prepare", "sft-rss"])
     ap.add_argument("--sizes", default="250,1000", help="Posts.xml sizes in MB")
-    ap.add_argument("--workers", default="2", help="prepare's parse workers (prepare: comma-separated, each a case)")
+    ap.add_argument("--workers", default="2", help="prepare's parse workers (prepare: comma-separated cases)")
     ap.add_argument("--workdir", type=Path, default=h.OUT / "data_bench")
-    ap.add_argument("--no-baseline", action="store_true", help="prepare: skip the (slow) markdownify baseline")
+    ap.add_argument("--no-baseline", action="store_true", help="prepare: skip the slow markdownify baseline")
     ap.add_argument("--skip-old", action="store_true", help="sft-rss: do not run the old data path")
-    ap.add_argument("--reuse-prepared", action="store_true", help="sft-rss: keep each size's prepared data (and "
-                    "prepare figures) from an earlier run; drop its token cache")
+    ap.add_argument("--reuse-prepared", action="store_true",
+                    help="sft-rss: keep each size's prepared data and figures from an earlier run")
     ap.add_argument("--data-path", choices=["old", "new"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--resume-at", type=int, default=0, help=argparse.SUPPRESS)

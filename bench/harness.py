@@ -2,9 +2,8 @@
 
     python bench/harness.py peers [trl116 trl011]    # set up the TRL peers' venvs (cached in bench/peers/)
 
-Everything lands under ``bench/out/`` and ``bench/peers/`` (both git-ignored). The benchmark model
-(``ensure_root``) is a Llama built by the tiny-model kit at benchmark size (hidden 512, 8 layers, ~34M
-parameters, a byte-level BPE of 8192 tokens trained on the beer dump) in ``bench/out/root/tiny``.
+Everything lands under ``bench/out/`` and ``bench/peers/`` (git-ignored); ``ensure_root`` builds the
+benchmark model, a ~34M Llama from the tiny-model kit, in ``bench/out/root/tiny``.
 """
 
 from __future__ import annotations
@@ -44,14 +43,13 @@ def log(msg: str) -> None:
 
 
 def env(cuda: bool = False, **extra: str) -> dict[str, str]:
-    """A child's environment: CPU DeepSpeed, offline, quiet; no inherited rank or thread settings.
-    ``cuda``: DeepSpeed picks its accelerator, and the caller's PYTHONPATH stays behind the repo
-    (gpu_check.sh puts its carried wheels and the stage hooks there)."""
+    """A child's environment: CPU DeepSpeed, offline, quiet, no inherited rank or thread settings. ``cuda``:
+    DeepSpeed picks its accelerator; the caller's PYTHONPATH (gpu_check.sh's wheels) stays after the repo."""
     e = dict(os.environ)
     path = [str(REPO), *([os.environ["PYTHONPATH"]] if cuda and os.environ.get("PYTHONPATH") else [])]
-    e.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-             TRANSFORMERS_VERBOSITY="error", DISABLE_TQDM="1")
+    e.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+             TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1",
+             HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", DISABLE_TQDM="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
               *(["DS_ACCELERATOR"] if cuda else [])):
         e.pop(k, None)
@@ -59,22 +57,13 @@ def env(cuda: bool = False, **extra: str) -> dict[str, str]:
     return e
 
 
-def heap_env() -> dict[str, str]:
-    """Our launcher's glibc heap settings, to give a peer the same allocator behaviour."""
-    from stackllama_ds.launcher.spawn import MALLOC_ENV
-
-    return dict(MALLOC_ENV)
-
-
 def run_measured(cmd: list[str], *, extra_env: dict[str, str] | None = None, timeout: float = 3600,
                  cuda: bool = False) -> tuple[subprocess.CompletedProcess, float]:
-    """Run cmd in a fresh subprocess; (result, peak RSS in MB of its largest process).
-
-    getrusage(RUSAGE_CHILDREN) in a one-shot wrapper covers the command and every rank it spawned;
-    ru_maxrss is the largest single process, i.e. the peak per rank."""
+    """cmd in a fresh subprocess: (result, peak RSS in MB of its largest process, i.e. per rank), read by
+    getrusage(RUSAGE_CHILDREN) in a one-shot wrapper that covers every rank the command spawned."""
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
-               "print('\\n@@RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, flush=True); "
-               "sys.exit(r)")
+               "print('\\n@@RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
+               "flush=True); sys.exit(r)")
     r = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, env=env(cuda, **(extra_env or {})),
                        capture_output=True, text=True, timeout=timeout)
     rss = next((float(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("@@RSS")), 0.0)
@@ -86,27 +75,12 @@ def check(r: subprocess.CompletedProcess, what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
 
 
-def result(r: subprocess.CompletedProcess) -> dict:
-    """The ``@@RESULT {json}`` line a side printed."""
-    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:])
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def step_times(elapsed: list[float], skip: int) -> list[float]:
-    """Per-step wall times from cumulative elapsed seconds, the first ``skip`` steps dropped (warm-up)."""
-    d = [b - a for a, b in zip(elapsed, elapsed[1:])]
-    return d[max(0, skip - 1):]
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def rmtree(path: Path) -> None:
@@ -116,7 +90,8 @@ def rmtree(path: Path) -> None:
 def status_mb(key: str, pid: int | str = "self") -> float:
     """A /proc/PID/status memory field (VmHWM, VmRSS, RssAnon) in MB; nan where the process is gone."""
     try:
-        return int(re.search(rf"^{key}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) / 1024
+        text = Path(f"/proc/{pid}/status").read_text()
+        return int(re.search(rf"^{key}:\s+(\d+)", text, re.M).group(1)) / 1024
     except (OSError, AttributeError):
         return float("nan")
 
@@ -168,11 +143,10 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def write_config(run: Path, yaml_path: Path = TINY_YAML, links: dict[str, Path] | None = None, fresh: bool = True,
-                 **sections) -> Path:
+def write_config(run: Path, yaml_path: Path = TINY_YAML, links: dict[str, Path] | None = None,
+                 fresh: bool = True, **sections) -> Path:
     """``yaml_path`` pointed at a run root (emptied first where ``fresh``) and the beer dump, progress off,
-    ``sections`` merged in (nested dicts); ``links``: path in the run root -> folder it links to (data,
-    tiny, sft/model ...)."""
+    ``sections`` merged in; ``links``: path in the run root -> the folder it links to (data, tiny, ...)."""
     import yaml
 
     cfg = yaml.safe_load(yaml_path.read_text())
@@ -193,7 +167,7 @@ def write_config(run: Path, yaml_path: Path = TINY_YAML, links: dict[str, Path] 
 
 def ensure_root(root: Path = ROOT, model: dict = BENCH_MODEL, data: Path | None = None) -> Path:
     """root/data: ``data`` linked, or the beer dump prepared with configs/tiny.yaml's splits; root/tiny: a
-    Llama of ``model``'s shape (default the benchmark model) by the tiny-model kit. Each built once."""
+    Llama of ``model``'s shape by the tiny-model kit. Each built once."""
     from stackllama_ds.config import TinyModelConfig
     from stackllama_ds.config_loader import load_config
 
@@ -230,9 +204,9 @@ Side = Callable[[int, Turn], dict]  # (round, turn) -> figures, with "rss"
 
 def rounds(n_rounds: int, sides: dict[str, Side], show: Callable[[dict], str], together: bool = True,
            folder: Path = OUT / "turns") -> dict[str, list[dict]]:
-    """Each round runs every side once, each in fresh processes, so a ratio within a round holds on a
-    noisy machine. ``together``: the sides start at once and take turns step by step (bench/turns.py),
-    the first side rotating by round; else one after the other, each alone (a turn of its own)."""
+    """Each round runs every side once in fresh processes, so a ratio within a round holds on a noisy
+    machine. ``together``: the sides start at once and take turns step by step (bench/turns.py), the first
+    side rotating by round; else one after the other, each alone."""
     res: dict[str, list[dict]] = {k: [] for k in sides}
     names = list(sides)
 
@@ -246,14 +220,14 @@ def rounds(n_rounds: int, sides: dict[str, Side], show: Callable[[dict], str], t
         LOADS.append(load_avg())
         if together:
             order = names[i % len(names):] + names[:i % len(names)]
-            turns.setup(folder, len(order))
+            turns.setup(folder)
             with ThreadPoolExecutor(len(order)) as ex:
                 futs = {n: ex.submit(go, n, i, folder, k, len(order)) for k, n in enumerate(order)}
             out = {n: f.result() for n, f in futs.items()}
         else:
             out = {}
             for k, n in enumerate(names):
-                turns.setup(folder / str(k), 1)
+                turns.setup(folder / str(k))
                 out[n] = go(n, i, folder / str(k), 0, 1)
         for n in names:
             res[n].append(out[n])
@@ -261,7 +235,7 @@ def rounds(n_rounds: int, sides: dict[str, Side], show: Callable[[dict], str], t
     return res
 
 
-def timed(times: list[float], warmup: int, drop_last: bool) -> list[float]:
+def timed(times: list, warmup: int, drop_last: bool) -> list:
     """The timed steps: the warm-up dropped, and the last where it also evaluates or saves."""
     kept = times[warmup:len(times) - 1 if drop_last else len(times)]
     if not kept:
@@ -271,11 +245,10 @@ def timed(times: list[float], warmup: int, drop_last: bool) -> list[float]:
 
 # ------------------------------------------------------------------------------ peers' venvs
 TORCH = "torch==2.13.0"
-# name -> (packages, import check). trl 1.16: SFTTrainer/RewardTrainer on our transformers;
-# trl 0.11.4: the classic PPOTrainer of the StackLLaMA run, which needs transformers 4.x.
-PEER_SPECS: dict[str, tuple[list[str], str]] = {
-    "trl116": (["trl==1.16.0", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0", "peft==0.21.2",
-                "tokenizers==0.23.3", "psutil"], "from trl import SFTTrainer, RewardTrainer"),
+# trl 1.16: SFTTrainer/RewardTrainer on our transformers; trl 0.11.4: the StackLLaMA run's PPOTrainer
+PEER_SPECS: dict[str, tuple[list[str], str]] = {  # name -> (packages, import check)
+    "trl116": (["trl==1.16.0", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0",
+                "peft==0.21.2", "tokenizers==0.23.3", "psutil"], "from trl import SFTTrainer, RewardTrainer"),
     "trl011": (["trl==0.11.4", "transformers==4.46.3", "accelerate==1.1.1", "datasets==3.1.0", "peft==0.13.2",
                 "tokenizers==0.20.3", "numpy<2.3", "psutil", "rich"],
                "from trl import PPOTrainer, PPOConfig, AutoModelForCausalLMWithValueHead"),
@@ -283,8 +256,8 @@ PEER_SPECS: dict[str, tuple[list[str], str]] = {
 
 
 def peer_python(name: str) -> Path:
-    """The python of the peer's venv, set up once (a few minutes). torch goes in FIRST, pinned by a
-    constraints file, or pip resolves a CUDA torch; a stamp holding the spec marks the venv ready."""
+    """The python of the peer's venv, set up once. torch goes in first, pinned by a constraints file, or pip
+    resolves a CUDA torch; a stamp holding the spec marks the venv ready."""
     pkgs, test = PEER_SPECS[name]
     venv = PEERS / f"venv-{name}"
     py, stamp, spec = venv / "bin" / "python", venv / "READY", "\n".join([TORCH, *pkgs])
@@ -294,10 +267,9 @@ def peer_python(name: str) -> Path:
     log(f"[peers] setting up {venv} ({', '.join(pkgs[:2])}) - once, a few minutes")
     cons = PEERS / "constraints.txt"
     cons.write_text(TORCH + "\n")
+    pip = [str(py), "-m", "pip", "install", "-q"]
     steps = [] if py.exists() else [[sys.executable, "-m", "venv", str(venv)]]
-    steps += [[str(py), "-m", "pip", "install", "-q", TORCH], [str(py), "-m", "pip", "install", "-q", "-c", str(cons),
-                                                                *pkgs], [str(py), "-c", test]]
-    for cmd in steps:
+    for cmd in [*steps, [*pip, TORCH], [*pip, "-c", str(cons), *pkgs], [str(py), "-c", test]]:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
@@ -317,9 +289,8 @@ class Shape:
         forward                  F(n, h) = 2*N_body*n + 2*N_lora*n + A(n) + 2*V*H*h
         LoRA train step          T(n, h) = 4*N_body*n + 6*N_lora*n + 3*A(n) + 4*V*H*h
         full fine-tuning step    T(n, h) = 6*N_body*n + 3*A(n) + 6*V*H*h
-    A frozen base's backward computes input gradients only (as many FLOPs as its forward); trained
-    weights (LoRA's A and B, every weight in full fine-tuning) also their weight gradients; attention's
-    backward is 4 matmuls to the forward's 2. Heads of one output (value, score) are left out."""
+    A frozen base's backward computes input gradients only; trained weights also their weight gradients;
+    attention's backward is 4 matmuls to the forward's 2. Heads of one output (value, score) are left out."""
 
     vocab: int
     hidden: int
@@ -337,10 +308,10 @@ class Shape:
                    c["num_attention_heads"] * hd, kv * hd)
 
     def linears(self) -> list[tuple[int, int, int]]:
-        """(d_in, d_out, count) of every matmul one token passes: q, k+v, o, gate+up, down per layer, LM head."""
+        """(d_in, d_out, count) of each matmul a token passes: q, k+v, o, gate+up, down per layer, LM head."""
         H, L = self.hidden, self.layers
-        return [(H, self.d, L), (H, self.d_kv, 2 * L), (self.d, H, L), (H, self.inter, 2 * L), (self.inter, H, L),
-                (H, self.vocab, 1)]
+        return [(H, self.d, L), (H, self.d_kv, 2 * L), (self.d, H, L), (H, self.inter, 2 * L),
+                (self.inter, H, L), (H, self.vocab, 1)]
 
     def n_body(self) -> int:
         return sum(i * o * c for i, o, c in self.linears()[:-1])
@@ -349,9 +320,9 @@ class Shape:
         """LoRA parameters of a ``LoraConfig`` (0 when it is off: full fine-tuning)."""
         if not lora.enabled:
             return 0
-        dims = {"q_proj": (self.hidden, self.d), "k_proj": (self.hidden, self.d_kv), "v_proj": (self.hidden, self.d_kv),
-                "o_proj": (self.d, self.hidden), "gate_proj": (self.hidden, self.inter),
-                "up_proj": (self.hidden, self.inter), "down_proj": (self.inter, self.hidden)}
+        H, d, kv, inter = self.hidden, self.d, self.d_kv, self.inter
+        dims = {"q_proj": (H, d), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (d, H),
+                "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H)}
         return self.layers * sum(lora.r * sum(dims[t]) for t in lora.target_modules)
 
     def attn(self, n: int) -> float:
@@ -367,6 +338,16 @@ class Shape:
         return w * self.n_body() * n + 6 * n_lora * n + 3 * self.attn(n) + w * self.vocab * self.hidden * h
 
 
+def _best_s(fn: Callable[[], object], reps: int, sync: Callable[[], None] = lambda: None) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def shape_rate(s: Shape, rows: int, dtype: str, threads: int, head: bool = True, reps: int = 3) -> float:
     """Best-of-reps FLOP/s of F.linear at the step's shapes, FLOP-weighted over the model's matmuls."""
     import torch
@@ -378,13 +359,8 @@ def shape_rate(s: Shape, rows: int, dtype: str, threads: int, head: bool = True,
     for d_in, d_out, count in s.linears() if head else s.linears()[:-1]:
         x, w = torch.randn(rows, d_in, dtype=td), torch.randn(d_out, d_in, dtype=td)
         F.linear(x, w)
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            F.linear(x, w)
-            best = min(best, time.perf_counter() - t)
         flops += 2 * rows * d_in * d_out * count
-        secs += best * count
+        secs += _best_s(lambda x=x, w=w: F.linear(x, w), reps) * count
     return flops / secs
 
 
@@ -401,39 +377,33 @@ def matmul_rate(dtype: str = "bf16", n: int = 2048, threads: int | None = None, 
     for _ in range(3):
         a @ b
     sync()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / _best_s(lambda: a @ b, reps, sync)
 
 
 # ------------------------------------------------------------------------------ tables
 def per_round(res: dict[str, list[dict]], cells: Callable[[list[dict]], list]) -> list[list]:
-    """Table rows: one per round, ``cells`` of the sides' figures in that round (in ``res``'s order), then a
-    median row: ``cells`` of each side's medians over the rounds (of "rss": the max), so its ratios are
-    ratios of medians."""
+    """Table rows: one per round, ``cells`` of the sides' figures in that round, then a median row: ``cells``
+    of each side's medians over the rounds (of "rss": the max), so its ratios are ratios of medians."""
     sides = list(res.values())
     med = [{k: (max if k == "rss" else median)([x[k] for x in s]) for k, v in s[0].items()
             if isinstance(v, (int, float))} for s in sides]
-    return [[f"round {i + 1}", *cells([s[i] for s in sides])] for i in range(len(sides[0]))] + [["median", *cells(med)]]
+    rows = [[f"round {i + 1}", *cells([s[i] for s in sides])] for i in range(len(sides[0]))]
+    return rows + [["median", *cells(med)]]
 
 
 def compare_table(res: dict[str, list[dict]], key: str, unit: str, title: str, higher_is_better: bool = True,
                   ours: str = "ours") -> str:
-    """Rounds and medians of ``key`` per side, our ratio to every other side, peak RSS per side.
-
-    Ratios are ours/peer for a throughput and peer/ours (our speed-up) for a time, so > 1 means
-    ours is better either way; the median row's ratio is the ratio of the medians."""
+    """Rounds and medians of ``key`` per side, our ratio to every other side (ours/peer for a throughput,
+    peer/ours for a time: > 1 means ours is better either way), peak RSS per side."""
     names = list(res)
     others, o = [i for i, k in enumerate(names) if k != ours], names.index(ours)
-    head = ["", *(f"{k} {unit}" for k in res), *(f"{ours}/{names[i]}" if higher_is_better else f"speed-up vs {names[i]}"
-                                                 for i in others), *(f"{k} peak RSS MB" for k in res)]
-    return table(head, per_round(res, lambda x: [
-        *(s[key] for s in x), *(x[o][key] / x[i][key] if higher_is_better else x[i][key] / x[o][key] for i in others),
-        *(s["rss"] for s in x)]), title)
+    ratios = [f"{ours}/{names[i]}" if higher_is_better else f"speed-up vs {names[i]}" for i in others]
+    head = ["", *(f"{k} {unit}" for k in res), *ratios, *(f"{k} peak RSS MB" for k in res)]
+    def cells(x: list[dict]) -> list:
+        r = [x[o][key] / x[i][key] if higher_is_better else x[i][key] / x[o][key] for i in others]
+        return [*(s[key] for s in x), *r, *(s["rss"] for s in x)]
+
+    return table(head, per_round(res, cells), title)
 
 
 def table(headers: list[str], rows: list[list], title: str = "") -> str:

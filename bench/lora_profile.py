@@ -1,18 +1,14 @@
 """Where our LoRA steps on SmolLM2-135M spend their time (issue 16), in one process, 1 rank.
 
-    python bench/lora_profile.py --stage sft                 # ours vs a plain torch loop (TRL's recipe)
+    python bench/lora_profile.py --stage sft|rm              # ours vs a plain torch loop (TRL's recipe)
     python bench/lora_profile.py --stage ppo                 # our PPO phases: generate, log-probs, one update
     python bench/lora_profile.py --stage sft --torch-profile  # + the top-10 operators of one step of each
 
-SFT: random token ids (the cost does not depend on them), seq x micro batch of configs/smollm2.yaml;
-times forward, backward and optimizer step (mean of the steps after the first) for (a) our engine as
-``stages/sft.py`` builds it (``load_causal_lm`` with smollm2.yaml's LoRA, ``build_train_engine``)
-and (b) what TRL runs: the base loaded in the run's dtype, peft LoRA (adapters fp32),
-``torch.autocast``, fused AdamW over the adapters, grad-norm clipping; alternating, ``--rounds``.
-PPO: the engines ``ppo_steps.build_engines`` builds from smollm2.yaml (LoRA, reference = adapter
-disabled), the first rl_train prompts of bench/stage_bench.py's data, ``--response-len`` tokens;
-times ``sample`` (generation), ``rollout_forwards`` (actor + reference log-probs and values) and one
-minibatch update (``policy_forward``, the PPO losses, ``backward``, ``step``) with made-up advantages.
+SFT/RM: random token ids at configs/smollm2.yaml's shapes; forward, backward and optimizer step (mean of
+the steps after the first) of our engine as the stage builds it, alternating with what TRL runs (the base
+in the run's dtype, fp32 peft adapters, autocast, fused AdamW, grad-norm clipping). PPO: the engines
+``build_engines`` makes from smollm2.yaml, the first rl_train prompts; generation, rollout log-probs and
+one minibatch update with made-up advantages.
 """
 
 from __future__ import annotations
@@ -30,13 +26,6 @@ import harness as h  # noqa: E402
 import stage_bench  # noqa: E402
 
 SMOL = argparse.Namespace(model="smollm2")  # what stage_bench.model_dir/data_dir read
-
-
-def smol():
-    """configs/smollm2.yaml, validated."""
-    from stackllama_ds.config_loader import load_config
-
-    return load_config(h.SMOL_YAML, check_files=False)
 
 
 def timed(step: Callable[[], dict[str, float]], steps: int) -> dict[str, float]:
@@ -59,22 +48,23 @@ def top_ops(name: str, fn: Callable[[], object]) -> None:
           + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
-def engine_step(engine, loss_fn: Callable[[], object]) -> Callable[[], dict[str, float]]:
-    """One timed step of a DeepSpeed engine: forward (``loss_fn``), backward, optimizer step."""
-    def step() -> dict[str, float]:
+def split(forward: Callable[[], object], backward: Callable[[object], object],
+          step: Callable[[], object]) -> Callable[[], dict[str, float]]:
+    """One timed training step: ``forward()`` returns the loss, then ``backward(loss)``, ``step()``."""
+    def run() -> dict[str, float]:
         t0 = time.perf_counter()
-        loss = loss_fn()
+        loss = forward()
         t1 = time.perf_counter()
-        engine.backward(loss)
+        backward(loss)
         t2 = time.perf_counter()
-        engine.step()
+        step()
         return {"forward": t1 - t0, "backward": t2 - t1, "step": time.perf_counter() - t2}
-    return step
+    return run
 
 
-def plain_lora(model, dtype: str, **adamw):
+def plain_lora(model, dtype: str, loss_fn: Callable[[], object], **adamw) -> Callable[[], dict[str, float]]:
     """TRL's recipe around a peft model: fp32 adapters, autocast to the run's dtype, fused AdamW with
-    grad-norm clipping. Returns ``step(loss_fn)`` -> a timed step like ``engine_step``."""
+    grad-norm clipping; a timed step like ``split``'s."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -84,23 +74,20 @@ def plain_lora(model, dtype: str, **adamw):
     opt = torch.optim.AdamW(params, fused=True, **adamw)
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def make(loss_fn: Callable[[], object]) -> Callable[[], dict[str, float]]:
-        def step() -> dict[str, float]:
-            t0 = time.perf_counter()
-            with ac:
-                loss = loss_fn()
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return {"forward": t1 - t0, "backward": t2 - t1, "step": time.perf_counter() - t2}
-        return step
-    return make
+    def forward() -> object:
+        with ac:
+            return loss_fn()
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return split(forward, lambda loss: loss.backward(), step)
 
 
-def compare(a, sides: dict[str, Callable[[], dict[str, float]]], per_step: float, unit: str, title: str) -> None:
+def compare(a, sides: dict[str, Callable[[], dict[str, float]]], per_step: float, unit: str,
+            title: str) -> None:
     """Alternate the sides for ``a.rounds``; print the median split and ``per_step / step s`` in ``unit``."""
     res: dict[str, list[dict]] = {k: [] for k in sides}
     for _ in range(a.rounds):
@@ -112,42 +99,44 @@ def compare(a, sides: dict[str, Callable[[], dict[str, float]]], per_step: float
         tot = sum(m.values())
         rows.append([k, m["forward"], m["backward"], m["step"], tot, per_step / tot])
     print(h.table(["", "forward s", "backward s", "optimizer s", "step s", unit], rows,
-                       f"{title}, load average {h.load_avg()})"))
+                  f"{title}, load average {h.load_avg()})"))
     if a.torch_profile:
         for k, fn in sides.items():
             top_ops(f"{k}, one step", fn)
 
 
 def profile_sft_rm(a, dtype: str, stage: str) -> None:
-    """Our engine as stages/sft.py or stages/rm.py builds it vs TRL's recipe around a peft model (``plain_lora``).
-    SFT: random ids, seq x micro batch; RM: one forward over [chosen..., rejected...] of random ids, --seq each."""
+    """Our engine as stages/sft.py or stages/rm.py builds it vs TRL's recipe around a peft model. SFT: random
+    ids, seq x micro batch; RM: one forward over [chosen..., rejected...] of random ids, --seq each."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from stackllama_ds.config import EngineConfig, ModelConfig
+    from stackllama_ds.config_loader import load_config
     from stackllama_ds.engines.build import build_train_engine
     from stackllama_ds.models.load import DTYPES, apply_lora, load_causal_lm, load_reward_model
 
-    st = getattr(smol(), stage)
+    st = getattr(load_config(h.SMOL_YAML, check_files=False), stage)
     mb, folder, g = st.engine.micro_batch_size, stage_bench.model_dir(SMOL), torch.Generator().manual_seed(0)
     mcfg = ModelConfig(name_or_path=str(folder))
     if stage == "sft":
         ids = torch.randint(0, 49152, (mb, st.seq_length), generator=g)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         model = load_causal_lm(folder, mcfg, dtype=dtype, lora=st.lora)
-        ref = apply_lora(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]), st.lora, "CAUSAL_LM",
-                         quantized=False)
+        ref = apply_lora(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]), st.lora,
+                         "CAUSAL_LM", quantized=False)
 
         def loss(m) -> torch.Tensor:
             return m(**batch, use_cache=False).loss
 
-        adamw, per_step, unit, what = {"betas": (0.9, 0.95), "weight_decay": 0.05}, mb * st.seq_length, "tok/s", \
-            f"seq {st.seq_length} x micro {mb}"
+        adamw, per_step, unit = {"betas": (0.9, 0.95), "weight_decay": 0.05}, mb * st.seq_length, "tok/s"
+        what = f"seq {st.seq_length} x micro {mb}"
     else:
         ids = torch.randint(1, 49152, (2 * mb, a.seq), generator=g)
         model = load_reward_model(folder, mcfg, pad_token_id=0, dtype=dtype, lora=st.lora)
-        ref = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=DTYPES[dtype])
+        ref = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1,
+                                                                 dtype=DTYPES[dtype])
         ref.config.pad_token_id = 0
         ref = apply_lora(ref, st.lora, "SEQ_CLS", quantized=False)
 
@@ -156,11 +145,11 @@ def profile_sft_rm(a, dtype: str, stage: str) -> None:
             return -F.logsigmoid(r[:mb] - r[mb:]).mean()
 
         adamw, per_step, unit, what = {}, mb, "pairs/s", f"{mb} pairs x {a.seq} tokens"
-    engine = build_train_engine(model, EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb), st.optim,
-                                total_steps=100, grad_accum=1)
-    plain = plain_lora(ref, dtype, lr=1e-4, **adamw)
-    compare(a, {"ours": engine_step(engine, lambda: loss(engine)), "plain (TRL's recipe)": plain(lambda: loss(ref))},
-            per_step, unit, f"LoRA {stage.upper()} step split ({dtype}, ours ZeRO-{a.zero}, {what}")
+    engine = build_train_engine(model, EngineConfig(zero_stage=a.zero, dtype=dtype, micro_batch_size=mb),
+                                st.optim, total_steps=100, grad_accum=1)
+    sides = {"ours": split(lambda: loss(engine), engine.backward, engine.step),
+             "plain (TRL's recipe)": plain_lora(ref, dtype, lambda: loss(ref), lr=1e-4, **adamw)}
+    compare(a, sides, per_step, unit, f"LoRA {stage.upper()} step split ({dtype}, ours ZeRO-{a.zero}, {what}")
 
 
 def profile_ppo(a, dtype: str) -> None:
@@ -178,8 +167,7 @@ def profile_ppo(a, dtype: str) -> None:
     ns = argparse.Namespace(model="smollm2", steps=2, response_len=a.response_len, zero=a.zero, dtype=dtype,
                             micro_batch=None)
     cfg = load_config(stage_bench.our_config(ns, "ppo", "profile"), check_files=False)
-    p = cfg.ppo
-    tok = load_tokenizer(stage_bench.model_dir(SMOL))
+    p, tok = cfg.ppo, load_tokenizer(stage_bench.model_dir(SMOL))
     prompts = load_prompts(cfg.root() / "data", tok, "rl_train", cfg.ppo.max_prompt_length)
     e = build_engines(cfg, tok, 100)
     actor = e.actor
@@ -222,9 +210,9 @@ def profile_ppo(a, dtype: str) -> None:
     upd = res["update forward"] + res["update backward"] + res["update step"]
     rows = [["s", *res.values(), upd * updates]]
     print(h.table(["", *res, f"train = {updates} updates"], rows,
-                       f"LoRA PPO phases ({dtype}, ours ZeRO-{a.zero}, batch {p.batch_size}, prompts padded to {P}, "
-                       f"{a.response_len} new tokens, mini batch {p.mini_batch_size}; load average "
-                       f"{h.load_avg()})"))
+                  f"LoRA PPO phases ({dtype}, ours ZeRO-{a.zero}, batch {p.batch_size}, prompts padded to "
+                  f"{P}, {a.response_len} new tokens, mini batch {p.mini_batch_size}; load average "
+                  f"{h.load_avg()})"))
     if a.torch_profile:
         top_ops("ours, generation of the batch", generate)
         top_ops("ours, rollout log-probs (actor + reference, values)", logprobs)
@@ -241,8 +229,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=200, help="RM: tokens per answer row")
     ap.add_argument("--torch-profile", action="store_true")
     a = ap.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29563",
-                      DS_ACCELERATOR="cpu")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="29563", DS_ACCELERATOR="cpu")
     import torch
 
     from stackllama_ds.engines import dist

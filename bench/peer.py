@@ -1,19 +1,13 @@
 """The sides of bench/stage_bench.py that are not our stages: TRL's trainers and the matmul probe.
 
     bench/peers/venv-trl116/bin/python bench/peer.py sft|rm SPEC.json   # trl 1.16 SFTTrainer / RewardTrainer
-    bench/peers/venv-trl011/bin/python bench/peer.py ppo SPEC.json      # trl 0.11.4 PPOTrainer (the StackLLaMA loop)
-    .venv/bin/python bench/peer.py matmul SPEC.json                      # the machine's rate at a step's shapes
+    bench/peers/venv-trl011/bin/python bench/peer.py ppo SPEC.json      # trl 0.11.4 PPOTrainer (StackLLaMA's)
+    .venv/bin/python bench/peer.py matmul SPEC.json                      # the rate at a step's shapes
 
-SPEC is written by stage_bench.py from our run's validated config: model folder, texts or pairs (in
-our order) or prompts (our prompts of each step), lengths, batch sizes, optimizer settings, dtype,
-LoRA (``null``: full fine-tuning) and this side's turn (bench/turns.py): every step waits for its
-turn, so it runs alone next to the other sides' same step. ``base_dtype`` is the dtype the model is
-loaded in (bf16: what a TRL user runs LoRA with; fp32: TRL's default for an fp32 checkpoint, every
-matmul then autocast). Prints ``@@RESULT {json}``: each step's seconds, waiting excluded.
-
-The matmul side runs F.linear of (rows x d_in) by every (d_in -> d_out) of the model at each of its
-turns, until it has done a step's FLOPs: the rate over as long a window as a step, under the same
-load as the steps beside it (a best-of-a-few-bursts figure on a busy machine is not).
+stage_bench.py writes SPEC from our run's validated config (model, our data in our order, lengths, batch,
+optimizer, dtype, LoRA or ``null``, the side's turn); ``base_dtype`` is the dtype the model loads in.
+Prints ``@@RESULT {json}``: each step's seconds, waiting excluded. The matmul side runs a step's FLOPs of
+F.linear at the model's shapes in each turn: the rate under the same load as the steps beside it.
 """
 
 from __future__ import annotations
@@ -26,16 +20,27 @@ from pathlib import Path
 from turns import Turns
 
 
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _lora(spec: dict, task: str):
+    """peft's LoraConfig of the spec's LoRA, None without (SEQ_CLS: peft also trains the score head)."""
+    from peft import LoraConfig
+
+    lo = spec["lora"]
+    return lo and LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
+                             target_modules=lo["target_modules"], bias="none", task_type=task)
+
+
 def trainer_side(stage: str, spec: dict, turn: Turns) -> dict:
     """TRL 1.16's SFTTrainer (packing, wrapped) or RewardTrainer, with peft's LoRA where the spec has one."""
-    import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
 
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["base_dtype"]]
-    lo, times = spec["lora"], []
+    tok, dtype, times = AutoTokenizer.from_pretrained(spec["model"]), _dtype(spec["base_dtype"]), []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -43,10 +48,6 @@ def trainer_side(stage: str, spec: dict, turn: Turns) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             times.append(turn.passed(hold=state.global_step >= args.max_steps))
-
-    def peft(task: str) -> LoraConfig | None:  # SEQ_CLS: peft also trains the score head
-        return lo and LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
-                                 target_modules=lo["target_modules"], bias="none", task_type=task)
 
     # TRL 1.16 turns gradient checkpointing on by default: off unless asked, as on our side.
     common = dict(
@@ -63,14 +64,15 @@ def trainer_side(stage: str, spec: dict, turn: Turns) -> dict:
 
         args = SFTConfig(**common, max_length=spec["seq_length"], packing=True, packing_strategy="wrapped",
                          padding_free=False, dataset_text_field="text", model_init_kwargs={"dtype": dtype})
-        trainer = SFTTrainer(model=spec["model"], args=args, processing_class=tok, peft_config=peft("CAUSAL_LM"),
-                             train_dataset=Dataset.from_dict({"text": [r["text"] for r in rows]}), callbacks=[Clock()])
+        ds = Dataset.from_dict({"text": [r["text"] for r in rows]})
+        trainer = SFTTrainer(model=spec["model"], args=args, processing_class=tok, train_dataset=ds,
+                             peft_config=_lora(spec, "CAUSAL_LM"), callbacks=[Clock()])
     else:
         from transformers import AutoModelForSequenceClassification
         from trl import RewardConfig, RewardTrainer
 
         rows = [rows[i] for i in spec["order"]]  # our run's pairs in its order, read in sequence
-        ds = Dataset.from_dict({"chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]})
+        ds = Dataset.from_dict({k: [r[k] for r in rows] for k in ("chosen", "rejected")})
         model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=dtype)
         model.config.pad_token_id = tok.pad_token_id
         tok.padding_side = "right"
@@ -79,10 +81,11 @@ def trainer_side(stage: str, spec: dict, turn: Turns) -> dict:
         args = RewardConfig(**common, max_length=spec["seq_length"] + 1, disable_dropout=False,
                             train_sampling_strategy="sequential")
         trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                peft_config=peft("SEQ_CLS"), callbacks=[Clock()])
-    m = trainer.model
-    info = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "optim": str(trainer.args.optim),
-            "base_dtype": str(next(m.parameters()).dtype), "gradient_checkpointing": trainer.args.gradient_checkpointing}
+                                peft_config=_lora(spec, "SEQ_CLS"), callbacks=[Clock()])
+    m, ta = trainer.model, trainer.args
+    info = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "optim": str(ta.optim),
+            "base_dtype": str(next(m.parameters()).dtype),
+            "gradient_checkpointing": ta.gradient_checkpointing}
     trainer.train()
     return {"times": times, **info}
 
@@ -94,7 +97,8 @@ def _tokenizer(folder: str):
 
     tc = json.loads((Path(folder) / "tokenizer_config.json").read_text())
     special = {k: tc[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if tc.get(k)}
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"), padding_side="left", **special)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"), padding_side="left",
+                                  **special)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -117,23 +121,19 @@ def ppo_side(spec: dict, turn: Turns) -> dict:
     spec has LoRA, the reference then being the adapter disabled; else a frozen copy), per step generate
     exactly ``response_len`` tokens for our prompts, score question + response, ``ppo_trainer.step``."""
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
     torch.manual_seed(0)
-    tok, lo = _tokenizer(spec["model"]), spec["lora"]
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["base_dtype"]]
+    tok, lo, dtype = _tokenizer(spec["model"]), spec["lora"], _dtype(spec["base_dtype"])
     cfg = PPOConfig(
         model_name=spec["model"], learning_rate=spec["lr"], batch_size=spec["batch_size"],
         mini_batch_size=spec["mini_batch_size"], gradient_accumulation_steps=1, ppo_epochs=spec["ppo_epochs"],
         init_kl_coef=0.2, adap_kl_ctrl=True, target=6.0, horizon=10000, early_stopping=False,
         max_grad_norm=spec["max_grad_norm"], log_with=None, seed=0,
         accelerator_kwargs={"cpu": True, "mixed_precision": "bf16" if spec["dtype"] == "bf16" else "no"})
-    peft = lo and LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
-                             target_modules=lo["target_modules"], bias="none", task_type="CAUSAL_LM")
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(spec["model"], config=_config(spec["model"]),
-                                                              peft_config=peft, torch_dtype=dtype)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        spec["model"], config=_config(spec["model"]), peft_config=_lora(spec, "CAUSAL_LM"), torch_dtype=dtype)
     reward = AutoModelForSequenceClassification.from_pretrained(
         spec["model"], config=_config(spec["model"], num_labels=1), torch_dtype=dtype)
     reward.config.pad_token_id = tok.pad_token_id
@@ -154,8 +154,8 @@ def ppo_side(spec: dict, turn: Turns) -> dict:
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         t1 = time.perf_counter()
         tok.padding_side = "right"
-        enc = tok([f"Question: {q}\n\nAnswer: {r}" for q, r in zip(step["questions"], texts)], return_tensors="pt",
-                  padding=True, return_token_type_ids=False)
+        enc = tok([f"Question: {q}\n\nAnswer: {r}" for q, r in zip(step["questions"], texts)],
+                  return_tensors="pt", padding=True, return_token_type_ids=False)
         tok.padding_side = "left"
         with torch.no_grad():
             scores = reward(**enc).logits[:, 0].float()
@@ -171,8 +171,7 @@ def matmul_side(spec: dict, turn: Turns) -> dict:
     import torch
     import torch.nn.functional as F
 
-    td = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
-    rows = spec["rows"]
+    td, rows = _dtype(spec["dtype"]), spec["rows"]
     mats = [(torch.randn(rows, i, dtype=td), torch.randn(o, i, dtype=td), c) for i, o, c in spec["linears"]]
     per_set = sum(2 * rows * w.shape[0] * w.shape[1] * c for _, w, c in mats)
     for x, w, _ in mats:  # warm the kernels up outside the timed turns

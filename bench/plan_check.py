@@ -1,20 +1,17 @@
 """Validate the memory planner against measured peak RSS per rank on this CPU box.
 
-    python bench/plan_check.py                       # ~8 configurations, a few steps each, ~6 min
-    python bench/plan_check.py --only sft-z2-1rank,ppo-z2
+    python bench/plan_check.py                       # 9 configurations, a few steps each, ~6 min
+    python bench/plan_check.py --only sft-z2-1rank,ppo-z2-1rank
 
-For each configuration: run the stage for a few steps on the benchmark model, take the peak RSS of
-the largest rank (getrusage of the children), subtract the runtime baseline (a process that imports
-the same stack, joins a 1-rank process group and loads the tokenizer and data: what a rank costs
-before any model exists), and compare with the planner's estimate without its fixed runtime
-overhead (``plan.FIXED_OVERHEAD["cpu"]``). Target: within 25%.
+Each configuration runs its stage for a few steps on the benchmark model; its largest rank's peak RSS less
+the runtime baseline (a rank that imports the stack, joins a process group and loads tokenizer and data)
+is compared with the planner's estimate less its fixed runtime overhead. Target: within 25%.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,34 +39,33 @@ RM = {"init_from": None, "max_length": 512, "max_steps": 3, "eval_every": 10_000
       "lora": {"enabled": False}}
 _BF16 = {"dtype": "bf16"}
 PPO = {"steps": 2, "batch_size": 8, "mini_batch_size": 2, "gradient_accumulation_steps": 1, "ppo_epochs": 1,
-       "response_min_length": 32, "response_max_length": 32, "max_prompt_length": 256, "early_stopping": False,
-       "save_every": 10_000, "log_samples": 0, "optim": {"lr": 1.41e-5}, "lora": {"enabled": False},
-       "actor": {"zero_stage": 2, **_BF16}, "critic": {"zero_stage": 2, **_BF16}, "reference": _BF16, "reward": _BF16}
+       "response_min_length": 32, "response_max_length": 32, "max_prompt_length": 256,
+       "early_stopping": False, "save_every": 10_000, "log_samples": 0, "optim": {"lr": 1.41e-5},
+       "lora": {"enabled": False}, "actor": {"zero_stage": 2, **_BF16}, "critic": {"zero_stage": 2, **_BF16},
+       "reference": _BF16, "reward": _BF16}
 
 
 def cases() -> dict[str, tuple[str, int, dict]]:
     """name -> (stage, ranks, config sections)."""
     e = {"dtype": "bf16", "micro_batch_size": 4, "gradient_accumulation_steps": 1}
-    return {
-        "sft-z0-1rank": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 0}}}),
-        "sft-z2-1rank": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2}}}),
-        "sft-z2-1rank-fp32": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2, "dtype": "fp32"}}}),
-        "sft-z2-1rank-ckpt": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2,
-                                                                    "gradient_checkpointing": True}}}),
-        "sft-z2-1rank-lora": ("sft", 1, {"sft": {**SFT, "engine": {**e, "zero_stage": 2},
-                                                 "lora": {"enabled": True, "r": 16}}}),
-        "sft-z2-2ranks": ("sft", 2, {"sft": {**SFT, "engine": {**e, "zero_stage": 2}}}),
-        "sft-z3-2ranks": ("sft", 2, {"sft": {**SFT, "engine": {**e, "zero_stage": 3,
-                                                               "stage3_param_persistence_threshold": 0}}}),
-        "rm-z2-1rank": ("rm", 1, {"rm": {**RM, "init_from": str(h.ROOT / "tiny"),
-                                         "engine": {**e, "zero_stage": 2}}}),
-        "ppo-z2-1rank": ("ppo", 1, {"ppo": PPO}),
-    }
+
+    def sft(ranks: int, zero: int, lora: dict | None = None, **engine) -> tuple[str, int, dict]:
+        st = {**SFT, "engine": {**e, "zero_stage": zero, **engine}, **({"lora": lora} if lora else {})}
+        return "sft", ranks, {"sft": st}
+
+    return {"sft-z0-1rank": sft(1, 0), "sft-z2-1rank": sft(1, 2),
+            "sft-z2-1rank-fp32": sft(1, 2, dtype="fp32"),
+            "sft-z2-1rank-ckpt": sft(1, 2, gradient_checkpointing=True),
+            "sft-z2-1rank-lora": sft(1, 2, {"enabled": True, "r": 16}), "sft-z2-2ranks": sft(2, 2),
+            "sft-z3-2ranks": sft(2, 3, stage3_param_persistence_threshold=0),
+            "rm-z2-1rank": ("rm", 1, {"rm": {**RM, "init_from": str(h.ROOT / "tiny"),
+                                             "engine": {**e, "zero_stage": 2}}}),
+            "ppo-z2-1rank": ("ppo", 1, {"ppo": PPO})}
 
 
 def baseline_mb() -> float:
-    r, _ = h.run_measured([sys.executable, "-c", _BASELINE],
-                          extra_env={"BENCH_MODEL": str(h.ROOT / "tiny"), "BENCH_DATA": str(h.ROOT / "data")})
+    r, _ = h.run_measured([sys.executable, "-c", _BASELINE], extra_env={"BENCH_MODEL": str(h.ROOT / "tiny"),
+                                                                      "BENCH_DATA": str(h.ROOT / "data")})
     h.check(r, "baseline")
     return float(next(x for x in r.stdout.splitlines() if x.startswith("@@BASE")).split()[1])
 
@@ -80,8 +76,7 @@ def estimate(cfg_path: Path, stage: str, ranks: int) -> tuple[float, float]:
     from stackllama_ds.config_loader import load_config
 
     cfg = load_config(cfg_path, world_size=ranks)
-    shape = plan.model_shape(cfg)
-    sp = plan.PLANNERS[stage](cfg, shape, ranks, 1e12, "cpu")
+    sp = plan.PLANNERS[stage](cfg, plan.model_shape(cfg), ranks, 1e12, "cpu")
     return sp.total / 2**20, (sp.total - plan.FIXED_OVERHEAD["cpu"]) / 2**20
 
 
@@ -92,12 +87,9 @@ def main() -> None:
     ap.add_argument("--baseline", type=float, help="with --measured: the baseline MB that run printed")
     a = ap.parse_args()
     h.ensure_root()
-    logged: dict[str, float] = {}
-    if a.measured:
-        for line in a.measured.read_text().splitlines():
-            m = re.match(r"\s+(\S+): peak (\d+) MB", line)
-            if m:
-                logged[m.group(1)] = float(m.group(2))
+    lines = a.measured.read_text().splitlines() if a.measured else []
+    peak = re.compile(r"\s+(\S+): peak (\d+) MB")  # the log lines below
+    logged = {m.group(1): float(m.group(2)) for m in map(peak.match, lines) if m}
     base = a.baseline if a.measured else baseline_mb()
     print(f"# plan check: {h.machine()}; model {h.n_params() / 1e6:.1f}M params; runtime baseline "
           f"{base:.0f} MB RSS per rank (imports, process group, tokenizer, data); SFT seq 512 x micro 4, "
@@ -119,10 +111,9 @@ def main() -> None:
         if r is not None and r.returncode:
             # The training steps may have run (the peak is then valid) and a later phase failed.
             metrics = cfg.parent / stage / "metrics.jsonl"
-            done = metrics.exists() and any('"step"' in x for x in metrics.read_text().splitlines())
-            last = [x for x in r.stderr.strip().splitlines() if x.strip()][-3:]
-            if not done:
+            if not (metrics.exists() and any('"step"' in x for x in metrics.read_text().splitlines())):
                 h.check(r, name)
+            last = [x for x in r.stderr.strip().splitlines() if x.strip()][-3:]
             note = " (trained; then failed: " + " / ".join(last)[-160:] + ")"
             h.log(f"  {name}: exit {r.returncode} after training{note}")
         est_total, est_model = estimate(cfg, stage, ranks)
@@ -131,10 +122,10 @@ def main() -> None:
         rows.append([name, rss, measured, est_model, est_total, f"{100 * err:+.0f}%",
                      ("yes" if abs(err) <= 0.25 else "NO") + ("*" if note else "")])
         h.log(f"  {name}: peak {rss:.0f} MB, above baseline {measured:.0f} MB, estimate {est_model:.0f} MB "
-                   f"({100 * err:+.0f}%)")
-        shutil.rmtree(cfg.parent, ignore_errors=True)
+              f"({100 * err:+.0f}%)")
+        h.rmtree(cfg.parent)
     print(h.table(["config", "peak RSS MB/rank", "above baseline MB", "planner (no runtime) MB",
-                        "planner total MB", "error", "within 25%"], rows, "planner vs measured"))
+                   "planner total MB", "error", "within 25%"], rows, "planner vs measured"))
     if any(str(r[-1]).endswith("*") for r in rows):
         print("* the stage failed after its training steps (see stderr); the peak covers the steps it ran")
 

@@ -1,13 +1,10 @@
-"""The results table of one full recipe run (bench/RESULTS.md), from its run root and pipeline log.
+"""The results tables of one full recipe run (bench/RESULTS.md), from its run root and pipeline log.
 
     stackllama-ds pipeline configs/smollm2.yaml > runs/smollm2.log 2>&1
     .venv/bin/python bench/recipe_results.py runs/smollm2 runs/smollm2.log
 
-Times come from "[pipeline] STAGE: done in Ns" lines (a stage resumed by a rerun adds up when the
-logs are concatenated; time of an attempt that exited non-zero is not counted).
-
-Prints markdown: the machine, wall time per stage (the pipeline's own "done in Ns" lines), and every
-learning figure of eval/eval.json with its 95% interval and the baseline beside it.
+Markdown: the machine, wall time per stage (the log's "[pipeline] STAGE: done in Ns" lines, summed over
+concatenated logs of resumed runs), every learning figure of eval/eval.json with its 95% interval.
 """
 
 from __future__ import annotations
@@ -27,6 +24,13 @@ def _ci(d: dict | None, fmt: str = "{:.3f}") -> str:
 
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _wins(rates: dict) -> list[str]:
+    rows = ["| win rate | all prompts [95% CI] | length-matched (within 20%) [95% CI] | n matched |",
+            "|---|---|---|---|"]
+    return rows + [f"| {name} | {_ci(w)} | {_ci(w.get('length_matched', {}))} | "
+                   f"{w.get('length_matched', {}).get('n')} |" for name, w in rates.items()]
 
 
 def machine() -> str:
@@ -49,34 +53,35 @@ def stage_times(log: Path) -> dict[str, int]:
 
 def table(root: Path, log: Path) -> str:
     ev = json.loads((root / "eval" / "eval.json").read_text())
-    acc = json.loads((root / "rm" / "accuracy.json").read_text()) if (root / "rm" / "accuracy.json").exists() else {}
+    acc_path = root / "rm" / "accuracy.json"
+    acc = json.loads(acc_path.read_text()) if acc_path.exists() else {}
     times = stage_times(log)
     rows = [f"Machine: {machine()}.", "",
             "| stage | wall time |", "|---|---|"]
     rows += [f"| {s} | {t / 60:.1f} min |" for s, t in times.items()]
     rows += [f"| total | {sum(times.values()) / 60:.1f} min |", ""]
     lm, rm = ev.get("lm", {}), ev.get("rm", {})
-    rows += [f"SFT: held-out answer tokens ({lm.get('n_texts')} texts, {lm.get('n_tokens')} tokens), nats/token:", "",
-             "| model | loss [95% CI] | perplexity |", "|---|---|---|"]
+    rows += [f"SFT: held-out answer tokens ({lm.get('n_texts')} texts, {lm.get('n_tokens')} tokens), "
+             "nats/token:", "", "| model | loss [95% CI] | perplexity |", "|---|---|---|"]
     for name, m in lm.get("models", {}).items():
         rows.append(f"| {name} | {_ci(m['loss'])} | {_ci(m['ppl'], '{:.1f}')} |")
     for name, d in lm.get("diffs", {}).items():
         rows.append(f"| {name} (difference) | {_ci(d)} | |")
     t = rm.get("truncation", {})
-    rows += ["", f"Reward model on {rm.get('n_pairs')} held-out rm_eval pairs ({rm.get('n_questions')} questions; "
-             f"cut to {rm.get('max_length')} tokens: {t.get('whole')} whole, {t.get('question_cut')} question cut, "
-             f"{t.get('answer_cut')} answer cut, {t.get('dropped')} dropped), scored by `eval` in {rm.get('dtype')}; "
-             "ties half; 95% bootstrap over questions:", "",
+    rows += ["", f"Reward model on {rm.get('n_pairs')} held-out rm_eval pairs ({rm.get('n_questions')} "
+             f"questions; cut to {rm.get('max_length')} tokens: {t.get('whole')} whole, "
+             f"{t.get('question_cut')} question cut, {t.get('answer_cut')} answer cut, {t.get('dropped')} "
+             f"dropped), scored by `eval` in {rm.get('dtype')}; ties half; 95% bootstrap over questions:", "",
              "| figure | value [95% CI] |", "|---|---|",
              f"| accuracy (quality head) | {_ci(rm.get('accuracy'))} |",
-             f"| length baseline (longer answer wins, answers as scored) | {_ci(rm.get('length_baseline'))} |",
+             "| length baseline (longer answer wins, answers as scored) | "
+             f"{_ci(rm.get('length_baseline'))} |",
              f"| accuracy on the length-adversarial subset (n = {rm.get('adversarial', {}).get('n')}) "
              f"| {_ci(rm.get('adversarial'))} |"]
-    held = acc.get("held_out") or {}
-    if held:
-        rows.append(f"| RM stage's own held-out accuracy, same pairs ({held.get('dtype')}) | {_ci(held.get('accuracy'))} |")
-    heads = rm.get("heads") or {}
-    if heads:
+    if held := acc.get("held_out"):
+        rows.append(f"| RM stage's own held-out accuracy, same pairs ({held.get('dtype')}) | "
+                    f"{_ci(held.get('accuracy'))} |")
+    if heads := rm.get("heads"):
         rows += ["", "| head | accuracy | accuracy, length-adversarial | Spearman(score, answer length) |",
                  "|---|---|---|---|"]
         for h, f in heads.items():
@@ -88,36 +93,32 @@ def table(root: Path, log: Path) -> str:
         rows += ["", f"Independent judge (sft split's pairs, from the base model) on the same held-out pairs "
                  f"({jh.get('dtype')}): accuracy {_ci(jh.get('accuracy'))}, length baseline "
                  f"{_ci(jh.get('length_baseline'))}, length-adversarial {_ci(jh.get('adversarial'))}"]
-    ppo_rows = [json.loads(x) for x in (root / "ppo" / "metrics.jsonl").read_text().splitlines()
-                if x.strip()] if (root / "ppo" / "metrics.jsonl").exists() else []
+    metrics = root / "ppo" / "metrics.jsonl"
+    ppo_rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() \
+        else []
     if len(ppo_rows) >= 4:
         k = max(1, len(ppo_rows) // 4)
         first, last = ppo_rows[:k], ppo_rows[-k:]
-        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+
+        def mean(rs: list[dict], key: str) -> float:
+            return sum(r[key] for r in rs) / len(rs)
+
         rows += ["", f"PPO rollouts ({len(ppo_rows)} steps): mean reward of the first {k} steps "
                  f"{mean(first, 'reward_mean'):.3f}, of the last {k} {mean(last, 'reward_mean'):.3f}; "
                  f"KL {mean(first, 'kl'):.2f} -> {mean(last, 'kl'):.2f} nats; response length "
                  f"{mean(first, 'response_len'):.1f} -> {mean(last, 'response_len'):.1f} tokens"]
-    rows += ["", f"Generation on {ev['n_prompts']} held-out rl_eval prompts, {ev['max_new_tokens']} new tokens, "
-             "plain sampling:", "",
+    rows += ["", f"Generation on {ev['n_prompts']} held-out rl_eval prompts, {ev['max_new_tokens']} new "
+             "tokens, plain sampling:", "",
              "| model | reward [95% CI] | length (tokens) | Spearman(reward, length) | degenerate | EOS |",
              "|---|---|---|---|---|---|"]
     for name, m in ev["models"].items():
         rows.append(f"| {name} | {_ci(m['reward'])} | {m['length_mean']:.1f} | "
-                    f"{_ci(m.get('length_reward_spearman'))} | {m['degenerate_share']:.3f} | {m['eos_share']:.2f} |")
-    rows += ["", "| win rate | all prompts [95% CI] | length-matched (within 20%) [95% CI] | n matched |",
-             "|---|---|---|---|"]
-    for name, w in ev["win_rates"].items():
-        lmw = w.get("length_matched", {})
-        rows.append(f"| {name} | {_ci(w)} | {_ci(lmw)} | {lmw.get('n')} |")
-    judge = ev.get("judge") or {}
-    if judge:
+                    f"{_ci(m.get('length_reward_spearman'))} | {m['degenerate_share']:.3f} | "
+                    f"{m['eos_share']:.2f} |")
+    rows += ["", *_wins(ev["win_rates"])]
+    if judge := ev.get("judge"):
         rows += ["", f"Win rates judged by the independent judge (`{judge.get('model')}`):", "",
-                 "| win rate | all prompts [95% CI] | length-matched (within 20%) [95% CI] | n matched |",
-                 "|---|---|---|---|"]
-        for name, w in judge.get("win_rates", {}).items():
-            lmw = w.get("length_matched", {})
-            rows.append(f"| {name} | {_ci(w)} | {_ci(lmw)} | {lmw.get('n')} |")
+                 *_wins(judge.get("win_rates", {}))]
     for name, k in ev.get("kl", {}).items():
         rows += ["", f"KL {name} (nats per response, Monte-Carlo on the policy's samples): {_ci(k)}"]
     return "\n".join(rows)

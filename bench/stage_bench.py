@@ -1,34 +1,19 @@
 """Our SFT / RM / PPO stages against TRL and against themselves, on the same work, side by side.
 
     python bench/stage_bench.py --stage sft              # tokens/s vs TRL 1.16 SFTTrainer (packing)
-    python bench/stage_bench.py --stage rm [--rm-padded] # pairs/s vs TRL 1.16 RewardTrainer (+ our padded rows)
+    python bench/stage_bench.py --stage rm [--rm-padded] # pairs/s vs TRL 1.16 RewardTrainer (+ ours padded)
     python bench/stage_bench.py --stage ppo              # step time vs TRL 0.11.4 PPOTrainer
-    python bench/stage_bench.py --stage sft-scaling      # ours: 1 rank x 1 core, 1 rank x 2 cores, 2 ranks x 1 core
+    python bench/stage_bench.py --stage sft-scaling      # ours on 1 rank x 1 core, 1 x 2 cores, 2 x 1 core
     python bench/stage_bench.py --stage ppo-scaling
-    python bench/stage_bench.py --stage zero3-gen --model bench --sequential  # ZeRO-3: gather-once vs partitioned
-    python bench/stage_bench.py --stage rm --model bench --dtype bf16 --rounds 3 --sequential --peer-checkpointing
+    python bench/stage_bench.py --stage zero3-gen --model bench --sequential  # gather-once vs partitioned
 
---model smollm2 (default): SmolLM2-135M-Instruct with LoRA exactly as configs/smollm2.yaml (SFT/PPO r16
-on q,v; RM r8 SEQ_CLS with a trained score head; PPO's reference = the adapter disabled) on the beer
-dump prepared with its splits (rm_eval cut to 2%: our RM evaluates all of it after its last step,
-untimed but slow). --model bench: the 34M benchmark Llama (bench/harness.py), full fine-tuning,
-configs/tiny.yaml at the earlier benchmarks' shapes (SFT seq 256 x micro 2; RM 4 pairs within 256
-tokens; PPO batch 8, mini batch 2, 2 epochs, prompts <= 128 tokens, lr 1.41e-5).
-
-Our side is the real stage run by the CLI with only the benchmark's overrides: the steps, no mid-run
-eval or checkpoint, ZeRO-0 on 1 rank (ZeRO-1/2 partition nothing there; --zero), RM ``overlength:
-filter``, PPO's response length fixed and KL early stopping off. The peers (bench/peer.py) get the same
-model, data in our order, lengths, batch, optimizer settings, LoRA and precision from our run's
-validated config; their model loads in the run's dtype with LoRA, in fp32 (TRL's default, autocast)
-without (--peer-base); TRL's default gradient checkpointing is off as ours (--peer-checkpointing: on).
-
-Timing: every side of a round starts at once and they take turns step by step (bench/turns.py; our
-stage is gated by bench/turnhook/, the peers by a callback), so each step runs alone beside the
-other sides' same step, under the same load; the first side rotates by round. --sequential: one side
-after the other, each alone. A step is timed from its start to its end, waiting excluded; the first
---warmup steps are dropped, and for SFT and RM the last (ours evaluates in it). Peak RSS is the largest
-process's (per rank). The ceiling: a matmul side (bench/peer.py) at the step's shapes, taking turns
-too; share = the step's FLOPs (harness.Shape) over its time, over that rate.
+--model smollm2 (default): SmolLM2-135M-Instruct with LoRA as configs/smollm2.yaml, the beer dump with its
+splits (rm_eval cut to 2%: our RM evaluates all of it, untimed but slow). --model bench: the 34M benchmark
+Llama, full fine-tuning, configs/tiny.yaml at the earlier benchmarks' shapes. Ours is the stage run by the
+CLI with only the benchmark's overrides; the peers (bench/peer.py) take model, data in our order, lengths,
+batch, optimizer, LoRA and precision from our run's validated config. The sides start at once and take
+turns step by step (bench/turns.py, bench/turnhook/) unless --sequential; a step is timed from its start to
+its end; the ceiling is a matmul side at the step's shapes, taking turns too.
 """
 
 from __future__ import annotations
@@ -36,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,7 +59,7 @@ def data_dir(a) -> Path:
         sp = cfg.data.splits
         sp.rl_eval, sp.rm_eval = sp.rl_eval + sp.rm_eval - BENCH_RM_EVAL, BENCH_RM_EVAL
         h.log("[bench] preparing the beer dump with smollm2.yaml's splits ...")
-        shutil.rmtree(SROOT / "data", ignore_errors=True)
+        h.rmtree(SROOT / "data")
         prepare(h.BEER, SROOT / "data", cfg=cfg.data, seed=cfg.seed, log=lambda *a, **k: None)
         (SROOT / "DATA_DONE").write_text(f"prepare, rm_eval {BENCH_RM_EVAL}\n")
     return SROOT / "data"
@@ -83,36 +67,31 @@ def data_dir(a) -> Path:
 
 def sections(a, stage: str, nproc: int, zero: int, extra: dict) -> dict:
     """The config overrides of one of our runs: the model's, the benchmark's, then ``extra``."""
-    dt = {"dtype": a.dtype}
+    dt, rm = {"dtype": a.dtype}, {"init_from": str(model_dir(a))}
+    model = {"rm": rm}
     if a.model == "bench":
         off, eng = {"enabled": False}, {"gradient_accumulation_steps": 1}
         model = {"model": {"tiny": h.BENCH_MODEL},
-                 "sft": {"seq_length": 256, "engine": {**eng, "micro_batch_size": 2}, "optim": {"lr": 3e-4,
-                                                                                               "warmup_steps": 2},
-                         "lora": off},
-                 "rm": {"init_from": str(model_dir(a)), "max_length": 256, "engine": {**eng, "micro_batch_size": 4},
-                        "lora": off},
-                 "ppo": {"batch_size": 8, "mini_batch_size": 2, "gradient_accumulation_steps": 1, "ppo_epochs": 2,
-                         "max_prompt_length": 128, "optim": {"lr": 1.41e-5}, "lora": off}}
-    else:
-        model = {"rm": {"init_from": str(model_dir(a))}}
-    z = {"zero_stage": zero, **dt}
-    run = {"sft": {"max_steps": a.steps, "eval_every": 10_000, "eval_batches": 1, "save_every": 10_000, "engine": z},
-           "rm": {"max_steps": a.steps, "eval_every": 10_000, "save_every": 10_000, "overlength": "filter", "engine": z},
-           "ppo": {"steps": a.steps, "response_min_length": a.response_len, "response_max_length": a.response_len,
-                   "early_stopping": False, "save_every": 10_000, "log_samples": 0, "actor": z, "critic": z,
-                   "reference": dt, "reward": dt}}[stage]
+                 "sft": {"seq_length": 256, "engine": {**eng, "micro_batch_size": 2},
+                         "optim": {"lr": 3e-4, "warmup_steps": 2}, "lora": off},
+                 "rm": {**rm, "max_length": 256, "engine": {**eng, "micro_batch_size": 4}, "lora": off},
+                 "ppo": {"batch_size": 8, "mini_batch_size": 2, "gradient_accumulation_steps": 1,
+                         "ppo_epochs": 2, "max_prompt_length": 128, "optim": {"lr": 1.41e-5}, "lora": off}}
+    z, once = {"zero_stage": zero, **dt}, {"eval_every": 10_000, "save_every": 10_000}
+    run = {"sft": {"max_steps": a.steps, **once, "eval_batches": 1, "engine": z},
+           "rm": {"max_steps": a.steps, **once, "overlength": "filter", "engine": z},
+           "ppo": {"steps": a.steps, "response_min_length": a.response_len,
+                   "response_max_length": a.response_len, "early_stopping": False, "save_every": 10_000,
+                   "log_samples": 0, "actor": z, "critic": z, "reference": dt, "reward": dt}}[stage]
     if stage == "sft" and a.micro_batch:
-        run["engine"]["micro_batch_size"] = a.micro_batch
+        run["engine"] = {**z, "micro_batch_size": a.micro_batch}
     # a rank waits out the other sides' steps on a busy box: no hang watchdog within the hour
     launch = {"launch": {"nproc_per_node": nproc, "hang_timeout_s": 3600}}
     return h.merge(h.merge(model, {stage: run, **launch}), {stage: extra})
 
 
 def our_config(a, stage: str, tag: str, nproc: int = 1, zero: int | None = None, **extra) -> Path:
-    links = {"data": data_dir(a)}
-    if a.model == "bench":
-        links["tiny"] = model_dir(a)
+    links = {"data": data_dir(a), **({"tiny": model_dir(a)} if a.model == "bench" else {})}
     if stage == "ppo":  # the SFT model is the policy, the reward model a fresh score head on it
         links.update({"sft/model": model_dir(a), "rm/model": model_dir(a)})
     yaml_path = h.TINY_YAML if a.model == "bench" else h.SMOL_YAML
@@ -126,7 +105,7 @@ def validated(a, stage: str):
 
     path = our_config(a, stage, "spec")
     cfg = load_config(path, check_files=False)
-    shutil.rmtree(path.parent, ignore_errors=True)
+    h.rmtree(path.parent)
     return cfg
 
 
@@ -159,52 +138,44 @@ def pairs_file(a, max_length: int) -> Path:
     return path
 
 
-def rm_order(a, cfg) -> list[int]:
-    """The pairs (lines of ``pairs_file``) our 1-rank RM run trains on, in its order: its ``pair_batches``
-    over the filtered rm_train pairs (the same list, same order) with ``epoch_order(n, seed, 0)``."""
-    from stackllama_ds.data.packing import epoch_order
-
-    n = sum(1 for _ in open(pairs_file(a, cfg.rm.max_length)))
-    need = a.steps * cfg.rm.engine.micro_batch_size
-    assert need <= n, "one pass of the pairs is enough for the benchmark"
-    return epoch_order(n, cfg.seed, 0)[:need]
-
-
-def prompts(a, cfg) -> list[dict]:
-    """The prompts our 1-rank PPO run draws at each step, for the peer to use in the same order."""
-    from stackllama_ds.data.prompts import load_prompts, prompt_batch
-    from stackllama_ds.models.load import load_tokenizer
-
-    questions, ids, _ = load_prompts(data_dir(a), load_tokenizer(model_dir(a)), "rl_train", cfg.ppo.max_prompt_length)
-    B = cfg.ppo.batch_size
-    return [{"prompt_ids": [ids[i] for i in idx], "questions": [questions[i] for i in idx]}
-            for idx in (prompt_batch(len(questions), s * B, B, 0, 1, cfg.seed) for s in range(a.steps))]
-
-
 def peer_spec(a, stage: str, cfg) -> dict:
+    """What the peer runs, from our validated config: for RM our 1-rank run's pairs in its order
+    (``epoch_order`` over the filtered pairs), for PPO the prompts our run draws at each step."""
     st = getattr(cfg, stage)
-    lo = st.lora
+    lo, o = st.lora, st.optim
+    lora = {"r": lo.r, "alpha": lo.alpha, "dropout": lo.dropout, "target_modules": list(lo.target_modules)}
     spec = {"model": str(model_dir(a)), "dtype": a.dtype, "base_dtype": a.peer_base, "threads": a.threads,
-            "lora": {"r": lo.r, "alpha": lo.alpha, "dropout": lo.dropout, "target_modules": list(lo.target_modules)}
-            if lo.enabled else None}
+            "lora": lora if lo.enabled else None}
     if stage == "ppo":
-        return {**spec, "lr": st.optim.lr, "batch_size": st.batch_size, "mini_batch_size": st.mini_batch_size,
+        from stackllama_ds.data.prompts import load_prompts, prompt_batch
+        from stackllama_ds.models.load import load_tokenizer
+
+        qs, ids, _ = load_prompts(data_dir(a), load_tokenizer(model_dir(a)), "rl_train", st.max_prompt_length)
+        B = st.batch_size
+        batches = (prompt_batch(len(qs), s * B, B, 0, 1, cfg.seed) for s in range(a.steps))
+        steps = [{"prompt_ids": [ids[i] for i in idx], "questions": [qs[i] for i in idx]} for idx in batches]
+        return {**spec, "lr": o.lr, "batch_size": st.batch_size, "mini_batch_size": st.mini_batch_size,
                 "ppo_epochs": st.ppo_epochs, "response_len": a.response_len,
-                "max_grad_norm": st.actor.gradient_clipping, "steps": prompts(a, cfg)}
-    o = st.optim
-    spec.update(steps=a.steps, micro_batch=st.engine.micro_batch_size, lr=o.lr, weight_decay=o.weight_decay,
-                betas=list(o.betas), scheduler=o.scheduler, warmup_steps=o.warmup_steps,
+                "max_grad_norm": st.actor.gradient_clipping, "steps": steps}
+    mb = st.engine.micro_batch_size
+    spec.update(steps=a.steps, micro_batch=mb, lr=o.lr, weight_decay=o.weight_decay, betas=list(o.betas),
+                scheduler=o.scheduler, warmup_steps=o.warmup_steps,
                 gradient_checkpointing=a.peer_checkpointing)
     if stage == "sft":
         return {**spec, "seq_length": st.seq_length, "data": str(sft_texts(a)),
-                "per_step": st.engine.micro_batch_size * st.seq_length}
-    return {**spec, "seq_length": st.max_length, "data": str(pairs_file(a, st.max_length)), "order": rm_order(a, cfg),
-            "per_step": st.engine.micro_batch_size}
+                "per_step": mb * st.seq_length}
+    from stackllama_ds.data.packing import epoch_order
+
+    pairs = pairs_file(a, st.max_length)
+    n, need = sum(1 for _ in open(pairs)), a.steps * mb
+    assert need <= n, "one pass of the pairs is enough for the benchmark"
+    return {**spec, "seq_length": st.max_length, "data": str(pairs),
+            "order": epoch_order(n, cfg.seed, 0)[:need], "per_step": mb}
 
 
 # ------------------------------------------------------------------------------------ sides
-def ours(a, stage: str, tag: str, turn: h.Turn, nproc: int = 1, threads: int | None = None, zero: int | None = None,
-         **extra) -> dict:
+def ours(a, stage: str, tag: str, turn: h.Turn, nproc: int = 1, threads: int | None = None,
+         zero: int | None = None, **extra) -> dict:
     """Our stage through the CLI in fresh processes, gated step by step: seconds per step ``s``, ``rate``
     (tokens, pairs or rollouts per second over all ranks), peak RSS; PPO also its phases."""
     from stackllama_ds.config_loader import load_config
@@ -228,24 +199,27 @@ def ours(a, stage: str, tag: str, turn: h.Turn, nproc: int = 1, threads: int | N
         out["t_generate"] = s - sum(out[k] for k in PHASES[1:])
         out["rate"] = c.ppo.batch_size * nproc / s
     else:
-        per_rank = c.sft.engine.micro_batch_size * c.sft.seq_length if stage == "sft" else c.rm.engine.micro_batch_size
-        out["rate"] = per_rank * nproc / s
-    shutil.rmtree(cfg.parent, ignore_errors=True)
+        eng = getattr(c, stage).engine
+        out["rate"] = eng.micro_batch_size * (c.sft.seq_length if stage == "sft" else 1) * nproc / s
+    h.rmtree(cfg.parent)
     return out
 
 
 def other(a, kind: str, spec: dict, tag: str, turn: h.Turn, heap: bool = False) -> dict:
-    """A side of bench/peer.py: a TRL trainer (in its peer's venv) or the matmul probe (here)."""
+    """A side of bench/peer.py: a TRL trainer (in its peer's venv) or the matmul probe (here); ``heap``: with
+    our launcher's glibc heap settings."""
+    from stackllama_ds.launcher.spawn import MALLOC_ENV
+
     out = h.OUT / f"peer-{kind}-{tag}"
-    shutil.rmtree(out, ignore_errors=True)
+    h.rmtree(out)
     out.mkdir(parents=True)
     (out / "spec.json").write_text(json.dumps({**spec, "out": str(out), "turns": turn}))
     py = sys.executable if kind == "matmul" else h.peer_python("trl011" if kind == "ppo" else "trl116")
     r, rss = h.run_measured([str(py), str(HERE / "peer.py"), kind, str(out / "spec.json")],
-                            extra_env=h.heap_env() if heap else None)
+                            extra_env=dict(MALLOC_ENV) if heap else None)
     h.check(r, f"{kind} side ({tag})")
-    res = h.result(r)
-    shutil.rmtree(out, ignore_errors=True)
+    res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("@@RESULT "))[9:])
+    h.rmtree(out)
     if kind == "matmul":
         kept = h.timed(res["turns"], a.warmup, spec["drop_last"])
         return {"rate": sum(x["flops"] for x in kept) / sum(x["t"] for x in kept), "rss": rss}
@@ -268,16 +242,18 @@ def with_peers(a, stage: str, spec: dict, sides: dict, probe: dict) -> dict:
 
 
 def probe_spec(a, shape: h.Shape, rows: int, head: bool, flops: float, drop_last: bool) -> dict:
+    linears = shape.linears() if head else shape.linears()[:-1]
     return {"rows": rows, "dtype": a.dtype, "threads": a.threads, "flops": flops, "steps": a.steps,
-            "drop_last": drop_last, "head": head, "linears": shape.linears() if head else shape.linears()[:-1]}
+            "drop_last": drop_last, "head": head, "linears": linears}
 
 
 # ------------------------------------------------------------------------------------ report
 def header(a) -> str:
     model = ("SmolLM2-135M-Instruct (134.5M params, 30 layers, hidden 576), LoRA as configs/smollm2.yaml"
-             if a.model == "smollm2" else f"benchmark Llama ({h.n_params() / 1e6:.1f}M params), full fine-tuning")
-    return (f"{h.machine()}; load average {h.load_avg()}; {model}; {a.dtype}, 1 rank x {a.threads} threads unless "
-            f"named, our ZeRO-{a.zero}; {a.steps} steps ({a.warmup} warm-up); sides "
+             if a.model == "smollm2" else
+             f"benchmark Llama ({h.n_params() / 1e6:.1f}M params), full fine-tuning")
+    return (f"{h.machine()}; load average {h.load_avg()}; {model}; {a.dtype}, 1 rank x {a.threads} threads "
+            f"unless named, our ZeRO-{a.zero}; {a.steps} steps ({a.warmup} warm-up); sides "
             f"{'one after the other' if a.sequential else 'taking turns step by step'}")
 
 
@@ -285,7 +261,8 @@ def peer_text(a, stage: str) -> str:
     trl = "TRL 0.11.4 PPOTrainer (transformers 4.46.3)" if stage == "ppo" else \
         f"TRL 1.16.0 {'SFTTrainer (packing wrapped)' if stage == 'sft' else 'RewardTrainer'}"
     return (f"peer: {trl}, model in {a.peer_base}, gradient checkpointing "
-            f"{'on' if a.peer_checkpointing else 'off as ours'}{'; TRL+heap = with our MALLOC_* settings' * a.peer_heap}")
+            f"{'on' if a.peer_checkpointing else 'off as ours'}"
+            f"{'; TRL+heap = with our MALLOC_* settings' * a.peer_heap}")
 
 
 def ceiling(a, shape: h.Shape, probe: dict, res: dict, per_unit: float, unit: str) -> float:
@@ -295,16 +272,15 @@ def ceiling(a, shape: h.Shape, probe: dict, res: dict, per_unit: float, unit: st
     sides = {k: h.median([x["rate"] for x in v]) for k, v in res.items() if k != "matmul"}
     burst = max(h.shape_rate(shape, probe["rows"], a.dtype, a.threads, probe["head"]) for _ in range(2))
     per_round = ", ".join(f"{x['rate'] / 1e9:.0f}" for x in res["matmul"])
-    print(f"\n{a.dtype} matmul at the step's shapes ({probe['rows']} rows, {a.threads} threads), taking turns with the "
-          f"steps: {rate / 1e9:.0f} GFLOP/s (rounds: {per_round}; "
-          f"best of short bursts now: {burst / 1e9:.0f} at the step's shapes, "
-          f"{h.matmul_rate(a.dtype, threads=a.threads) / 1e9:.0f} at 2048^3); step {per_unit / 1e9:,.3g} GFLOP per "
-          f"{unit} -> ceiling {ceil:,.3g} {unit}s/s; "
+    print(f"\n{a.dtype} matmul at the step's shapes ({probe['rows']} rows, {a.threads} threads), taking "
+          f"turns with the steps: {rate / 1e9:.0f} GFLOP/s (rounds: {per_round}; best of short bursts now: "
+          f"{burst / 1e9:.0f} at the step's shapes, {h.matmul_rate(a.dtype, threads=a.threads) / 1e9:.0f} at "
+          f"2048^3); step {per_unit / 1e9:,.3g} GFLOP per {unit} -> ceiling {ceil:,.3g} {unit}s/s; "
           + ", ".join(f"{k} {v:,.3g} = {100 * v / ceil:.0f}%" for k, v in sides.items()))
     return sides["ours"] / ceil
 
 
-def verdict(a, stage: str, res: dict, share: float | None) -> float:
+def verdict(stage: str, res: dict, share: float | None) -> None:
     """Issue 16's targets against the medians; the last line is ``<stage>: ours/TRL = <ratio>``."""
     o, t = (h.median([x["rate"] for x in res[k]]) for k in ("ours", "TRL"))
     ratio, target = o / t, TARGETS[stage]
@@ -320,9 +296,12 @@ def verdict(a, stage: str, res: dict, share: float | None) -> float:
     print(f"\npeer: {info['trainable']:,} trainable parameters, model {info['base_dtype']}"
           + (f", optimizer {info['optim']}, gradient checkpointing {info['gradient_checkpointing']}"
              if "optim" in info else ""))
-    print(f"targets: {'; '.join(lines)}\nload average at each round's start: {'; '.join(h.LOADS)}; now {h.load_avg()}")
+    print(f"targets: {'; '.join(lines)}\n{loads()}")
     print(f"\n{stage}: ours/TRL = {ratio:.2f}")
-    return ratio
+
+
+def loads() -> str:
+    return f"load average at each round's start: {'; '.join(h.LOADS)}; now {h.load_avg()}"
 
 
 def show(r: dict) -> str:
@@ -330,7 +309,7 @@ def show(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ stages
-def stage_sft_rm(a, stage: str, shape: h.Shape) -> float:
+def stage_sft_rm(a, stage: str, shape: h.Shape) -> None:
     cfg = validated(a, stage)
     spec = peer_spec(a, stage, cfg)
     st = getattr(cfg, stage)
@@ -341,12 +320,14 @@ def stage_sft_rm(a, stage: str, shape: h.Shape) -> float:
         print(f"# SFT: {header(a)}; seq {seq}, micro batch {mb}, packing; {peer_text(a, stage)}")
     else:
         unit, lines = "pair", open(spec["data"]).readlines()
-        pairs = [json.loads(lines[i])["ids"] for i in spec["order"][a.warmup * mb:(a.steps - 1) * mb]]  # timed
-        per_unit = sum(shape.train(len(c), 0, n_lora) + shape.train(len(r), 0, n_lora) for c, r in pairs) / len(pairs)
+        timed = spec["order"][a.warmup * mb:(a.steps - 1) * mb]
+        pairs = [json.loads(lines[i])["ids"] for i in timed]
+        per_unit = sum(shape.train(len(c), 0, n_lora) + shape.train(len(r), 0, n_lora) for c, r in pairs)
+        per_unit /= len(pairs)
         rows, head = int(mb * sum(len(c) + len(r) for c, r in pairs) / len(pairs)), False
-        print(f"# RM: {header(a)}; {len(lines)} rm_train pairs within {st.max_length} tokens, micro batch {mb} pairs, "
-              f"ours {'packed' if st.packed else 'padded'} (rm.packed), the peer fed our pairs in our order; "
-              f"{peer_text(a, stage)}")
+        print(f"# RM: {header(a)}; {len(lines)} rm_train pairs within {st.max_length} tokens, micro batch "
+              f"{mb} pairs, ours {'packed' if st.packed else 'padded'} (rm.packed), the peer fed our pairs "
+              f"in our order; {peer_text(a, stage)}")
     probe = probe_spec(a, shape, rows, head, per_unit * (rows if stage == "sft" else mb), True)
     sides = {"ours": lambda i, t: ours(a, stage, str(i), t)}
     if stage == "rm" and a.rm_padded:
@@ -356,25 +337,25 @@ def stage_sft_rm(a, stage: str, shape: h.Shape) -> float:
                           f"{stage.upper()} ({a.dtype})"))
     if stage == "rm":
         print(rm_tokens(pairs, mb))
-    share = ceiling(a, shape, probe, res, per_unit, unit)
-    return verdict(a, stage, res, share)
+    verdict(stage, res, ceiling(a, shape, probe, res, per_unit, unit))
 
 
 def rm_tokens(pairs: list[list[list[int]]], mb: int) -> str:
-    """Tokens per pair through the model: TRL's 2B rows [chosen..., rejected...] padded to the micro batch's
-    longest; the texts' own; ours (``rm.packed``): one row, each pair's shared question once, no padding."""
+    """Tokens per pair through the model: TRL's 2B rows padded to the micro batch's longest; the texts' own;
+    ours (``rm.packed``): one row, each pair's shared question once, no padding."""
     from stackllama_ds.data.packed_pairs import common_prefix
 
     n = len(pairs) // mb * mb
     padded = sum(2 * mb * max(len(x) for p in pairs[s:s + mb] for x in p) for s in range(0, n, mb)) / n
     real = sum(len(c) + len(r) for c, r in pairs[:n]) / n
     packed = real - sum(common_prefix([c, r]) for c, r in pairs[:n]) / n
-    return (f"\ntokens per pair (the timed steps): TRL {padded:.0f} (padded to the micro batch's longest; {real:.0f} "
-            f"real), ours {packed:.0f} (question once, no padding): ours/TRL = {packed / padded:.2f} "
-            f"({padded - real:.0f} padding + {real - packed:.0f} repeated question tokens saved)")
+    return (f"\ntokens per pair (the timed steps): TRL {padded:.0f} (padded to the micro batch's longest; "
+            f"{real:.0f} real), ours {packed:.0f} (question once, no padding): ours/TRL = "
+            f"{packed / padded:.2f} ({padded - real:.0f} padding + {real - packed:.0f} repeated question "
+            "tokens saved)")
 
 
-def stage_ppo(a, shape: h.Shape) -> float:
+def stage_ppo(a, shape: h.Shape) -> None:
     cfg = validated(a, "ppo")
     spec, p = peer_spec(a, "ppo", cfg), cfg.ppo
     lens = [len(x) for s in spec["steps"][a.warmup:] for x in s["prompt_ids"]]
@@ -389,17 +370,19 @@ def stage_ppo(a, shape: h.Shape) -> float:
     fl = {k: v / (a.steps - a.warmup) for k, v in fl.items()}
     total = sum(fl.values())
     rows_train = int(p.mini_batch_size * (sum(lens) / len(lens) + R))
-    print(f"# PPO: {header(a)}; batch {p.batch_size}, mini batch {p.mini_batch_size}, {p.ppo_epochs} PPO epochs, {R} new "
-          f"tokens, prompts <= {p.max_prompt_length} tokens (mean {sum(lens) / len(lens):.0f} over the timed steps), "
-          f"reference = {'adapter disabled' if p.lora.enabled else 'a frozen copy'}, reward = the model + a fresh "
-          f"score head, KL early stopping off; {peer_text(a, 'ppo')}")
+    ref = "adapter disabled" if p.lora.enabled else "a frozen copy"
+    print(f"# PPO: {header(a)}; batch {p.batch_size}, mini batch {p.mini_batch_size}, {p.ppo_epochs} PPO "
+          f"epochs, {R} new tokens, prompts <= {p.max_prompt_length} tokens (mean "
+          f"{sum(lens) / len(lens):.0f} over the timed steps), reference = {ref}, reward = the model + a "
+          f"fresh score head, KL early stopping off; {peer_text(a, 'ppo')}")
     probe = probe_spec(a, shape, rows_train, True, total, False)
-    res = h.rounds(a.rounds, with_peers(a, "ppo", spec, {"ours": lambda i, t: ours(a, "ppo", str(i), t)}, probe),
-                   show, together=not a.sequential)
+    sides = with_peers(a, "ppo", spec, {"ours": lambda i, t: ours(a, "ppo", str(i), t)}, probe)
+    res = h.rounds(a.rounds, sides, show, together=not a.sequential)
     rate = h.median([x["rate"] for x in res["matmul"]])
     peers = {k: v for k, v in res.items() if k != "matmul"}
     print(h.compare_table(peers, "s", "s/step", f"PPO step ({a.dtype})", higher_is_better=False))
-    med = {k: {c: h.median([x[c] for x in v]) for c in v[0] if c not in ("info", "rss")} for k, v in peers.items()}
+    med = {k: {c: h.median([x[c] for x in v]) for c in v[0] if c not in ("info", "rss")}
+           for k, v in peers.items()}
     o, nan = med["ours"], float("nan")
     fls = [fl["generate"], fl["score"], fl["logprobs"], fl["train"], fl["logprobs"] + fl["train"], total]
     split = [[f"{k} s", m["t_generate"], m["t_score"], m.get("t_logprobs", nan), m.get("t_train", nan),
@@ -408,32 +391,33 @@ def stage_ppo(a, shape: h.Shape) -> float:
     split += [[f"{k} GFLOP/s", *(f / x / 1e9 for f, x in zip(fls, row[1:]))] for k, row in zip(med, split)]
     split.append(["speed-up vs TRL", *(t / x for x, t in zip(split[0][1:], split[1][1:]))])
     print(h.table(["", "generate", "score", "log-probs", "train", "log-probs + train", "step"], split,
-                  "step split, FLOPs and FLOP/s (median of rounds; TRL's step() holds its log-probs and training; "
-                  "our generate is the step less the other phases)"))
+                  "step split, FLOPs and FLOP/s (median of rounds; TRL's step() holds its log-probs and "
+                  "training; our generate is the step less the other phases)"))
     print(f"\n{a.dtype} matmul at the training shapes ({rows_train} rows), taking turns with the steps: "
           f"{rate / 1e9:.0f} GFLOP/s; the step's FLOPs over its time: "
           + ", ".join(f"{k} {100 * total / m['s'] / rate:.0f}%" for k, m in med.items())
           + f"; our training phase alone {100 * fl['train'] / o['t_train'] / rate:.0f}%")
-    return verdict(a, "ppo", res, None)
+    verdict("ppo", res, None)
 
 
-def stage_scaling(a, which: str) -> float:
-    """Ours on 1 rank x 1 core, 1 rank x every core and 2 ranks x cores/2 (ZeRO as the config: 2); with
-    --sequential also two lone 1-rank runs at once (no communication: what two busy cores reach)."""
+def stage_scaling(a, which: str) -> None:
+    """Ours on 1 rank x 1 core, 1 rank x every core and 2 ranks x cores/2; with --sequential also two lone
+    1-rank runs at once (no communication: what two busy cores reach)."""
     cores = os.cpu_count() or 1
-    per = max(1, cores // 2)
-    zero = a.zero
-    print(f"# {which.upper()} scaling, ours: {header(a)}; ZeRO-{zero} on every side; 1 rank has {per} or {cores} cores, "
-          f"each of 2 ranks has {per} (OMP_NUM_THREADS); per rank as the config")
+    per, zero = max(1, cores // 2), a.zero
+    print(f"# {which.upper()} scaling, ours: {header(a)}; ZeRO-{zero} on every side; 1 rank has {per} or "
+          f"{cores} cores, each of 2 ranks has {per} (OMP_NUM_THREADS); per rank as the config")
 
     def lone(i: int, turn: h.Turn) -> dict:
-        folders = [h.OUT / f"turns-lone{k}" for k in range(2)]
-        for f in folders:
-            turns.setup(f, 1)
+        def run(k: int) -> dict:
+            turns.setup(h.OUT / f"turns-lone{k}")
+            turn = {"folder": str(h.OUT / f"turns-lone{k}"), "index": 0, "n": 1}
+            return ours(a, which, f"lone{k}-{i}", turn, 1, per, zero)
+
         with ThreadPoolExecutor(2) as ex:
-            runs = list(ex.map(lambda k: ours(a, which, f"lone{k}-{i}", {"folder": str(folders[k]), "index": 0,
-                                                                          "n": 1}, 1, per, zero), range(2)))
-        return {"s": max(r["s"] for r in runs), "rate": sum(r["rate"] for r in runs), "rss": max(r["rss"] for r in runs)}
+            runs = list(ex.map(run, range(2)))
+        return {"s": max(r["s"] for r in runs), "rate": sum(r["rate"] for r in runs),
+                "rss": max(r["rss"] for r in runs)}
 
     sides = {f"1 rank x {per} core": lambda i, t: ours(a, which, f"s1c-{i}", t, 1, per, zero),
              f"1 rank x {cores} cores": lambda i, t: ours(a, which, f"s1-{i}", t, 1, None, zero),
@@ -446,25 +430,26 @@ def stage_scaling(a, which: str) -> float:
                                        *([x[2]["rate"] / x[3]["rate"]] if lone_col else []),
                                        x[2]["rate"] / x[1]["rate"], x[2]["rss"]])
     print(h.table(["", *(f"{k} {unit}" for k in res), "efficiency (equal cores/rank)",
-                   *(["efficiency vs lone ranks at once"] if lone_col else []), "speed-up on the same machine",
-                   "2-rank peak RSS MB per rank"], rows, f"{which.upper()} scaling ({a.dtype}, ZeRO-{zero})"))
+                   *(["efficiency vs lone ranks at once"] if lone_col else []),
+                   "speed-up on the same machine", "2-rank peak RSS MB per rank"], rows,
+                  f"{which.upper()} scaling ({a.dtype}, ZeRO-{zero})"))
     if which == "ppo":
         print(h.table(["", "generate s", "score s", "log-probs s", "train s", "step s"],
                       [[k, *(h.median([x[c] for x in s]) for c in (*PHASES, "s"))] for k, s in res.items()
                        if PHASES[0] in s[0]],  # the lone runs' phases are not summed
                       "time split per step (median of rounds; each rank its own batch)"))
-    print(f"\nload average at each round's start: {'; '.join(h.LOADS)}; now {h.load_avg()}")
+    print(f"\n{loads()}")
     eff = rows[-1][len(res) + 1]  # the median row's efficiency: a ratio of medians
     print(f"\n{which}-scaling: 2 ranks / (2 x 1 rank), {per} core per rank = {eff:.2f}")
-    return eff
 
 
-def stage_zero3_gen(a) -> float:
-    """PPO on 2 ranks, actor (and critic) under ZeRO-3 with ``stage3_param_persistence_threshold: 0`` (so
-    the model really is partitioned), batch 4 per rank, 1 epoch: generation tokens/s with the generation
-    copy gathered once per rollout (``ppo.gather_generation``, the gather included) vs the partitioned actor."""
+def stage_zero3_gen(a) -> None:
+    """PPO on 2 ranks, actor (and critic) under ZeRO-3 with ``stage3_param_persistence_threshold: 0`` (really
+    partitioned), batch 4 per rank, 1 epoch: generation tokens/s with the generation copy gathered once per
+    rollout (``ppo.gather_generation``, the gather included) vs the partitioned actor."""
     z3 = {"zero_stage": 3, "stage3_param_persistence_threshold": 0}
-    print(f"# ZeRO-3 generation: {header(a)}; 2 ranks, batch 4 per rank, 1 PPO epoch, {a.response_len} new tokens")
+    print(f"# ZeRO-3 generation: {header(a)}; 2 ranks, batch 4 per rank, 1 PPO epoch, {a.response_len} "
+          "new tokens")
 
     def side(gather: bool):
         def run(i: int, t: h.Turn) -> dict:
@@ -473,37 +458,39 @@ def stage_zero3_gen(a) -> float:
             return {**r, "gen": 4 * 2 * a.response_len / r["t_generate"]}
         return run
 
-    res = h.rounds(a.rounds, {"gather-once": side(True), "partitioned": side(False)}, show, together=not a.sequential)
-    rows = h.per_round(res, lambda x: [x[0]["gen"], x[1]["gen"], x[0]["gen"] / x[1]["gen"], x[0]["t_generate"],
-                                       x[1]["t_generate"], x[0]["rss"], x[1]["rss"]])
+    res = h.rounds(a.rounds, {"gather-once": side(True), "partitioned": side(False)}, show,
+                   together=not a.sequential)
+    rows = h.per_round(res, lambda x: [x[0]["gen"], x[1]["gen"], x[0]["gen"] / x[1]["gen"],
+                                       x[0]["t_generate"], x[1]["t_generate"], x[0]["rss"], x[1]["rss"]])
     print(h.table(["", "gather-once tok/s", "partitioned tok/s", "speed-up", "gather t_generate s",
-                   "partitioned t_generate s", "gather peak RSS MB/rank", "partitioned peak RSS MB/rank"], rows,
-                  "ZeRO-3 generation (2 ranks)"))
-    return rows[-1][3]
+                   "partitioned t_generate s", "gather peak RSS MB/rank", "partitioned peak RSS MB/rank"],
+                  rows, "ZeRO-3 generation (2 ranks)"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", required=True, choices=["sft", "rm", "ppo", "sft-scaling", "ppo-scaling", "zero3-gen"])
+    ap.add_argument("--stage", required=True,
+                    choices=["sft", "rm", "ppo", "sft-scaling", "ppo-scaling", "zero3-gen"])
     ap.add_argument("--model", choices=["smollm2", "bench"], default="smollm2")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="default: smollm2 5 (PPO 3); bench 12 (PPO 6, zero3-gen 3)")
-    ap.add_argument("--warmup", type=int, default=None, help="default: 1; bench SFT and RM 2")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: dtype auto (bf16 where the CPU has it)")
-    ap.add_argument("--zero", type=int, default=None, help="our ZeRO stage (default: 0 on 1 rank, 2 for scaling)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of a 1-rank peer and the matmul side")
-    ap.add_argument("--micro-batch", type=int, default=None, help="SFT micro batch per rank (default: the config's)")
-    ap.add_argument("--response-len", type=int, default=None, help="PPO (default: smollm2 36, the mean of 24-48; bench 32)")
+    ap.add_argument("--steps", type=int, help="default: smollm2 5 (PPO 3); bench 12 (PPO 6, zero3-gen 3)")
+    ap.add_argument("--warmup", type=int, help="default: 1; bench SFT and RM 2")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: auto (bf16 where the CPU has it)")
+    ap.add_argument("--zero", type=int, help="our ZeRO stage (default: 0 on 1 rank, 2 for scaling)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="of a 1-rank peer and of matmul")
+    ap.add_argument("--micro-batch", type=int, help="SFT micro batch per rank (default: the config's)")
+    ap.add_argument("--response-len", type=int, help="PPO (default: smollm2 36, the mean of 24-48; bench 32)")
     ap.add_argument("--rm-padded", action="store_true", help="RM: also our padded rows (rm.packed false)")
     ap.add_argument("--sequential", action="store_true", help="sides one after the other, not step by step")
-    ap.add_argument("--peer-heap", action="store_true", help="also the peer with our launcher's MALLOC_* settings")
-    ap.add_argument("--peer-base", choices=["bf16", "fp32"], default=None,
+    ap.add_argument("--peer-heap", action="store_true", help="also the peer with our launcher's MALLOC_*")
+    ap.add_argument("--peer-base", choices=["bf16", "fp32"],
                     help="dtype the peer loads its model in (default: the run's with LoRA, fp32 without)")
     ap.add_argument("--peer-checkpointing", action="store_true", help="the peer with TRL 1.16's default "
                     "gradient checkpointing (the retired sft_bench.py/rm_bench.py ran it so)")
     a = ap.parse_args()
     bench, ppo = a.model == "bench", a.stage.startswith("ppo") or a.stage == "zero3-gen"
-    a.steps = a.steps or (3 if a.stage == "zero3-gen" or (ppo and not bench) else 6 if ppo else 12 if bench else 5)
+    short = a.stage == "zero3-gen" or ppo and not bench
+    a.steps = a.steps or (3 if short else 6 if ppo else 12 if bench else 5)
     a.warmup = a.warmup if a.warmup is not None else 2 if bench and not ppo else 1
     a.response_len = a.response_len or (32 if bench else 36)
     if a.dtype is None:

@@ -1,13 +1,9 @@
 """Step-by-step turn taking between benchmark sides that run at the same time (stdlib only).
 
-On a shared, busy machine the load changes within minutes, so two runs timed one after the other
-see different machines. Here every side (ours, the peer, ...) starts at once and they take turns
-at each training step: side i runs its step k only in slot ``k * n + i`` of a counter kept in a
-file, and the other sides sleep meanwhile. Each step is timed alone, next to the other sides'
-same step, so a ratio of two sides' step times is taken under the same load.
-
-A side that is done (its process ended: the orchestrator marks it) is skipped, so a crash cannot
-leave the others waiting. With several ranks every rank waits for the slot and rank 0 passes it on.
+On a busy machine two runs timed one after the other see different loads. Here the sides start at once
+and side i runs its step k only in slot ``k * n + i`` of a counter kept in a file, so a ratio of two
+sides' step times is taken under the same load. A finished side's slots pass by themselves (the
+orchestrator marks it done), so a crash leaves nobody waiting; with several ranks rank 0 passes the slot.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from pathlib import Path
 MAX_WAIT_S = 1800.0  # a side stuck longer than this is not waited for (it is reported as done)
 
 
-def setup(folder: Path, n: int) -> None:
+def setup(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     _write(folder / "slot", "0")
@@ -38,17 +34,12 @@ def _write(path: Path, text: str) -> None:
 
 
 class Turns:
-    """Side ``index`` of ``n``: ``wait()`` before a step, ``passed(hold)`` after it (rank 0 hands the slot on)."""
+    """Side ``index`` of ``n``: ``wait()`` before a step, ``passed(hold)`` after it."""
 
-    def __init__(self, folder: str | os.PathLike[str], index: int, n: int, rank: int = 0, name: str = ""):
+    def __init__(self, folder: str | os.PathLike[str], index: int, n: int, rank: int = 0):
         self.folder, self.index, self.n, self.rank = Path(folder), index, n, rank
-        self.name = name or str(index)
         self.k = 0  # steps this side has run
         self.t0 = 0.0
-        self.times: list[float] = []  # wall seconds of each step, waiting excluded
-
-    def _done(self, side: int) -> bool:
-        return (self.folder / f"done-{side}").exists()
 
     def wait(self) -> None:
         target = self.k * self.n + self.index
@@ -58,7 +49,7 @@ class Turns:
                 s = int((self.folder / "slot").read_text())
             except (OSError, ValueError):  # mid-replace
                 s = -1
-            while 0 <= s < target and self._done(s % self.n):
+            while 0 <= s < target and (self.folder / f"done-{s % self.n}").exists():
                 s += 1  # a finished side's slots pass by themselves
             if s >= target or time.monotonic() - start > MAX_WAIT_S:
                 break
@@ -66,10 +57,9 @@ class Turns:
         self.t0 = time.perf_counter()
 
     def passed(self, hold: bool = False) -> float:
-        """The step ended; ``hold``: keep the slot (the side's last step: what follows is not timed and
-        must not overlap the others' steps; the slot moves on when the side is marked done)."""
+        """The step ended: its seconds, waiting excluded. ``hold``: keep the slot (the side's last step, whose
+        untimed end must not overlap the others' steps; the slot moves on when the side is marked done)."""
         dt = time.perf_counter() - self.t0
-        self.times.append(dt)
         if self.rank == 0:
             with open(self.folder / f"times-{self.index}.jsonl", "a") as f:
                 f.write(json.dumps({"k": self.k, "t": dt}) + "\n")
@@ -81,9 +71,7 @@ class Turns:
 
 def read_times(folder: Path, index: int) -> list[float]:
     path = folder / f"times-{index}.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x)["t"] for x in path.read_text().splitlines() if x.strip()]
+    return [json.loads(x)["t"] for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def from_env() -> Turns | None:

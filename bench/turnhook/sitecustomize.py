@@ -1,16 +1,13 @@
-"""Hooks in our stage processes, installed without touching them: Python imports ``sitecustomize`` at
-start-up in the CLI process and in every rank it spawns when this folder is first on PYTHONPATH.
-Each hook acts only where its variable is set.
+"""Hooks in our stage processes, installed without touching them: Python imports ``sitecustomize`` at start-up
+of the CLI and of every rank it spawns when this folder is first on PYTHONPATH. Each acts only where its
+variable is set.
 
-``BENCH_TURNS`` (bench/stage_bench.py, our run only): turn taking (bench/turns.py). When
-``stackllama_ds.run.stage`` is imported, ``StageRun.beat`` waits for this side's slot when the stage
-enters the phase that opens a step (``BENCH_TURN_PHASE``: "training" for SFT and RM, "actor
-generation" for PPO) and ``StageRun.end_step`` passes the slot on (kept at the final step, whose
-checkpoint and export are not timed).
+``BENCH_TURNS`` (bench/stage_bench.py): turn taking (bench/turns.py). ``StageRun.beat`` waits for this side's
+slot when the stage enters ``BENCH_TURN_PHASE`` (the phase that opens a step) and ``StageRun.end_step``
+passes it on (kept at the final step, whose checkpoint and export are not timed).
 
-``GPU_CHECK_MEMLOG`` (bench/gpu_check.sh): at exit, a stage process (``stackllama_ds.cli
-sft|rm|ppo|eval``) that used CUDA writes its torch.cuda.max_memory_allocated / max_memory_reserved to
-``$GPU_CHECK_MEMLOG/<stage>-<pid>.json``, with GPU_CHECK_RUN and GPU_CHECK_STEP as the run's names.
+``GPU_CHECK_MEMLOG`` (bench/gpu_check.sh): at exit, a stage process that used CUDA writes its
+torch.cuda.max_memory_allocated/reserved to ``$GPU_CHECK_MEMLOG/<stage>-<pid>.json``.
 """
 
 from __future__ import annotations
@@ -31,8 +28,7 @@ def _patch(mod) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for turns.py
     import turns
 
-    t = turns.from_env()
-    phase = os.environ["BENCH_TURN_PHASE"]
+    t, phase = turns.from_env(), os.environ["BENCH_TURN_PHASE"]
     beat, end_step = mod.StageRun.beat, mod.StageRun.end_step
 
     def gated_beat(self, ph: str, step: int | None = None) -> None:
@@ -73,10 +69,11 @@ def _record_cuda_peak(t0: float = time.time()) -> None:
         torch, out = sys.modules.get("torch"), os.environ["GPU_CHECK_MEMLOG"]
         if stage is None or torch is None or not torch.cuda.is_initialized():
             return
-        row = {"run": os.environ.get("GPU_CHECK_RUN"), "step": os.environ.get("GPU_CHECK_STEP"), "stage": stage,
-               "rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(),
-               "max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved(),
-               "wall_s": round(time.time() - t0, 1), "argv": sys.argv[1:]}
+        row = {"run": os.environ.get("GPU_CHECK_RUN"), "step": os.environ.get("GPU_CHECK_STEP"),
+               "stage": stage, "rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(),
+               "max_allocated": torch.cuda.max_memory_allocated(),
+               "max_reserved": torch.cuda.max_memory_reserved(), "wall_s": round(time.time() - t0, 1),
+               "argv": sys.argv[1:]}
         with open(os.path.join(out, f"{stage}-{os.getpid()}.json"), "w") as f:
             json.dump(row, f)
     except Exception:  # never fail the stage over its measurement
